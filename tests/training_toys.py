@@ -86,3 +86,23 @@ class ToyMLMIterator:
 
 def toy_params_count(params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def enable_compilation_cache(directory) -> tuple:
+    """Persistent XLA cache so identical programs compiled by several runs in one test
+    session compile once; returns the previous settings for ``restore_compilation_cache``."""
+    previous = (
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+        jax.config.jax_persistent_cache_min_entry_size_bytes,
+    )
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return previous
+
+
+def restore_compilation_cache(previous) -> None:
+    jax.config.update("jax_compilation_cache_dir", previous[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", previous[2])

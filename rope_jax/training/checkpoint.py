@@ -94,7 +94,8 @@ class Checkpointer:
     def complete_steps(self) -> list[int]:
         """Committed steps, oldest first; incomplete step directories are skipped loudly."""
         steps = []
-        for step in self._manager.all_steps(read=True):
+        self._manager.reload()
+        for step in self._manager.all_steps():
             if is_complete(self.directory / str(step)):
                 steps.append(step)
             else:

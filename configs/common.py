@@ -9,9 +9,11 @@ Unknown keys and values of the wrong type raise an error that names the key.
 from __future__ import annotations
 
 import ast
+import dataclasses
 
 import ml_collections
 
+from rope_jax.model_config import ModelConfig
 from rope_jax.training import optim, sharding
 
 
@@ -52,6 +54,16 @@ def base_config() -> ml_collections.ConfigDict:
     # Time a float32 GEMM at start-up; MFU is reported against it.
     config.measure_matmul_peak = True
     return config
+
+
+def model_config(**values) -> ml_collections.ConfigDict:
+    """Every ``ModelConfig`` field (so any can be overridden), defaults replaced by ``values``."""
+    fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise KeyError(f"unknown model config keys {sorted(unknown)}.")
+    fields.update(values)
+    return ml_collections.ConfigDict(fields)
 
 
 def parse_value(text: str):

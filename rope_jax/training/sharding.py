@@ -42,7 +42,8 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
 
     ``config.distributed`` is "auto" (initialise when the environment describes a multi-host
     job: a TPU pod slice, SLURM, Open MPI or JAX_COORDINATOR_ADDRESS), "on" or "off".
-    jax reads coordinator address, process count and index from that environment.
+    jax reads coordinator address, process count and index from that environment. Must run
+    before anything touches a device; calling it again is a no-op.
     """
     mode = config.distributed
     if mode not in ("auto", "on", "off"):
@@ -61,7 +62,7 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
             "MEGASCALE_COORDINATOR_ADDRESS",
         )
     )
-    if mode == "on" or multi_host_env:
+    if (mode == "on" or multi_host_env) and not jax.distributed.is_initialized():
         jax.distributed.initialize()
         logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 

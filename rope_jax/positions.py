@@ -9,6 +9,7 @@ vector at position ``m`` is rotated by the angle ``m * theta_i`` with
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
@@ -121,3 +122,212 @@ def apply_rope(x_BLHD, positions_BL, *, base=10000.0, layout="interleaved", scal
     else:
         out_BLHD = jnp.concatenate([rotated_first, rotated_second], axis=-1)
     return out_BLHD.astype(x_BLHD.dtype)
+
+
+def rope_ntk_base(base, head_dim, factor):
+    """NTK-aware scaled RoPE base for a context ``factor`` times longer than trained.
+
+    ``base' = base * factor ** (d / (d - 2))`` ("NTK-Aware Scaled RoPE", bloc97, 2023;
+    restated as eq. (16) of Peng et al. 2023, "YaRN"). The exponent is chosen so that the
+    lowest frequency ``theta_{d/2-1}`` is divided by exactly ``factor`` (it is interpolated
+    like position interpolation would) while the highest frequency ``theta_0 = 1`` is left
+    untouched (it is extrapolated).
+    """
+    if head_dim % 2 or head_dim <= 2:
+        raise ValueError(f"rope_ntk_base needs an even head_dim > 2, got {head_dim}.")
+    if not float(factor) >= 1.0:
+        raise ValueError(
+            f"rope_ntk_base factor (target length / trained length) must be >= 1, got {factor!r}."
+        )
+    if not float(base) > 1.0:
+        raise ValueError(f"RoPE base must be a number > 1, got {base!r}.")
+    return float(base) * float(factor) ** (head_dim / (head_dim - 2))
+
+
+def sinusoidal_positions(length, dim, *, base=10000.0):
+    """Sinusoidal absolute position table of Vaswani et al. 2017, section 3.5, ``[L, E]``.
+
+    ``PE[pos, 2i] = sin(pos / base ** (2i / d))`` and ``PE[pos, 2i + 1] = cos(...)``: the
+    paper's interleaved layout (tensor2tensor's ``get_timing_signal_1d`` concatenates all
+    sines before all cosines instead; this function follows the paper). Float32.
+    """
+    if dim % 2:
+        raise ValueError(f"sinusoidal_positions needs an even dim, got dim={dim}.")
+    if length < 0:
+        raise ValueError(f"sinusoidal_positions needs length >= 0, got {length}.")
+    inv_freq_K = rope_inverse_frequencies(dim, base)
+    angles_LK = jnp.einsum("L,K->LK", jnp.arange(length, dtype=jnp.float32), inv_freq_K)
+    return jnp.stack([jnp.sin(angles_LK), jnp.cos(angles_LK)], axis=-1).reshape(length, dim)
+
+
+def check_length(length, max_length, what):
+    """Raises a ValueError when ``length`` positions do not fit a table of ``max_length``.
+
+    ``what`` names the encoding (e.g. ``"learned absolute position embedding"``) so the
+    message says which table is too short. Use on static (Python int) lengths.
+    """
+    if length > max_length:
+        raise ValueError(
+            f"{what} holds {max_length} positions but a sequence of length {length} was "
+            f"given; shorten the input, raise max_length, or extend the table (e.g. "
+            f"extend_positions_hierarchical)."
+        )
+
+
+def _as_positions_2d(positions, name):
+    positions = jnp.asarray(positions)
+    if positions.ndim == 1:
+        positions = positions[None, :]
+    if positions.ndim != 2:
+        raise ValueError(f"{name} must have shape [B or 1, L] (or [L]), got {positions.shape}.")
+    return positions
+
+
+def _relative_positions_BTS(q_positions, kv_positions):
+    """``kv_position - q_position`` (T5's ``memory_position - query_position``), ``[B|1, T, S]``."""
+    q_BT = _as_positions_2d(q_positions, "q_positions")
+    kv_BS = _as_positions_2d(kv_positions, "kv_positions")
+    if q_BT.shape[0] != kv_BS.shape[0] and 1 not in (q_BT.shape[0], kv_BS.shape[0]):
+        raise ValueError(
+            f"q_positions batch {q_BT.shape[0]} and kv_positions batch {kv_BS.shape[0]} do "
+            "not broadcast."
+        )
+    return kv_BS.astype(jnp.int32)[:, None, :] - q_BT.astype(jnp.int32)[:, :, None]
+
+
+def t5_relative_position_bucket(
+    relative_position, *, bidirectional, num_buckets=32, max_distance=128
+):
+    """T5's bucket of ``relative_position = memory_position - query_position`` (int32).
+
+    Follows Raffel et al. 2020 (section 2.1) and the Mesh TensorFlow reference: with
+    ``n = -relative_position``, bidirectional attention spends half of the buckets on each
+    sign (``n < 0``, i.e. keys after the query, get the upper half) and uses ``|n|``; causal
+    attention clips ``n`` at 0. Of the remaining ``num_buckets`` (halved when
+    bidirectional), the first ``max_exact = num_buckets // 2`` are exact distances 0..max_exact-1;
+    larger distances are log-spaced up to ``max_distance``:
+    ``max_exact + floor(log(n / max_exact) / log(max_distance / max_exact) * (num_buckets -
+    max_exact))``, clipped to the last bucket. The log is taken in float32 as the reference.
+    """
+    if num_buckets < 2 or (bidirectional and num_buckets < 4):
+        raise ValueError(f"t5_relative_position_bucket needs more buckets, got {num_buckets}.")
+    relative_position = jnp.asarray(relative_position, jnp.int32)
+    n = -relative_position
+    bucket = jnp.zeros_like(n)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (n < 0).astype(jnp.int32) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    if max_distance <= max_exact:
+        raise ValueError(
+            f"t5_relative_position_bucket needs max_distance > {max_exact} "
+            f"(num_buckets={num_buckets}), got {max_distance}."
+        )
+    # Keeps log() finite on the exact branch; those entries are discarded by the where.
+    n_for_log = jnp.maximum(n, max_exact).astype(jnp.float32)
+    log_ratio = jnp.log(n_for_log / max_exact) / math.log(max_distance / max_exact)
+    large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return bucket + jnp.where(n < max_exact, n, large)
+
+
+def t5_relative_bias(
+    table_NH, q_positions, kv_positions, *, bidirectional, num_buckets=32, max_distance=128
+):
+    """T5 relative-position bias ``table[bucket(kv_pos - q_pos)]``, float32 ``[B|1, H, T, S]``.
+
+    ``table_NH`` is the learned ``[num_buckets, heads]`` embedding (shared by all layers of
+    a stack in T5). Positions are ``[B|1, T]`` / ``[B|1, S]`` (or 1-D); with packed
+    examples pass the per-segment positions, and mask cross-segment pairs separately.
+    """
+    if table_NH.ndim != 2 or table_NH.shape[0] != num_buckets:
+        raise ValueError(
+            f"t5_relative_bias table must have shape [num_buckets={num_buckets}, heads], "
+            f"got {table_NH.shape}."
+        )
+    relative_BTS = _relative_positions_BTS(q_positions, kv_positions)
+    buckets_BTS = t5_relative_position_bucket(
+        relative_BTS,
+        bidirectional=bidirectional,
+        num_buckets=num_buckets,
+        max_distance=max_distance,
+    )
+    bias_BTSH = jnp.take(table_NH.astype(jnp.float32), buckets_BTS, axis=0)
+    return jnp.einsum("BTSH->BHTS", bias_BTSH)
+
+
+def alibi_slopes(num_heads):
+    """ALiBi head slopes (Press et al. 2022, section 3), float32 ``[H]``.
+
+    For ``n`` a power of two: the geometric sequence ``2 ** (-8 k / n)``, ``k = 1..n``
+    (8 heads: 1/2, 1/4, ..., 1/256). Otherwise the authors' rule (their reference
+    implementation): the slopes of the closest power of two ``p < n``, followed by every
+    other slope of ``2p`` heads (its 1st, 3rd, ...), ``n - p`` of them.
+    """
+    if num_heads < 1:
+        raise ValueError(f"alibi_slopes needs num_heads >= 1, got {num_heads}.")
+
+    def power_of_two_slopes(n):
+        return [2.0 ** (-8.0 * k / n) for k in range(1, n + 1)]
+
+    closest = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = power_of_two_slopes(closest)
+    if closest < num_heads:
+        slopes += power_of_two_slopes(2 * closest)[0::2][: num_heads - closest]
+    return jnp.asarray(slopes, jnp.float32)
+
+
+def alibi_bias(num_heads, q_positions, kv_positions, *, causal):
+    """ALiBi additive bias (Press et al. 2022), float32 ``[B|1, H, T, S]``.
+
+    ``causal=True``: ``-slope_h * (i - j)`` for keys at or before the query (``j <= i``) and
+    0 for later keys, which the causal mask must remove (the bias does not mask).
+    ``causal=False`` (symmetric, for bidirectional attention): ``-slope_h * |i - j|``.
+    ``i``/``j`` are the given query/key positions, so packed examples with per-segment
+    positions are handled like separate sequences.
+    """
+    slopes_H = alibi_slopes(num_heads)
+    distance_BTS = -_relative_positions_BTS(q_positions, kv_positions)  # i - j
+    if causal:
+        distance_BTS = jnp.maximum(distance_BTS, 0)
+    else:
+        distance_BTS = jnp.abs(distance_BTS)
+    return -jnp.einsum("H,BTS->BHTS", slopes_H, distance_BTS.astype(jnp.float32))
+
+
+def extend_positions_hierarchical(table_NE, new_length, alpha=0.4):
+    """Extends a learned absolute table of ``n`` positions to up to ``n ** 2`` positions.
+
+    Hierarchical decomposition (Su 2020, "层次分解位置编码，让BERT可以处理超长文本"), 1-based:
+    ``u_i = (p_i - alpha p_1) / (1 - alpha)`` and ``q_{(i-1) n + j} = alpha u_i +
+    (1 - alpha) u_j`` for ``i, j = 1..n``. For ``i = 1`` the formula gives back ``p_j``;
+    the first ``n`` rows are copied from the table so they are bit-exact. ``alpha`` must lie
+    in (0, 1) and differ from 0.5 (at 0.5 positions (i, j) and (j, i) coincide); the post
+    uses 0.4. Computed in float32, returned in the table's dtype, ``[new_length, E]``.
+    """
+    if table_NE.ndim != 2:
+        raise ValueError(
+            f"extend_positions_hierarchical expects a [positions, dim] table, got shape "
+            f"{table_NE.shape}."
+        )
+    if not 0.0 < alpha < 1.0 or alpha == 0.5:
+        raise ValueError(
+            f"extend_positions_hierarchical needs 0 < alpha < 1 and alpha != 0.5, got {alpha}."
+        )
+    n = table_NE.shape[0]
+    if new_length > n * n:
+        raise ValueError(
+            f"extend_positions_hierarchical can extend a table of {n} positions to at most "
+            f"{n * n} positions, got new_length={new_length}."
+        )
+    if new_length <= n:
+        return table_NE[:new_length]
+    table_f32 = table_NE.astype(jnp.float32)
+    u_NE = (table_f32 - alpha * table_f32[:1]) / (1.0 - alpha)
+    num_blocks = -(-new_length // n)  # ceil: outer index i only up to what is needed
+    extended_IJE = alpha * u_NE[:num_blocks, None, :] + (1.0 - alpha) * u_NE[None, :, :]
+    extended_LE = extended_IJE.reshape(num_blocks * n, -1)[n:new_length]
+    return jnp.concatenate([table_NE, extended_LE.astype(table_NE.dtype)], axis=0)

@@ -9,8 +9,10 @@ vector at position ``m`` is rotated by the angle ``m * theta_i`` with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 
 ROPE_LAYOUTS = ("interleaved", "half")
@@ -104,8 +106,16 @@ def apply_rope(x_BLHD, positions_BL, *, base=10000.0, layout="interleaved", scal
             f"shape {x_BLHD.shape}, got {positions_BL.shape}."
         )
 
-    inv_freq_K = rope_inverse_frequencies(head_dim, base)  # K = D / 2 rotated pairs
-    scaled_positions_BL = positions_BL.astype(jnp.float32) * jnp.float32(scale)
+    return _rotate_pairs(x_BLHD, positions_BL, jnp.float32(base), jnp.float32(scale), layout)
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _rotate_pairs(x_BLHD, positions_BL, base, scale, layout):
+    """The rotation of ``apply_rope`` on validated arguments, jitted once per shape/layout."""
+    head_dim = x_BLHD.shape[-1]
+    exponents_K = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim  # K = D/2 pairs
+    inv_freq_K = base ** (-exponents_K)
+    scaled_positions_BL = positions_BL.astype(jnp.float32) * scale
     angles_BLK = jnp.einsum("BL,K->BLK", scaled_positions_BL, inv_freq_K)
     cos_BL1K = jnp.cos(angles_BLK)[:, :, None, :]
     sin_BL1K = jnp.sin(angles_BLK)[:, :, None, :]
@@ -211,7 +221,20 @@ def t5_relative_position_bucket(
     """
     if num_buckets < 2 or (bidirectional and num_buckets < 4):
         raise ValueError(f"t5_relative_position_bucket needs more buckets, got {num_buckets}.")
-    relative_position = jnp.asarray(relative_position, jnp.int32)
+    buckets_per_sign = num_buckets // 2 if bidirectional else num_buckets
+    if max_distance <= buckets_per_sign // 2:
+        raise ValueError(
+            f"t5_relative_position_bucket needs max_distance > {buckets_per_sign // 2} "
+            f"(num_buckets={num_buckets}, bidirectional={bidirectional}), got {max_distance}."
+        )
+    return _t5_bucket(
+        jnp.asarray(relative_position, jnp.int32), bidirectional, num_buckets, max_distance
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _t5_bucket(relative_position, bidirectional, num_buckets, max_distance):
+    """The bucketing of ``t5_relative_position_bucket`` on validated arguments."""
     n = -relative_position
     bucket = jnp.zeros_like(n)
     if bidirectional:
@@ -221,11 +244,6 @@ def t5_relative_position_bucket(
     else:
         n = jnp.maximum(n, 0)
     max_exact = num_buckets // 2
-    if max_distance <= max_exact:
-        raise ValueError(
-            f"t5_relative_position_bucket needs max_distance > {max_exact} "
-            f"(num_buckets={num_buckets}), got {max_distance}."
-        )
     # Keeps log() finite on the exact branch; those entries are discarded by the where.
     n_for_log = jnp.maximum(n, max_exact).astype(jnp.float32)
     log_ratio = jnp.log(n_for_log / max_exact) / math.log(max_distance / max_exact)

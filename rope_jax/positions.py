@@ -3,7 +3,9 @@
 Rotary position embedding (RoPE) follows RoFormer (Su et al. 2021, "RoFormer: Enhanced
 Transformer with Rotary Position Embedding"), eq. (13)-(15): dimension pair ``i`` of a head
 vector at position ``m`` is rotated by the angle ``m * theta_i`` with
-``theta_i = base ** (-2 i / d)``.
+``theta_i = base ** (-2 i / d)``. The other encodings here are the Transformer's sinusoidal
+table, T5 relative-position buckets and bias, ALiBi, and the hierarchical extension of a
+learned absolute table; each function cites what it follows.
 """
 
 from __future__ import annotations
@@ -14,6 +16,20 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+__all__ = [
+    "RopeSpec",
+    "alibi_bias",
+    "alibi_slopes",
+    "apply_rope",
+    "check_length",
+    "extend_positions_hierarchical",
+    "rope_inverse_frequencies",
+    "rope_ntk_base",
+    "sinusoidal_positions",
+    "t5_relative_bias",
+    "t5_relative_position_bucket",
+]
 
 ROPE_LAYOUTS = ("interleaved", "half")
 ROPE_RECIPES = ("feature", "input")

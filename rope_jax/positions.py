@@ -352,13 +352,15 @@ def extend_positions_hierarchical(table_NE, new_length, alpha=0.4):
             f"extend_positions_hierarchical needs 0 < alpha < 1 and alpha != 0.5, got {alpha}."
         )
     n = table_NE.shape[0]
+    if new_length < 0:
+        raise ValueError(f"extend_positions_hierarchical needs new_length >= 0, got {new_length}.")
     if new_length > n * n:
         raise ValueError(
             f"extend_positions_hierarchical can extend a table of {n} positions to at most "
             f"{n * n} positions, got new_length={new_length}."
         )
     if new_length <= n:
-        return table_NE[:new_length]
+        return jnp.asarray(table_NE)[:new_length]
     table_f32 = table_NE.astype(jnp.float32)
     u_NE = (table_f32 - alpha * table_f32[:1]) / (1.0 - alpha)
     num_blocks = -(-new_length // n)  # ceil: outer index i only up to what is needed

@@ -341,6 +341,8 @@ def test_hierarchical_extension_edges():
         pe.extend_positions_hierarchical(table, 17)
     with pytest.raises(ValueError, match="alpha"):
         pe.extend_positions_hierarchical(table, 10, alpha=0.5)
+    with pytest.raises(ValueError, match="new_length >= 0"):
+        pe.extend_positions_hierarchical(table, -1)
 
 
 def test_check_length_names_the_encoding_and_limit():

@@ -45,11 +45,6 @@ def learning_rate_schedule(
         raise ValueError(f"optimizer.schedule={schedule!r}; choose one of {SCHEDULES}.")
     if warmup_steps < 0:
         raise ValueError(f"optimizer.warmup_steps must be >= 0, got {warmup_steps}.")
-    if schedule in ("cosine", "linear") and decay_steps <= warmup_steps:
-        raise ValueError(
-            f"optimizer.decay_steps ({decay_steps}) must exceed warmup_steps ({warmup_steps}) "
-            f"for the {schedule} schedule."
-        )
     peak = float(learning_rate)
     end = peak * float(end_factor)
     timescale = float(rsqrt_timescale if rsqrt_timescale > 0 else max(warmup_steps, 1))

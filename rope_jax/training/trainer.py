@@ -314,9 +314,9 @@ def train_and_evaluate(
             last = checkpointer.latest_step()
             raise NonFiniteLossError(
                 f"Non-finite loss ({host['loss']}) or gradient norm ({host['grad_norm']}) at "
-                f"step {step_number}; stopping. The update was not applied; the last good "
-                f"checkpoint is step {last} in {checkpointer.directory} (lower the learning "
-                "rate, enable clipping or z_loss, or check the data before resuming)."
+                f"step {step_number}; stopping without saving. The last good checkpoint is "
+                f"step {last} in {checkpointer.directory} (lower the learning rate, enable "
+                "clipping or z_loss, or check the data before resuming)."
             )
         window.append(host)
         if step_number % config.log_every_steps == 0 or step_number == num_steps:

@@ -12,6 +12,7 @@ once per array (flax's ``logical_to_mesh_axes``), so ``batch -> (data, fsdp)`` p
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -38,33 +39,34 @@ DEFAULT_LOGICAL_AXIS_RULES = (
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
-    """Calls ``jax.distributed.initialize()`` for multi-process runs.
+    """Calls ``jax.distributed.initialize()`` for multi-process runs (one process per host).
 
-    ``config.distributed`` is "auto" (initialise when the environment describes a multi-host
-    job: a TPU pod slice, SLURM, Open MPI or JAX_COORDINATOR_ADDRESS), "on" or "off".
-    jax reads coordinator address, process count and index from that environment. Must run
-    before anything touches a device; calling it again is a no-op.
+    ``config.distributed``: "on" always initialises (TPU pod slices, where jax finds the
+    other hosts through the TPU metadata server), "off" never, "auto" initialises when the
+    environment describes a multi-process job: SLURM (``srun``), Open MPI (``mpirun``), or
+    ``JAX_COORDINATOR_ADDRESS=host:port`` with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
+    set by hand. Must run before anything touches a device; a second call is a no-op.
     """
     mode = config.distributed
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"distributed={mode!r}; choose 'auto', 'on' or 'off'.")
-    if mode == "off":
+    if mode == "off" or jax.distributed.is_initialized():
         return
-    import os
-
-    multi_host_env = any(
-        name in os.environ
-        for name in (
-            "JAX_COORDINATOR_ADDRESS",
-            "SLURM_NTASKS",
-            "OMPI_COMM_WORLD_SIZE",
-            "TPU_WORKER_HOSTNAMES",
-            "MEGASCALE_COORDINATOR_ADDRESS",
-        )
+    env = os.environ
+    multi_process_env = (
+        int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        or "JAX_COORDINATOR_ADDRESS" in env
     )
-    if (mode == "on" or multi_host_env) and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
-        logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    if mode == "auto" and not multi_process_env:
+        return
+    kwargs = {}
+    if "JAX_NUM_PROCESSES" in env:
+        kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+    if "JAX_PROCESS_ID" in env:
+        kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
+    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
 def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:

@@ -300,13 +300,14 @@ def train_and_evaluate(
     eval_history: dict[int, dict[str, float]] = {}
     window: list[dict[str, float]] = []
     window_start = time.perf_counter()
+    timed_steps = 0  # steps in the window that count for throughput (not the compiling one)
     pending: tuple[int, Any] | None = None
     num_steps = config.num_train_steps
     stopped_by_signal = False
 
     def consume(step_number: int, device_metrics) -> None:
         """Host side of a finished step: NaN guard, logging."""
-        nonlocal window_start
+        nonlocal window_start, timed_steps
         host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         history[step_number] = host
         if host["finite"] < 1.0:
@@ -319,9 +320,14 @@ def train_and_evaluate(
                 "clipping or z_loss, or check the data before resuming)."
             )
         window.append(host)
+        if step_number == start_step + 1:
+            # The first step includes compilation: time the window from its end instead.
+            window_start = time.perf_counter()
+        else:
+            timed_steps += 1
         if step_number % config.log_every_steps == 0 or step_number == num_steps:
             elapsed = time.perf_counter() - window_start
-            seconds_per_step = elapsed / len(window)
+            seconds_per_step = elapsed / max(timed_steps, 1)
             scalars = metrics.mean_of_step_metrics(window)
             scalars.pop("finite", None)
             scalars["learning_rate"] = host["learning_rate"]
@@ -336,6 +342,7 @@ def train_and_evaluate(
                 )
             window.clear()
             window_start = time.perf_counter()
+            timed_steps = 0
 
     host_batch = first_host_batch
     with _StopSignal() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -368,7 +375,10 @@ def train_and_evaluate(
                     if pending is not None:
                         consume(*pending)
                         pending = None
+                    eval_start = time.perf_counter()
                     eval_history[done] = run_eval(state)
+                    # Evaluation time does not count against training throughput.
+                    window_start += time.perf_counter() - eval_start
                     writer.write_scalars(done, eval_history[done], prefix="eval_")
                     logging.info("eval at step %d: loss %.4f", done, eval_history[done]["loss"])
             if pending is not None:

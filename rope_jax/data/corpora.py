@@ -215,7 +215,7 @@ class DocumentIndex:
         file_id = int(self._file_ids[index])
         handle = self._handles.get(file_id)
         if handle is None:
-            handle = self._handles[file_id] = open(self.paths[file_id], "rb")  # noqa: SIM115
+            handle = self._handles[file_id] = open(self.paths[file_id], "rb")
         handle.seek(int(self._offsets[index]))
         raw = handle.read(int(self._lengths[index]))
         # The scan validated this record; a changed file is an error, not a skip.

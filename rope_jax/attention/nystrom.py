@@ -56,10 +56,14 @@ def iterative_pinv(a_BHMK, num_iterations):
         jnp.swapaxes(a_BHMK, -1, -2)
         / jnp.where(norm_product_BH > 0, norm_product_BH, 1.0)[:, :, None, None]
     )
-    identity = jnp.eye(a_BHMK.shape[-1], dtype=jnp.float32)
+    identity_11MM = jnp.eye(a_BHMK.shape[-1], dtype=jnp.float32)[None, None]
     for _ in range(num_iterations):
         az = a_BHMK @ z_BHKM
-        z_BHKM = 0.25 * z_BHKM @ (13 * identity - az @ (15 * identity - az @ (7 * identity - az)))
+        z_BHKM = (
+            0.25
+            * z_BHKM
+            @ (13 * identity_11MM - az @ (15 * identity_11MM - az @ (7 * identity_11MM - az)))
+        )
     return z_BHKM
 
 

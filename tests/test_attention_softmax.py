@@ -14,9 +14,11 @@ from rope_jax.attention import (
     padding_mask,
     random_synthesizer_attention,
     segment_mask,
-    softmax_attention,
 )
+from rope_jax.attention import softmax_attention as eager_softmax_attention
 from rope_jax.positions import RopeSpec
+
+softmax_attention = jax.jit(eager_softmax_attention, static_argnames=("causal", "scale", "rope"))
 
 
 def test_masks_against_hand_values():
@@ -97,7 +99,7 @@ def test_fully_masked_rows_give_zero_output_and_finite_gradients():
     np.testing.assert_array_equal(out[1], 0.0)
     expected = reference_attention(q, k, v, mask=mask & (bias > -np.inf))
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
-    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
     for grad in grads:
         assert np.all(np.isfinite(grad))
     np.testing.assert_array_equal(grads[0][1], 0.0)  # no gradient into fully masked queries
@@ -141,7 +143,7 @@ def test_registry_binds_hyperparameters_and_rejects_unknowns():
     q, k, v = random_qkv(10, length=4)
     fn = get_attention_fn("softmax", scale=1.0)
     np.testing.assert_allclose(
-        fn(q, k, v), reference_attention(q, k, v, scale=1.0), rtol=1e-5, atol=1e-6
+        jax.jit(fn)(q, k, v), reference_attention(q, k, v, scale=1.0), rtol=1e-5, atol=1e-6
     )
     assert get_attention_fn("linear") is not None
     with pytest.raises(ValueError, match="known kernels.*nystrom.*performer"):

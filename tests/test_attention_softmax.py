@@ -81,6 +81,17 @@ def test_matches_jax_dot_product_attention():
         rtol=1e-5,
         atol=1e-6,
     )
+    # The hand-written softmax derivative against jax.nn's.
+    cotangent = np.random.default_rng(5).normal(size=q.shape).astype(np.float32)
+
+    def gradients(fn):
+        loss = lambda q, k, v: jnp.sum(fn(q, k, v, mask=mask) * cotangent)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    for ours, theirs in zip(
+        gradients(eager_softmax_attention), gradients(jax.nn.dot_product_attention), strict=True
+    ):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
 def test_fully_masked_rows_give_zero_output_and_finite_gradients():

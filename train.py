@@ -38,7 +38,6 @@ def main(argv):
     sharding.maybe_initialize_distributed(_CONFIG.value)
     logging.info("JAX %s, process %d/%d", jax.__version__, jax.process_index(), jax.process_count())
     logging.info("devices: %s", jax.devices())
-    logging.info("config:\n%s", _CONFIG.value)
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

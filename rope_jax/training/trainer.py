@@ -210,6 +210,19 @@ def train_and_evaluate(
     if inputs is None:
         inputs = build_inputs(config, workdir)
 
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    logging.info(
+        "%s model (%s attention, %s positions), %s objective, batch %d, %d steps; config in %s",
+        config.model.family,
+        config.model.attention,
+        config.model.position,
+        config.data.objective,
+        config.batch_size,
+        config.num_train_steps,
+        os.path.join(workdir, "config.json"),
+    )
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.rules_from_config(config.logical_axis_rules)
     logging.info("mesh: %s over %d devices", sharding.describe(mesh), mesh.size)
@@ -391,9 +404,15 @@ def train_and_evaluate(
             checkpointer.close()
             writer.close()
     if jax.process_index() == 0:
+        last = history[max(history)] if history else {}
+        summary = f"loss {last['loss']:.4f}" if last else "no steps run"
+        if eval_history:
+            summary += f", held-out loss {eval_history[max(eval_history)]['loss']:.4f}"
         logging.info(
-            "Done at step %d. Checkpoints: %s  metrics: %s  TensorBoard: %s",
+            "Done at step %d (%s).\n  checkpoints: %s (run the same command again to resume)"
+            "\n  metrics:     %s\n  TensorBoard: tensorboard --logdir %s",
             int(jax.device_get(state.step)),
+            summary,
             checkpointer.directory,
             writer.jsonl_path,
             writer.tensorboard_dir,

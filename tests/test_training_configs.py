@@ -7,6 +7,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
@@ -26,7 +27,12 @@ SHRINK = (
 # Held-out evaluation compiles a third program; two families (one per model call) cover it.
 WITH_EVAL = ("roformer", "mt5")
 # Gap sentences and pseudo-summaries default to targets of half the input length.
-EXTRA = {"pegasus": "targets_length=8", "t5_pegasus": "targets_length=8"}
+# The decoder run also covers mixed precision (bfloat16 compute, float32 params) and remat.
+EXTRA = {
+    "pegasus": "targets_length=8",
+    "t5_pegasus": "targets_length=8",
+    "decoder": "dtype=bfloat16,remat=True",
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -121,6 +127,8 @@ def test_two_steps_on_the_embedded_corpus(family, tmp_path, tokenizer_dir):
         assert sorted(result.eval_history) == [2] and np.isfinite(result.eval_history[2]["loss"])
         assert any("eval_loss" in r for r in records)
     assert os.path.isdir(tmp_path / "checkpoints" / "2")
+    params = jax.tree.leaves(result.state.params)
+    assert all(p.dtype == jnp.float32 for p in params), "params are stored in float32"
 
 
 def test_performer_features_are_redrawn(tmp_path, tokenizer_dir):

@@ -50,13 +50,13 @@ def toy_config(**overrides):
     return config
 
 
-def run(workdir, config, iterator=None, devices=None):
+def run(workdir, config, iterator=None, devices=None, dropout_rate=0.1):
     iterator = iterator or ToyMLMIterator(config.batch_size)
     return trainer.train_and_evaluate(
         config,
         str(workdir),
         inputs=trainer.Inputs(train=iterator),
-        model=ToyEncoder(),
+        model=ToyEncoder(dropout_rate=dropout_rate),
         devices=devices or jax.devices()[:1],
     )
 
@@ -164,20 +164,24 @@ def test_nan_guard_stops_and_keeps_last_checkpoint(tmp_path):
 @pytest.fixture(scope="module")
 def one_device_losses(tmp_path_factory):
     config = toy_config(num_train_steps=3, checkpoint_every_steps=0, batch_size=16)
-    return losses_of(run(tmp_path_factory.mktemp("one"), config))
+    # No dropout: microbatches draw their own masks, so accumulation changes them.
+    return losses_of(run(tmp_path_factory.mktemp("one"), config, dropout_rate=0.0))
 
 
 @pytest.mark.parametrize(
     "mesh",
-    [dict(data=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)],
-    ids=["data8", "fsdp4-data2", "tensor2-fsdp2-data2"],
+    [dict(data=8), dict(data=2, fsdp=4, accum=2), dict(data=2, fsdp=2, tensor=2)],
+    ids=["data8", "fsdp4-data2-accum2", "tensor2-fsdp2-data2"],
 )
 def test_sharded_meshes_match_one_device(tmp_path, mesh, one_device_losses):
+    """Same losses as one device; with grad_accum_steps=2 too, since the loss and gradient
+    are token-weighted over the whole batch however it is split."""
     assert len(jax.devices()) == 8, "conftest should simulate 8 CPU devices"
     config = toy_config(num_train_steps=3, checkpoint_every_steps=0, batch_size=16)
+    config.optimizer.grad_accum_steps = mesh.pop("accum", 1)
     sizes = {"data": 1, "fsdp": 1, "tensor": 1, **mesh}
     config.mesh.update(sizes)
-    sharded = run(tmp_path, config, devices=jax.devices())
+    sharded = run(tmp_path, config, devices=jax.devices(), dropout_rate=0.0)
     got = losses_of(sharded)
     assert got.keys() == one_device_losses.keys()
     for key, value in got.items():

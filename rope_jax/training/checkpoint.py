@@ -157,8 +157,8 @@ class Checkpointer:
         except Exception as err:  # Orbax raises many types; the user needs the path.
             raise CheckpointError(
                 f"Cannot restore checkpoint {step_dir}: {type(err).__name__}: {err}. "
-                "If the config changed since it was written (model size, optimizer), use a new "
-                "workdir; if the files are damaged, move this step directory aside."
+                "If the config changed since it was written (model size, optimizer, prng_impl), "
+                "use a new workdir; if the files are damaged, move this step directory aside."
             ) from err
         return restored[STATE], restored[DATA]
 

@@ -98,24 +98,13 @@ def _split_variables(variables):
     return params, random_features
 
 
-def create_sharded_state(model, tx, example_batch, key, mesh, rules):
-    """(state, state_shardings): shapes via ``jax.eval_shape``, shardings from the params'
-    logical axis names, then one jitted init that writes each shard where it belongs."""
-    abstract_variables = jax.eval_shape(lambda k: init_variables(model, example_batch, k), key)
-    boxed_params = abstract_variables["params"]
-    param_shardings = sharding.logical_shardings(boxed_params, mesh, rules)
-    abstract_params, abstract_features = jax.eval_shape(_split_variables, abstract_variables)
-    abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
-    replicated = sharding.replicated(mesh)
-    state_shardings = TrainState(
-        step=replicated,
-        params=param_shardings,
-        opt_state=sharding.opt_state_shardings(
-            abstract_opt_state, abstract_params, param_shardings, mesh
-        ),
-        random_features=jax.tree.map(lambda _: replicated, abstract_features),
-        rng=replicated,
-    )
+def plan_state(model, tx, example_batch, key, mesh, rules):
+    """(abstract state, state shardings, jitted init) without materialising anything.
+
+    Shapes come from ``jax.eval_shape``, shardings from the params' logical axis names (the
+    optimizer state follows its params); ``init(key)`` builds every shard where it belongs.
+    A resumed run restores into the abstract state and never calls ``init``.
+    """
 
     def init_state(k):
         params, random_features = _split_variables(init_variables(model, example_batch, k))
@@ -127,8 +116,26 @@ def create_sharded_state(model, tx, example_batch, key, mesh, rules):
             rng=jax.random.key_data(k),
         )
 
-    state = jax.jit(init_state, out_shardings=state_shardings)(key)
-    return state, state_shardings
+    abstract_variables = jax.eval_shape(lambda k: init_variables(model, example_batch, k), key)
+    param_shardings = sharding.logical_shardings(abstract_variables["params"], mesh, rules)
+    abstract_state = jax.eval_shape(init_state, key)
+    replicated = sharding.replicated(mesh)
+    state_shardings = TrainState(
+        step=replicated,
+        params=param_shardings,
+        opt_state=sharding.opt_state_shardings(
+            abstract_state.opt_state, abstract_state.params, param_shardings, mesh
+        ),
+        random_features=jax.tree.map(lambda _: replicated, abstract_state.random_features),
+        rng=replicated,
+    )
+    return abstract_state, state_shardings, jax.jit(init_state, out_shardings=state_shardings)
+
+
+def create_sharded_state(model, tx, example_batch, key, mesh, rules):
+    """(freshly initialised state, state shardings); see ``plan_state``."""
+    _, state_shardings, init = plan_state(model, tx, example_batch, key, mesh, rules)
+    return init(key), state_shardings
 
 
 def _microbatches(batch, num_micro: int):

@@ -234,7 +234,7 @@ def train_and_evaluate(
     base_key = jax.random.key(config.seed)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, state_shardings = step_lib.create_sharded_state(
+        abstract_state, state_shardings, init_state = step_lib.plan_state(
             model, tx, first_host_batch, base_key, mesh, rules
         )
     checkpointer = checkpoint_lib.Checkpointer(
@@ -243,11 +243,16 @@ def train_and_evaluate(
         async_save=config.async_checkpointing,
     )
     latest = checkpointer.latest_step()
-    if latest is not None:
-        abstract = checkpoint_lib.abstract_with_shardings(state, state_shardings)
+    if latest is None:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            state = init_state(base_key)
+    else:
+        abstract = checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings)
         state, data_state = checkpointer.restore(latest, abstract)
         inputs.train.set_state(data_state)
         first_host_batch = next(inputs.train)
+        # The run's key comes from the checkpoint (a changed seed does not fork a resumed run).
+        base_key = jax.random.wrap_key_data(np.asarray(jax.device_get(state.rng)))
         logging.info("Resumed from %s at step %d.", checkpointer.directory / str(latest), latest)
     start_step = int(jax.device_get(state.step))
 

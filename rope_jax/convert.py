@@ -184,7 +184,13 @@ def _t5_config(hf: Mapping[str, Any]) -> dict[str, Any]:
         activation, approximate = _hf_activation(activation, "feed_forward_proj")
     if gated and activation not in ("gelu", "silu"):
         raise ConversionError(f"feed_forward_proj={projection!r} is not supported")
-    if "scale_decoder_outputs" in hf:
+    if hf.get("model_type") == "mt5" or "MT5ForConditionalGeneration" in (
+        hf.get("architectures") or []
+    ):
+        # Every mT5 release follows T5 v1.1: own output layer, no d_model**-0.5 rescale
+        # (transformers 5 ties the layer when the checkpoint has no lm_head.weight).
+        tied = False
+    elif "scale_decoder_outputs" in hf:
         tied = bool(hf["scale_decoder_outputs"])
     else:
         tied = bool(hf.get("tie_word_embeddings", True))

@@ -97,7 +97,9 @@ def _encoder_decoder_parity(hf_model, path):
             attention_mask=_torch(encoder_tokens != 0),
             decoder_input_ids=_torch(decoder_tokens),
         ).logits.numpy()
-    got = model.apply({"params": params}, jnp.asarray(encoder_tokens), jnp.asarray(decoder_tokens))
+    got = jax.jit(model.apply)(
+        {"params": params}, jnp.asarray(encoder_tokens), jnp.asarray(decoder_tokens)
+    )
     assert got.dtype == jnp.float32 and got.shape == want.shape
     np.testing.assert_allclose(np.asarray(got), want, atol=TOLERANCE, rtol=0)
     return model, params
@@ -109,7 +111,7 @@ def _encoder_parity(hf_model, path, *, pad_from=(11, 6)):
     valid = tokens != 0
     with torch.no_grad():
         want = hf_model(input_ids=_torch(tokens), attention_mask=_torch(valid)).logits.numpy()
-    got = np.asarray(model.apply({"params": params}, jnp.asarray(tokens)))
+    got = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(tokens)))
     assert got.dtype == np.float32 and got.shape == want.shape
     # Outputs at padded positions are not defined by either model; compare the real tokens.
     np.testing.assert_allclose(got[valid], want[valid], atol=TOLERANCE, rtol=0)
@@ -162,7 +164,10 @@ def test_roformer_interleaved_rope_matches_hf(tmp_path):
     half = convert.from_hf(path, rope_layout="half")[0]
     tokens = jnp.asarray(_inputs(2, 2, 11))
     gap = jnp.max(
-        jnp.abs(model.apply({"params": params}, tokens) - half.apply({"params": params}, tokens))
+        jnp.abs(
+            jax.jit(model.apply)({"params": params}, tokens)
+            - jax.jit(half.apply)({"params": params}, tokens)
+        )
     )
     assert float(gap) > 100 * TOLERANCE
 
@@ -176,7 +181,7 @@ def test_bert_sequence_classification_matches_hf(tmp_path):
     tokens = _inputs(6, 2, 9, pad_from=[9, 4])
     with torch.no_grad():
         want = hf_model(input_ids=_torch(tokens), attention_mask=_torch(tokens != 0)).logits
-    got = model.apply({"params": params}, jnp.asarray(tokens))
+    got = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens))
     assert got.shape == (2, 3)
     np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=TOLERANCE, rtol=0)
 
@@ -269,3 +274,102 @@ def test_params_are_float32_arrays(bert_checkpoint):
     _, params = convert.from_hf(bert_checkpoint)
     leaves = jax.tree_util.tree_leaves(params)
     assert leaves and all(leaf.dtype == jnp.float32 for leaf in leaves)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _project_model(**values):
+    """A model of this project with random params drawn from its parameter shapes."""
+    from rope_jax import model_config, models
+
+    model = models.build_model(model_config.model_config_from_dict(values))
+    rng = np.random.default_rng(1)
+    flat = {
+        path: jnp.asarray(rng.normal(size=shape.shape) / np.sqrt(shape.shape[0]), jnp.float32)
+        for path, shape in convert.param_shapes(model).items()
+    }
+    return model, convert._unflatten(flat)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_t5_export_runs_in_hf_and_round_trips(tmp_path, tied):
+    model, params = _project_model(
+        family="encoder_decoder",
+        vocab_size=VOCAB,
+        d_model=32,
+        num_heads=4,
+        head_dim=8,
+        d_ff=64,
+        num_layers=2,
+        relpos_num_buckets=8,
+        relpos_max_distance=16,
+        dropout_rate=0.0,
+        mlp_activation="relu" if tied else "gated-gelu",
+        tie_embeddings=tied,
+    )
+    assert convert.to_hf(model, params, tmp_path) == "T5ForConditionalGeneration"
+    hf_model = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    encoder_tokens = _inputs(0, 2, 7, pad_from=[7, 3])
+    decoder_tokens = _inputs(1, 2, 5)
+    decoder_tokens[:, 0] = 0
+    with torch.no_grad():
+        want = hf_model(
+            input_ids=_torch(encoder_tokens),
+            attention_mask=_torch(encoder_tokens != 0),
+            decoder_input_ids=_torch(decoder_tokens),
+        ).logits.numpy()
+    got = jax.jit(model.apply)(
+        {"params": params}, jnp.asarray(encoder_tokens), jnp.asarray(decoder_tokens)
+    )
+    np.testing.assert_allclose(np.asarray(got), want, atol=TOLERANCE, rtol=0)
+    reloaded_model, reloaded = convert.from_hf(tmp_path, strict=True)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, reloaded, params)
+    assert reloaded_model.config.tie_embeddings == tied
+    assert reloaded_model.config.mlp_activation == model.config.mlp_activation
+
+
+def test_bert_export_runs_in_hf_and_round_trips(tmp_path):
+    model, params = _project_model(
+        family="encoder",
+        vocab_size=VOCAB,
+        d_model=32,
+        num_heads=4,
+        head_dim=8,
+        d_ff=64,
+        num_layers=2,
+        norm="layer",
+        norm_placement="post",
+        use_bias=True,
+        tie_embeddings=True,
+        scale_queries=True,
+        position="learned",
+        max_length=32,
+        type_vocab_size=2,
+        mlp_activation="gelu",
+        gelu_approximate=False,
+        layer_norm_epsilon=1e-12,
+        dropout_rate=0.0,
+        initializer_range=0.02,
+    )
+    assert convert.to_hf(model, params, tmp_path) == "BertForMaskedLM"
+    hf_model = transformers.BertForMaskedLM.from_pretrained(tmp_path).eval()
+    tokens = _inputs(3, 2, 9, pad_from=[9, 5])
+    valid = tokens != 0
+    with torch.no_grad():
+        want = hf_model(input_ids=_torch(tokens), attention_mask=_torch(valid)).logits.numpy()
+    got = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(tokens)))
+    np.testing.assert_allclose(got[valid], want[valid], atol=TOLERANCE, rtol=0)
+    _, reloaded = convert.from_hf(tmp_path, strict=True)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, reloaded, params)
+
+
+def test_export_rejects_what_hf_cannot_run(tmp_path):
+    from rope_jax import model_config
+
+    cfg = model_config.model_config_from_dict(dict(family="encoder_decoder", position="rope"))
+    with pytest.raises(convert.ConversionError, match="position='t5_bias'"):
+        convert.to_hf(cfg, None, tmp_path)
+    cfg = model_config.model_config_from_dict(dict(family="decoder", position="rope"))
+    with pytest.raises(convert.ConversionError, match="no Hugging Face export"):
+        convert.to_hf(cfg, None, tmp_path)

@@ -536,18 +536,20 @@ def _params_from_tensors(
     return flat
 
 
-def _flatten(tree, prefix=""):
+def flatten_params(tree, prefix=""):
+    """``{"a": {"b": x}}`` -> ``{"a/b": x}`` (the paths used in error messages and mappings)."""
     flat = {}
     for key, value in tree.items():
         path = f"{prefix}/{key}" if prefix else key
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, path))
+            flat.update(flatten_params(value, path))
         else:
             flat[path] = value
     return flat
 
 
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten_params`."""
     tree: dict[str, Any] = {}
     for path, value in flat.items():
         node = tree
@@ -564,7 +566,7 @@ def param_shapes(model) -> dict[str, jax.ShapeDtypeStruct]:
     tokens = jnp.ones((1, 2), jnp.int32)
     args = (tokens, tokens) if cfg.family == "encoder_decoder" else (tokens,)
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))
-    return _flatten(nn.unbox(variables["params"]))
+    return flatten_params(nn.unbox(variables["params"]))
 
 
 def from_hf(
@@ -588,7 +590,7 @@ def from_hf(
     cfg = config_from_hf(hf_config, **overrides)
     model = models_lib.build_model(cfg)
     flat = _params_from_tensors(architecture, cfg, tensors, param_shapes(model), strict=strict)
-    params = jax.tree_util.tree_map(jnp.asarray, _unflatten(flat))
+    params = jax.tree_util.tree_map(jnp.asarray, unflatten_params(flat))
     return model, params
 
 
@@ -712,7 +714,7 @@ def hf_config_from_model_config(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
 
 def to_hf_tensors(architecture: str, cfg: ModelConfig, params) -> dict[str, np.ndarray]:
     """This project's params as a Hugging Face state dict (float32 numpy)."""
-    flat = _flatten(jax.device_get(nn.unbox(params)))
+    flat = flatten_params(jax.device_get(nn.unbox(params)))
     tensors = {}
     for path, hf_names, kind in hf_mapping(architecture, cfg):
         name = hf_names if isinstance(hf_names, str) else hf_names[0]

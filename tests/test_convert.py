@@ -289,7 +289,7 @@ def _project_model(**values):
         path: jnp.asarray(rng.normal(size=shape.shape) / np.sqrt(shape.shape[0]), jnp.float32)
         for path, shape in convert.param_shapes(model).items()
     }
-    return model, convert._unflatten(flat)
+    return model, convert.unflatten_params(flat)
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -97,8 +97,14 @@ def build_model(config: ml_collections.ConfigDict):
     from rope_jax.model_config import model_config_from_dict
     from rope_jax.models import build_model as build
 
-    cfg = model_config_from_dict(config.model)
-    return build(cfg, packed_inputs=bool(config.data.pack)), cfg
+    try:
+        cfg = model_config_from_dict(config.model)
+        return build(cfg, packed_inputs=bool(config.data.pack)), cfg
+    except ValueError as err:
+        raise ValueError(
+            f"config.model: {err} (model keys are --config.model.<key>; packing is "
+            f"--config.data.pack={config.data.pack})"
+        ) from err
 
 
 def data_settings(config: ml_collections.ConfigDict) -> dict:

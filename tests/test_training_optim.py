@@ -12,7 +12,7 @@ import pytest
 from training_toys import ToyEncoder, ToyMLMIterator
 
 from configs import common
-from rope_jax.training import optim, step
+from rope_jax.training import losses, optim, sharding, step
 
 
 def _schedule(name, **kw):
@@ -153,3 +153,34 @@ def test_grad_accumulation_equals_big_batch_gradient():
         assert tokens == results[0][2]
         for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(results[0][0]), strict=True):
             np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
+
+
+def test_weighted_cross_entropy_matches_float64_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 7)) * 3
+    targets = rng.integers(0, 7, (2, 5))
+    weights = rng.integers(0, 2, (2, 5)).astype(np.float64)
+    got = losses.weighted_cross_entropy(
+        jnp.asarray(logits, jnp.float32), jnp.asarray(targets), jnp.asarray(weights), z_loss=1e-2
+    )
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_z = np.log(np.exp(shifted).sum(-1)) + logits.max(-1)
+    ce = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    want_ce = (ce * weights).sum()
+    want_z = (1e-2 * log_z**2 * weights).sum()
+    assert float(got["cross_entropy_sum"]) == pytest.approx(want_ce, rel=1e-5)
+    assert float(got["z_loss_sum"]) == pytest.approx(want_z, rel=1e-5)
+    assert float(got["loss_sum"]) == pytest.approx(want_ce + want_z, rel=1e-5)
+    assert float(got["weight_sum"]) == weights.sum()
+    assert float(got["correct_sum"]) == ((logits.argmax(-1) == targets) * weights).sum()
+
+
+def test_mesh_shape_fills_and_checks():
+    assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
+    assert sharding.mesh_shape({"data": 2, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
+    with pytest.raises(ValueError, match="needs 4 devices"):
+        sharding.mesh_shape({"data": 2, "fsdp": 2, "tensor": 1}, 8)
+    with pytest.raises(ValueError, match="not divisible"):
+        sharding.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
+    with pytest.raises(ValueError, match="unknown axes"):
+        sharding.mesh_shape({"data": -1, "model": 2}, 8)

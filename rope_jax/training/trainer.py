@@ -293,11 +293,13 @@ def train_and_evaluate(
         flops_per_step = model_flops_per_step(model_cfg, first_host_batch, config.batch_size)
     tokens_per_step = config.batch_size * losses.input_length(first_host_batch)
     if jax.process_index() == 0:
+        num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract_state.params))
         logging.info(
-            "float32 matmul peak %.1f GFLOP/s; model %.2f GFLOP per step; %d tokens per step",
-            peak / 1e9,
+            "%.2fM params; %.2f GFLOP and %d tokens per step; float32 matmul peak %.1f GFLOP/s",
+            num_params / 1e6,
             flops_per_step / 1e9,
             tokens_per_step,
+            peak / 1e9,
         )
 
     def run_eval(state_now) -> dict[str, float]:

@@ -95,3 +95,35 @@ def test_axg_gender_parity_and_accuracy():
 def test_unlabelled_records_are_not_scored():
     with pytest.raises(ValueError, match="without labels"):
         metrics.task_metrics("RTE", [{"label": None}], ["entailment"])
+
+
+def test_evaluator_plugins_yield_metrics_and_write_files(tmp_path):
+    from rope_jax.evaluation import evaluators
+
+    records = [
+        {"idx": 0, "premise": "p", "hypothesis": "h", "label": "entailment"},
+        {"idx": 1, "premise": "p", "hypothesis": "h", "label": "neutral"},
+    ]
+
+    def predict(params, recs):
+        assert params == "params"
+        return ["entailment", None]
+
+    evaluator = evaluators.create_evaluator(
+        predict, task="CB", records=records, workdir=str(tmp_path)
+    )
+    assert isinstance(evaluator, evaluators.LabelEvaluator)
+    result = dict(evaluator.run("params"))
+    assert result["accuracy"] == 0.5 and result["invalid_fraction"] == 0.5
+    assert result["f1"] == pytest.approx(1 / 3)  # entailment F1 1, the others 0
+    assert (tmp_path / "predictions" / "CB_val.jsonl").read_text().splitlines()[1] == (
+        '{"idx": 1, "label": "entailment"}'
+    )
+    unlabelled = [dict(r, label=None) for r in records]
+    test_eval = evaluators.create_evaluator(
+        predict, task="CB", records=unlabelled, split="test", workdir=str(tmp_path)
+    )
+    assert set(dict(test_eval.run("params"))) == {"num_examples", "invalid_fraction"}
+    assert (tmp_path / "submission" / "CB.jsonl").exists()
+    with pytest.raises(ValueError, match="not 'MultiRC'"):
+        evaluators.LabelEvaluator(predict, task="MultiRC", records=[])

@@ -1,0 +1,396 @@
+"""Autoregressive decoding: greedy, temperature / top-k / top-p sampling and beam search.
+
+The search algorithms here know nothing about models. They drive a *step function*
+
+    step_fn(token_ids_B, state) -> (logits_BV, state)
+
+that feeds one token per row and returns float32 next-token logits. ``state`` is any pytree
+that is batch-major (leading axis = rows): a flax ``"cache"`` collection (key/value cache of
+softmax attention), the running sums of a causal linear kernel, encoder outputs, masks. Leaves
+with no axes (a flax ``cache_index``) are shared by all rows. Beam search repeats each row's
+state ``beam_size`` times and reorders it by the surviving beams after every step; it treats a
+leaf as per-row when its leading dimension equals the number of rows.
+
+Sequences follow Hugging Face ``generate``: ``[B, max_length]`` including the prompt (for an
+encoder-decoder the prompt is the decoder start id 0), padded with ``pad_id`` after EOS. Prompts
+may differ in length per row: the first ``prompt_lengths[b]`` tokens of row ``b`` are forced,
+then the search takes over. All loops are ``lax.while_loop`` and stop when every row has
+produced EOS or ``max_length`` is reached; wrap calls in ``jax.jit`` (``make_*_step_fn`` and
+``generate`` in this module do).
+
+References: beam search with the length penalty ``((5 + |Y|) / 6) ** alpha`` of Wu et al.
+2016 ("Google's Neural Machine Translation System", eq. 14), as used by T5; nucleus sampling of
+Holtzman et al. 2020; consistent top-k / nucleus sampling of Welleck et al. 2020 ("Consistency
+of a Recurrent Language Model With Respect to Incomplete Decoding", Definitions 3.4 and 3.5),
+whose candidate set always contains EOS so that generation terminates with probability one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOutput:
+    """Result of greedy decoding or sampling.
+
+    sequences: int32 ``[B, max_length]``, prompt included, ``pad_id`` after EOS.
+    lengths: int32 ``[B]``, tokens up to and including EOS (or ``max_length``).
+    log_probs: float32 ``[B]``, sum of the model's log-probabilities (temperature 1, no
+      filtering) of the generated tokens, prompt excluded.
+    finished: bool ``[B]``, whether the row produced EOS.
+    """
+
+    sequences: jax.Array
+    lengths: jax.Array
+    log_probs: jax.Array
+    finished: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamOutput:
+    """Result of beam search, best beam first.
+
+    sequences: int32 ``[B, K, max_length]``; scores: float32 ``[B, K]`` (length-penalised
+    log-probabilities); log_probs: float32 ``[B, K]`` (raw sums over generated tokens);
+    finished: bool ``[B, K]`` (ended with EOS; unfinished beams are only returned for rows where
+    no beam finished within ``max_length``).
+    """
+
+    sequences: jax.Array
+    scores: jax.Array
+    log_probs: jax.Array
+    finished: jax.Array
+
+
+jax.tree_util.register_dataclass(
+    DecodeOutput, data_fields=["sequences", "lengths", "log_probs", "finished"], meta_fields=[]
+)
+jax.tree_util.register_dataclass(
+    BeamOutput, data_fields=["sequences", "scores", "log_probs", "finished"], meta_fields=[]
+)
+
+
+# ----------------------------------------------------------------------------- filters
+
+
+def top_k_filter(logits_BV: jax.Array, k: int, *, keep_id: int | None = None) -> jax.Array:
+    """Sets every logit outside the ``k`` largest of each row to -inf (``k <= 0``: no-op).
+
+    With ``keep_id`` (the EOS id) that token is always kept: the consistent top-k candidate
+    set ``top-k ∪ {eos}`` of Welleck et al. 2020. Exactly ``k`` tokens are kept per row (ties
+    are broken as ``lax.top_k`` breaks them, lowest index first).
+    """
+    vocab_size = logits_BV.shape[-1]
+    if k <= 0 or k >= vocab_size:
+        return logits_BV
+    _, top_ids_BK = jax.lax.top_k(logits_BV, k)
+    keep_BV = jnp.zeros(logits_BV.shape, bool)
+    keep_BV = jax.vmap(lambda keep_V, ids_K: keep_V.at[ids_K].set(True))(
+        keep_BV.reshape(-1, vocab_size), top_ids_BK.reshape(-1, k)
+    ).reshape(logits_BV.shape)
+    if keep_id is not None:
+        keep_BV = keep_BV.at[..., keep_id].set(True)
+    return jnp.where(keep_BV, logits_BV, NEG_INF)
+
+
+def top_p_filter(logits_BV: jax.Array, p: float, *, keep_id: int | None = None) -> jax.Array:
+    """Nucleus filter (Holtzman et al. 2020): keeps the smallest set of most likely tokens whose
+    probability mass reaches ``p``, i.e. every token whose strictly-more-likely predecessors
+    (in descending order) hold less than ``p``; the most likely token is always kept.
+    ``p >= 1``: no-op. ``keep_id`` always kept (consistent nucleus sampling, Welleck et al.).
+    """
+    if p >= 1.0:
+        return logits_BV
+    logits_BV = logits_BV.astype(jnp.float32)
+    order_BV = jnp.argsort(-logits_BV, axis=-1)
+    sorted_BV = jnp.take_along_axis(logits_BV, order_BV, axis=-1)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    keep_sorted_BV = mass_before_BV < p
+    keep_sorted_BV = keep_sorted_BV.at[..., 0].set(True)
+    keep_BV = jnp.put_along_axis(
+        jnp.zeros_like(keep_sorted_BV), order_BV, keep_sorted_BV, axis=-1, inplace=False
+    )
+    if keep_id is not None:
+        keep_BV = keep_BV.at[..., keep_id].set(True)
+    return jnp.where(keep_BV, logits_BV, NEG_INF)
+
+
+def length_penalty(length, alpha: float):
+    """Wu et al. 2016 eq. 14: ``((5 + length) / 6) ** alpha`` (1 for alpha = 0)."""
+    return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _prompt_arrays(prompt_BP, prompt_lengths_B, max_length):
+    prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
+    if prompt_BP.ndim != 2:
+        raise ValueError(f"prompt must be [batch, prompt_len], got shape {prompt_BP.shape}")
+    batch, prompt_len = prompt_BP.shape
+    if prompt_len >= max_length:
+        raise ValueError(
+            f"max_length={max_length} leaves no room to generate after a prompt of "
+            f"{prompt_len} tokens"
+        )
+    if prompt_lengths_B is None:
+        prompt_lengths_B = jnp.full((batch,), prompt_len, jnp.int32)
+    prompt_lengths_B = jnp.asarray(prompt_lengths_B, jnp.int32)
+    prompt_BL = jnp.zeros((batch, max_length), jnp.int32).at[:, :prompt_len].set(prompt_BP)
+    return prompt_BL, prompt_lengths_B
+
+
+def _force_prompt(log_probs_XV, forced_X, prompt_token_X):
+    """Where ``forced``, log-probability 0 for the prompt token and -inf for the others."""
+    onehot_XV = jax.nn.one_hot(prompt_token_X, log_probs_XV.shape[-1], dtype=bool)
+    forced_XV = jnp.where(onehot_XV, 0.0, NEG_INF)
+    return jnp.where(forced_X[..., None], forced_XV, log_probs_XV)
+
+
+# ----------------------------------------------------------------------------- greedy/sampling
+
+
+def sample(
+    step_fn: StepFn,
+    state: Any,
+    prompt_BP: jax.Array,
+    *,
+    max_length: int,
+    eos_id: int = 1,
+    pad_id: int = 0,
+    prompt_lengths_B: jax.Array | None = None,
+    rng: jax.Array | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    consistent: bool = False,
+    greedy: bool = False,
+) -> DecodeOutput:
+    """Greedy decoding (``greedy=True`` or ``rng=None``) or ancestral sampling.
+
+    Sampling draws from ``softmax(logits / temperature)`` restricted by ``top_k`` and then
+    ``top_p`` (0 / 1 disable them); ``consistent=True`` keeps EOS in the candidate set
+    (Welleck et al. 2020). One model call per position; rows that finished keep feeding
+    ``pad_id`` until all rows are done.
+    """
+    greedy = greedy or rng is None
+    if not greedy and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+    prompt_BL, prompt_lengths_B = _prompt_arrays(prompt_BP, prompt_lengths_B, max_length)
+    batch = prompt_BL.shape[0]
+    keep_id = eos_id if consistent else None
+    if rng is None:
+        rng = jax.random.PRNGKey(0)
+
+    def choose(logits_BV, step_rng):
+        if greedy:
+            return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        scaled_BV = logits_BV / temperature
+        scaled_BV = top_k_filter(scaled_BV, top_k, keep_id=keep_id)
+        scaled_BV = top_p_filter(scaled_BV, top_p, keep_id=keep_id)
+        return jax.random.categorical(step_rng, scaled_BV, axis=-1).astype(jnp.int32)
+
+    def cond(carry):
+        position, _, _, finished_B, _, _ = carry
+        return (position < max_length - 1) & ~jnp.all(finished_B)
+
+    def body(carry):
+        position, sequences_BL, state, finished_B, log_probs_B, lengths_B = carry
+        logits_BV, state = step_fn(sequences_BL[:, position], state)
+        logits_BV = logits_BV.astype(jnp.float32)
+        next_position = position + 1
+        forced_B = next_position < prompt_lengths_B
+        prompt_token_B = prompt_BL[:, next_position]
+        chosen_B = choose(logits_BV, jax.random.fold_in(rng, position))
+        token_B = jnp.where(forced_B, prompt_token_B, chosen_B)
+        token_B = jnp.where(finished_B, pad_id, token_B)
+        model_log_probs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+        token_log_prob_B = jnp.take_along_axis(model_log_probs_BV, token_B[:, None], axis=-1)[:, 0]
+        generated_B = ~forced_B & ~finished_B
+        log_probs_B = log_probs_B + jnp.where(generated_B, token_log_prob_B, 0.0)
+        lengths_B = jnp.where(finished_B, lengths_B, next_position + 1)
+        finished_B = finished_B | (generated_B & (token_B == eos_id))
+        sequences_BL = sequences_BL.at[:, next_position].set(token_B)
+        return next_position, sequences_BL, state, finished_B, log_probs_B, lengths_B
+
+    sequences_BL = jnp.where(jnp.arange(max_length) < 1, prompt_BL, pad_id)
+    carry = (
+        jnp.asarray(0, jnp.int32),
+        sequences_BL,
+        state,
+        jnp.zeros((batch,), bool),
+        jnp.zeros((batch,), jnp.float32),
+        jnp.ones((batch,), jnp.int32),
+    )
+    _, sequences_BL, _, finished_B, log_probs_B, lengths_B = jax.lax.while_loop(cond, body, carry)
+    return DecodeOutput(sequences_BL, lengths_B, log_probs_B, finished_B)
+
+
+def greedy(step_fn: StepFn, state: Any, prompt_BP: jax.Array, **kwargs) -> DecodeOutput:
+    """Greedy (argmax) decoding; same arguments as :func:`sample` without the sampling ones."""
+    return sample(step_fn, state, prompt_BP, greedy=True, **kwargs)
+
+
+# ----------------------------------------------------------------------------- beam search
+
+
+def _map_rows(state: Any, rows: int, fn) -> Any:
+    """Applies ``fn`` to every leaf whose leading axis has ``rows`` entries."""
+
+    def leaf_fn(leaf):
+        if hasattr(leaf, "ndim") and leaf.ndim >= 1 and leaf.shape[0] == rows:
+            return fn(leaf)
+        return leaf
+
+    return jax.tree_util.tree_map(leaf_fn, state)
+
+
+def beam_search(
+    step_fn: StepFn,
+    state: Any,
+    prompt_BP: jax.Array,
+    *,
+    beam_size: int,
+    max_length: int,
+    eos_id: int = 1,
+    pad_id: int = 0,
+    prompt_lengths_B: jax.Array | None = None,
+    alpha: float = 0.6,
+) -> BeamOutput:
+    """Beam search with the length penalty of Wu et al. 2016 (as in T5).
+
+    Keeps ``beam_size`` alive hypotheses and ``beam_size`` finished ones per row. Each step
+    extends every alive beam by every token, takes the ``2 * beam_size`` best extensions (so
+    that at least ``beam_size`` of them do not end in EOS), moves those ending in EOS to the
+    finished set with score ``log_prob / length_penalty(generated_length, alpha)`` and keeps the
+    best ``beam_size`` others alive. The search stops early once the best alive beam, even at
+    the largest length penalty, cannot beat the worst finished one (tensor2tensor's rule).
+    ``generated_length`` counts generated tokens including EOS, prompt excluded.
+    ``state`` is given for ``B`` rows and repeated to ``B * beam_size`` rows here.
+    """
+    prompt_BL, prompt_lengths_B = _prompt_arrays(prompt_BP, prompt_lengths_B, max_length)
+    batch = prompt_BL.shape[0]
+    K = beam_size
+    rows = batch * K
+    state = _map_rows(state, batch, lambda leaf: jnp.repeat(leaf, K, axis=0))
+    max_penalty_B = length_penalty(max_length - prompt_lengths_B, alpha)
+
+    def gather_BK(x_BK_, beam_ids_BJ):
+        return jnp.take_along_axis(
+            x_BK_, beam_ids_BJ.reshape(beam_ids_BJ.shape + (1,) * (x_BK_.ndim - 2)), axis=1
+        )
+
+    def cond(carry):
+        position, _, alive_log_probs_BK, _, finished_scores_BK, *_ = carry
+        best_alive_bound_B = alive_log_probs_BK[:, 0] / max_penalty_B
+        worst_finished_B = jnp.min(finished_scores_BK, axis=1)
+        improvable = jnp.any(best_alive_bound_B > worst_finished_B) | jnp.any(
+            position + 1 < prompt_lengths_B
+        )
+        return (position < max_length - 1) & improvable
+
+    def body(carry):
+        (
+            position,
+            alive_BKL,
+            alive_log_probs_BK,
+            finished_BKL,
+            finished_scores_BK,
+            finished_log_probs_BK,
+            state,
+        ) = carry
+        logits_RV, state = step_fn(alive_BKL[:, :, position].reshape(rows), state)
+        vocab_size = logits_RV.shape[-1]
+        log_probs_BKV = jax.nn.log_softmax(logits_RV.astype(jnp.float32), axis=-1).reshape(
+            batch, K, vocab_size
+        )
+        next_position = position + 1
+        forced_B = next_position < prompt_lengths_B
+        log_probs_BKV = _force_prompt(
+            log_probs_BKV,
+            jnp.broadcast_to(forced_B[:, None], (batch, K)),
+            jnp.broadcast_to(prompt_BL[:, next_position][:, None], (batch, K)),
+        )
+        candidates_BKV = alive_log_probs_BK[:, :, None] + log_probs_BKV
+        top_log_probs_BJ, top_ids_BJ = jax.lax.top_k(
+            candidates_BKV.reshape(batch, K * vocab_size), 2 * K
+        )
+        top_beams_BJ = top_ids_BJ // vocab_size
+        top_tokens_BJ = (top_ids_BJ % vocab_size).astype(jnp.int32)
+        top_seqs_BJL = gather_BK(alive_BKL, top_beams_BJ)
+        top_seqs_BJL = top_seqs_BJL.at[:, :, next_position].set(top_tokens_BJ)
+        ends_BJ = (top_tokens_BJ == eos_id) & ~forced_B[:, None]
+
+        # Alive: best K extensions that do not end in EOS.
+        alive_candidates_BJ = jnp.where(ends_BJ, NEG_INF, top_log_probs_BJ)
+        alive_log_probs_BK, alive_js_BK = jax.lax.top_k(alive_candidates_BJ, K)
+        alive_BKL = gather_BK(top_seqs_BJL, alive_js_BK)
+        source_beams_BK = gather_BK(top_beams_BJ, alive_js_BK)
+        source_rows_R = (jnp.arange(batch)[:, None] * K + source_beams_BK).reshape(rows)
+        state = _map_rows(state, rows, lambda leaf: leaf[source_rows_R])
+
+        # Finished: merge the new EOS hypotheses with the old ones, keep the best K.
+        generated_length_B = next_position + 1 - prompt_lengths_B
+        new_scores_BJ = jnp.where(
+            ends_BJ,
+            top_log_probs_BJ / length_penalty(generated_length_B, alpha)[:, None],
+            NEG_INF,
+        )
+        merged_scores = jnp.concatenate([finished_scores_BK, new_scores_BJ], axis=1)
+        merged_seqs = jnp.concatenate([finished_BKL, top_seqs_BJL], axis=1)
+        merged_log_probs = jnp.concatenate([finished_log_probs_BK, top_log_probs_BJ], axis=1)
+        finished_scores_BK, keep_BK = jax.lax.top_k(merged_scores, K)
+        finished_BKL = gather_BK(merged_seqs, keep_BK)
+        finished_log_probs_BK = gather_BK(merged_log_probs, keep_BK)
+        return (
+            next_position,
+            alive_BKL,
+            alive_log_probs_BK,
+            finished_BKL,
+            finished_scores_BK,
+            finished_log_probs_BK,
+            state,
+        )
+
+    first_BL = jnp.where(jnp.arange(max_length) < 1, prompt_BL, pad_id)
+    alive_BKL = jnp.broadcast_to(first_BL[:, None, :], (batch, K, max_length))
+    alive_log_probs_BK = jnp.broadcast_to(
+        jnp.where(jnp.arange(K) == 0, 0.0, NEG_INF)[None, :], (batch, K)
+    ).astype(jnp.float32)
+    carry = (
+        jnp.asarray(0, jnp.int32),
+        alive_BKL,
+        alive_log_probs_BK,
+        jnp.full((batch, K, max_length), pad_id, jnp.int32),
+        jnp.full((batch, K), NEG_INF, jnp.float32),
+        jnp.full((batch, K), NEG_INF, jnp.float32),
+        state,
+    )
+    carry = jax.lax.while_loop(cond, body, carry)
+    position, alive_BKL, alive_log_probs_BK, finished_BKL, finished_scores_BK, finished_lp_BK, _ = (
+        carry
+    )
+    # Rows where nothing finished return their alive beams, scored at the length reached.
+    any_finished_B = jnp.any(finished_scores_BK > NEG_INF, axis=1)
+    alive_scores_BK = (
+        alive_log_probs_BK / length_penalty(position + 1 - prompt_lengths_B, alpha)[:, None]
+    )
+    use_finished_B = any_finished_B[:, None]
+    sequences = jnp.where(use_finished_B[..., None], finished_BKL, alive_BKL)
+    # Tokens past EOS (finished) or past the last position reached (alive) are padding.
+    sequences = jnp.where(jnp.arange(max_length) <= position, sequences, pad_id)
+    scores = jnp.where(use_finished_B, finished_scores_BK, alive_scores_BK)
+    log_probs = jnp.where(use_finished_B, finished_lp_BK, alive_log_probs_BK)
+    finished = use_finished_B & (finished_scores_BK > NEG_INF)
+    return BeamOutput(sequences, scores, log_probs, finished)

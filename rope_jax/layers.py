@@ -1,0 +1,535 @@
+"""Thin flax.linen shells over the pure attention and position functions.
+
+Every weight carries logical axis names from one vocabulary (``batch, length, embed, heads,
+kv, mlp, vocab, relpos_buckets, layers``) through ``nn.with_logical_partitioning``, so
+``nn.get_partition_spec`` / ``nn.logical_to_mesh_sharding`` turn a config's
+``logical_axis_rules`` into shardings. ``dtype`` is the compute dtype, ``param_dtype`` the
+storage dtype; norm statistics, attention logits/softmax and output logits run in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from rope_jax import attention as attention_lib
+from rope_jax.attention import masks
+from rope_jax.model_config import KERNEL_TRAITS, ModelConfig
+from rope_jax.positions import RopeSpec, apply_rope, rope_ntk_base
+
+Initializer = Callable[..., jax.Array]
+
+
+def dense_init(cfg: ModelConfig, in_axes: Sequence[int], out_axes: Sequence[int], scale=1.0):
+    """BERT-style N(0, initializer_range) or T5-style fan-in truncated-normal init."""
+    if cfg.initializer_range > 0:
+        return nn.initializers.normal(stddev=cfg.initializer_range * scale)
+    return nn.initializers.variance_scaling(
+        scale, "fan_in", "truncated_normal", in_axis=tuple(in_axes), out_axis=tuple(out_axes)
+    )
+
+
+def embedding_init(cfg: ModelConfig):
+    """T5 initialises embeddings N(0, 1) (its inputs are not rescaled); BERT N(0, range)."""
+    return nn.initializers.normal(stddev=cfg.initializer_range or 1.0)
+
+
+def constrain(x, names):
+    """Activation sharding hint; a no-op unless logical axis rules are in context."""
+    return nn.with_logical_constraint(x, names)
+
+
+class DenseGeneral(nn.Module):
+    """Contracts the trailing ``contract`` axes of x with a kernel ``[*in, *features]``.
+
+    ``kernel_axes`` names every kernel axis (input axes first); the bias, if any, is named
+    by the output names.
+    """
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    kernel_init: Initializer
+    contract: int = 1
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    # Accumulate and return float32 (output logits) instead of the compute dtype.
+    float32_output: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = x.shape[-self.contract :]
+        kernel_shape = tuple(in_shape) + tuple(self.features)
+        if len(self.kernel_axes) != len(kernel_shape):
+            raise ValueError(
+                f"{self.name}: kernel_axes {self.kernel_axes} do not name kernel shape "
+                f"{kernel_shape}."
+            )
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+            kernel_shape,
+            self.param_dtype,
+        )
+        x_axes = tuple(range(x.ndim - self.contract, x.ndim))
+        out = lax.dot_general(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            ((x_axes, tuple(range(self.contract))), ((), ())),
+            preferred_element_type=jnp.float32 if self.float32_output else None,
+        )
+        out_dtype = jnp.float32 if self.float32_output else self.dtype
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(
+                    nn.initializers.zeros_init(), self.kernel_axes[self.contract :]
+                ),
+                tuple(self.features),
+                self.param_dtype,
+            )
+            out = out + bias.astype(out_dtype)
+        return out.astype(out_dtype)
+
+
+class Embed(nn.Module):
+    """Token (or position / token-type) embedding table ``[num_embeddings, E]``."""
+
+    num_embeddings: int
+    features: int
+    embedding_init: Initializer
+    axes: tuple[str, str] = ("vocab", "embed")
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(self.embedding_init, self.axes),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, ids):
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"{self.name}: expected integer ids, got dtype {ids.dtype}.")
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x_BLE):
+        """Logits ``x @ table^T``: inputs in the compute dtype, float32 result ``[B, L, V]``."""
+        return jnp.einsum(
+            "BLE,VE->BLV",
+            x_BLE.astype(self.dtype),
+            self.embedding.astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+
+
+class RMSNorm(nn.Module):
+    """T5 layer norm: ``x / sqrt(mean(x^2) + eps) * scale`` (no mean, no bias); float32 stats."""
+
+    epsilon: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        x_f32 = x.astype(jnp.float32)
+        mean_square = jnp.mean(jnp.square(x_f32), axis=-1, keepdims=True)
+        normed = x_f32 * lax.rsqrt(mean_square + self.epsilon)
+        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm of Ba et al. 2016 with scale and bias; float32 statistics."""
+
+    epsilon: float = 1e-12
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        features = (x.shape[-1],)
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+            features,
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+            features,
+            self.param_dtype,
+        )
+        x_f32 = x.astype(jnp.float32)
+        mean = jnp.mean(x_f32, axis=-1, keepdims=True)
+        variance = jnp.mean(jnp.square(x_f32 - mean), axis=-1, keepdims=True)
+        normed = (x_f32 - mean) * lax.rsqrt(variance + self.epsilon)
+        return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+    cls = RMSNorm if cfg.norm == "rms" else LayerNorm
+    return cls(
+        epsilon=cfg.layer_norm_epsilon,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.storage_dtype,
+        name=name,
+    )
+
+
+def activation_fn(cfg: ModelConfig) -> Callable[[jax.Array], jax.Array]:
+    base = cfg.mlp_activation.removeprefix("gated-")
+    if base == "gelu":
+        return functools.partial(nn.gelu, approximate=cfg.gelu_approximate)
+    if base == "relu":
+        return nn.relu
+    return nn.silu
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: ``wo(act(wi x))`` or gated ``wo(act(wi_0 x) * wi_1 x)``.
+
+    The gated form is T5 v1.1's "gated-gelu" (Shazeer 2020, "GLU Variants Improve
+    Transformer"). Dropout follows the activation, as in T5.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLE, *, deterministic: bool):
+        cfg = self.config
+        dense = functools.partial(
+            DenseGeneral,
+            use_bias=cfg.use_bias,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.storage_dtype,
+        )
+        act = activation_fn(cfg)
+        wi_init = dense_init(cfg, (0,), (1,))
+        if cfg.gated_mlp:
+            gate_BLF = dense((cfg.d_ff,), ("embed", "mlp"), wi_init, name="wi_0")(x_BLE)
+            linear_BLF = dense((cfg.d_ff,), ("embed", "mlp"), wi_init, name="wi_1")(x_BLE)
+            hidden_BLF = act(gate_BLF) * linear_BLF
+        else:
+            hidden_BLF = act(dense((cfg.d_ff,), ("embed", "mlp"), wi_init, name="wi")(x_BLE))
+        hidden_BLF = constrain(hidden_BLF, ("batch", "length", "mlp"))
+        hidden_BLF = nn.Dropout(cfg.dropout_rate)(hidden_BLF, deterministic=deterministic)
+        wo_init = dense_init(cfg, (0,), (1,))
+        return dense((cfg.d_model,), ("mlp", "embed"), wo_init, name="wo")(hidden_BLF)
+
+
+def kernel_hyperparameters(cfg: ModelConfig, name: str) -> dict:
+    """Config fields that parameterise the named kernel in ``get_attention_fn``."""
+    if name == "performer":
+        return {"kernel": cfg.performer_kernel}
+    if name == "nystrom":
+        return {"num_landmarks": cfg.num_landmarks}
+    return {}
+
+
+def rope_spec(cfg: ModelConfig) -> RopeSpec:
+    base = cfg.rope_base
+    if cfg.rope_ntk_factor != 1.0:
+        base = rope_ntk_base(base, cfg.head_dim, cfg.rope_ntk_factor)
+    return RopeSpec(base=base, layout=cfg.rope_layout, scale=cfg.rope_scale, recipe=cfg.rope_recipe)
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class MultiHeadAttention(nn.Module):
+    """Projections, RoPE, the decode cache, and a kernel from the attention registry.
+
+    Attributes:
+      config: model config.
+      kernel_name: registry name of the attention kernel.
+      causal: causal self-attention (decoder).
+      cross: keys/values come from another sequence (``x_kv``); in decode mode their
+        projections are computed once and kept in the cache.
+      use_rope: rotate q and k by RoPE (self-attention with ``position="rope"``).
+
+    Decoding (``decode=True``, as in the Flax lm1b/wmt examples): the first call (inside
+    ``init``) only creates the "cache" collection, sized by the inputs it sees; later calls
+    append the new keys/values at ``cache_index`` and attend to every filled slot
+    (softmax-family kernels), or advance the kernel's recurrent state token by token
+    (causal linear-family kernels). Keys are stored already rotated.
+    """
+
+    config: ModelConfig
+    kernel_name: str
+    causal: bool = False
+    cross: bool = False
+    use_rope: bool = False
+
+    def setup(self):
+        cfg = self.config
+        heads, head_dim = cfg.num_heads, cfg.head_dim
+        dense = functools.partial(
+            DenseGeneral,
+            use_bias=cfg.use_bias,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.storage_dtype,
+        )
+        qkv_axes = ("embed", "heads", "kv")
+        # T5 has no 1/sqrt(D) on the logits and folds it into the query init instead.
+        query_scale = 1.0 if cfg.scale_queries else head_dim**-0.5
+        self.query = dense(
+            (heads, head_dim), qkv_axes, dense_init(cfg, (0,), (1, 2), query_scale), name="query"
+        )
+        self.key = dense((heads, head_dim), qkv_axes, dense_init(cfg, (0,), (1, 2)), name="key")
+        self.value = dense((heads, head_dim), qkv_axes, dense_init(cfg, (0,), (1, 2)), name="value")
+        self.out = dense(
+            (cfg.d_model,),
+            ("heads", "kv", "embed"),
+            dense_init(cfg, (0, 1), (2,)),
+            contract=2,
+            name="out",
+        )
+        self.traits = KERNEL_TRAITS[self.kernel_name]
+        self.attention_fn = attention_lib.get_attention_fn(
+            self.kernel_name, **kernel_hyperparameters(cfg, self.kernel_name)
+        )
+        if self.kernel_name == "performer":
+            self.projection = self.variable(
+                "random_features",
+                "projection",
+                lambda: attention_lib.performer_projection(
+                    self.make_rng("params"), cfg.num_features, head_dim, orthogonal=True
+                ),
+            )
+
+    # The kernel applies RoPE itself only for linear-family kernels (RoFormer's recipe needs
+    # the unrotated features in the denominator); otherwise q and k are rotated here so
+    # that cached keys are stored rotated.
+    @property
+    def _kernel_rotates(self) -> bool:
+        return self.use_rope and self.traits.recurrent
+
+    def _kernel_kwargs(self, q_positions, kv_positions):
+        cfg = self.config
+        kwargs = {}
+        if _accepts(self.attention_fn, "scale"):
+            kwargs["scale"] = cfg.head_dim**-0.5 if cfg.scale_queries else 1.0
+        if self.kernel_name == "performer":
+            if not self.is_initializing() and not self.has_variable(
+                "random_features", "projection"
+            ):
+                raise ValueError(
+                    "performer attention needs its random projections: apply the model with "
+                    "{'params': params, 'random_features': variables['random_features']}."
+                )
+            kwargs["projection"] = self.projection.value
+        if self._kernel_rotates:
+            kwargs.update(rope=rope_spec(cfg), q_positions=q_positions, kv_positions=kv_positions)
+        return kwargs
+
+    def _query_multiplier(self) -> float:
+        """Kernels without a ``scale`` argument compute softmax(q k^T / sqrt(D))-like scores."""
+        if _accepts(self.attention_fn, "scale") or self.config.scale_queries:
+            return 1.0
+        return self.config.head_dim**0.5
+
+    def _cross_keys_values(self, x_kv, decode: bool):
+        if not decode:
+            return self.key(x_kv), self.value(x_kv)
+        initialized = self.has_variable("cache", "cross_key")
+        shape = x_kv.shape[:2] + (self.config.num_heads, self.config.head_dim)
+        dtype = self.config.compute_dtype
+        cached_key = self.variable("cache", "cross_key", jnp.zeros, shape, dtype)
+        cached_value = self.variable("cache", "cross_value", jnp.zeros, shape, dtype)
+        filled = self.variable("cache", "cross_filled", lambda: jnp.zeros((), bool))
+        if not initialized:
+            return self.key(x_kv), self.value(x_kv)
+
+        def project(module, x):
+            return module.key(x), module.value(x)
+
+        def reuse(module, x):
+            del x
+            return (
+                module.get_variable("cache", "cross_key"),
+                module.get_variable("cache", "cross_value"),
+            )
+
+        k_BSHD, v_BSHD = nn.cond(filled.value, reuse, project, self, x_kv)
+        cached_key.value, cached_value.value = k_BSHD, v_BSHD
+        filled.value = jnp.ones((), bool)
+        return k_BSHD, v_BSHD
+
+    def __call__(
+        self,
+        x_q_BTE,
+        x_kv_BSE=None,
+        *,
+        mask=None,
+        kv_valid_BS=None,
+        bias=None,
+        q_positions=None,
+        kv_positions=None,
+        deterministic: bool = True,
+        decode: bool = False,
+    ):
+        """Attention output ``[B, T, E]`` in the compute dtype.
+
+        Args:
+          x_q_BTE: query-side inputs.
+          x_kv_BSE: key/value-side inputs (cross-attention); None for self-attention.
+          mask: full boolean mask broadcastable to ``[B, H, T, S]`` (padding, segments,
+            causal, prefix) for kernels that accept one.
+          kv_valid_BS: key validity ``[B, S]`` for kernels that only take key padding.
+          bias: additive ``[B|1, H, T, S]`` (T5 relative bias, ALiBi).
+          q_positions, kv_positions: ``[B|1, T]`` / ``[B|1, S]`` positions for RoPE.
+          deterministic: unused here (no dropout on attention weights), kept for symmetry.
+          decode: incremental decoding with the "cache" collection.
+        """
+        del deterministic
+        cfg = self.config
+        q_BTHD = self.query(x_q_BTE) * self._query_multiplier()
+        if self.cross:
+            k_BSHD, v_BSHD = self._cross_keys_values(x_kv_BSE, decode)
+        else:
+            k_BSHD, v_BSHD = self.key(x_q_BTE), self.value(x_q_BTE)
+        q_BTHD = constrain(q_BTHD, ("batch", "length", "heads", "kv"))
+
+        if self.use_rope and not self._kernel_rotates:
+            spec = rope_spec(cfg)
+            q_BTHD = spec.apply(q_BTHD, q_positions)
+            k_BSHD = spec.apply(k_BSHD, kv_positions)
+
+        if decode and not self.cross:
+            if self.traits.recurrent and self.causal:
+                out_BTHD = self._recurrent_decode(q_BTHD, k_BSHD, v_BSHD, q_positions)
+            else:
+                out_BTHD = self._cached_decode(q_BTHD, k_BSHD, v_BSHD, mask, kv_valid_BS, bias)
+            return self.out(out_BTHD)
+
+        out_BTHD = self._attend(
+            q_BTHD, k_BSHD, v_BSHD, mask, kv_valid_BS, bias, q_positions, kv_positions
+        )
+        return self.out(out_BTHD)
+
+    def _attend(self, q_BTHD, k_BSHD, v_BSHD, mask, kv_valid_BS, bias, q_positions, kv_positions):
+        kwargs = self._kernel_kwargs(q_positions, kv_positions)
+        if self.traits.full_mask:
+            return self.attention_fn(q_BTHD, k_BSHD, v_BSHD, mask=mask, bias=bias, **kwargs)
+        key_mask = None if kv_valid_BS is None else masks.padding_mask(kv_valid_BS)
+        if self.causal:
+            kwargs["causal"] = True
+        return self.attention_fn(q_BTHD, k_BSHD, v_BSHD, mask=key_mask, bias=bias, **kwargs)
+
+    def _cached_decode(self, q_BTHD, k_BTHD, v_BTHD, mask, kv_valid_BT, bias):
+        """Writes the new keys/values into the cache and attends to all filled slots.
+
+        At init the cache is created with the length of the given inputs (the maximum decode
+        length); later calls may pass any number of new tokens T (a prompt, then 1 at a time).
+        ``mask``/``bias`` then cover the whole cache: ``[B|1, 1|H, T, S_max]``.
+        """
+        initialized = self.has_variable("cache", "cached_key")
+        batch, length, heads, head_dim = k_BTHD.shape
+        dtype = self.config.compute_dtype
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k_BTHD.shape, dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v_BTHD.shape, dtype)
+        cached_valid = self.variable("cache", "cached_valid", jnp.zeros, (batch, length), bool)
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if not initialized:
+            return self._attend(q_BTHD, k_BTHD, v_BTHD, mask, kv_valid_BT, bias, None, None)
+        index = cache_index.value
+        new_valid_BT = (
+            jnp.ones((batch, length), bool) if kv_valid_BT is None else kv_valid_BT.astype(bool)
+        )
+        cached_key.value = lax.dynamic_update_slice(
+            cached_key.value, k_BTHD.astype(dtype), (0, index, 0, 0)
+        )
+        cached_value.value = lax.dynamic_update_slice(
+            cached_value.value, v_BTHD.astype(dtype), (0, index, 0, 0)
+        )
+        cached_valid.value = lax.dynamic_update_slice(cached_valid.value, new_valid_BT, (0, index))
+        cache_index.value = index + length
+        max_length = cached_key.value.shape[1]
+        slot_S = jnp.arange(max_length)
+        written_TS = slot_S[None, :] <= index + jnp.arange(length)[:, None]
+        if not self.causal:
+            written_TS = jnp.broadcast_to(slot_S[None, :] < index + length, written_TS.shape)
+        cache_mask = written_TS[None, None] & cached_valid.value[:, None, None, :]
+        full_mask = masks.combine_masks(mask, cache_mask)
+        kwargs = self._kernel_kwargs(None, None)
+        return self.attention_fn(
+            q_BTHD, cached_key.value, cached_value.value, mask=full_mask, bias=bias, **kwargs
+        )
+
+    def _recurrent_decode(self, q_BTHD, k_BTHD, v_BTHD, positions_BT):
+        """Advances the causal linear kernel's recurrent state over the T new tokens."""
+        module = attention_lib.recurrent_module(self.kernel_name)
+        cfg = self.config
+        batch, length = q_BTHD.shape[:2]
+        extra = {}
+        if self.kernel_name == "performer":
+            extra["projection"] = self.projection.value
+        extra.update(kernel_hyperparameters(cfg, self.kernel_name))
+        initialized = self.has_variable("cache", "state")
+        state = self.variable(
+            "cache",
+            "state",
+            lambda: module.init_state(batch, cfg.num_heads, cfg.head_dim, cfg.head_dim, **extra),
+        )
+        if not initialized:
+            return self._attend(
+                q_BTHD, k_BTHD, v_BTHD, None, None, None, positions_BT, positions_BT
+            )
+        step_kwargs = dict(extra)
+        if self.use_rope:
+            step_kwargs["rope"] = rope_spec(cfg)
+        if positions_BT is None:
+            positions_BT = jnp.zeros((batch, length), jnp.int32)
+        positions_BT = jnp.broadcast_to(positions_BT, (batch, length))
+
+        def body(carry, inputs):
+            q_t, k_t, v_t, position_t = inputs
+            carry, out_t = module.step(
+                carry,
+                q_t[:, None],
+                k_t[:, None],
+                v_t[:, None],
+                position=position_t[:, None],
+                **step_kwargs,
+            )
+            return carry, out_t[:, 0]
+
+        time_major = [jnp.moveaxis(a, 1, 0) for a in (q_BTHD, k_BTHD, v_BTHD, positions_BT)]
+        new_state, out_TBHD = lax.scan(body, state.value, time_major)
+        state.value = new_state
+        return jnp.moveaxis(out_TBHD, 0, 1).astype(q_BTHD.dtype)
+
+
+__all__ = [
+    "DenseGeneral",
+    "Embed",
+    "LayerNorm",
+    "MLP",
+    "MultiHeadAttention",
+    "RMSNorm",
+    "activation_fn",
+    "apply_rope",
+    "dense_init",
+    "embedding_init",
+    "make_norm",
+    "rope_spec",
+]

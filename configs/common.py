@@ -1,0 +1,115 @@
+"""Defaults shared by every pretraining config, and the ``get_config(arg)`` argument parser.
+
+An argument string is a variant name followed by comma-separated overrides, e.g.
+``"tiny,attention=performer,optimizer.learning_rate=3e-4"``. A bare key is looked up in
+``config.model`` first, then at the top level; dotted keys are relative to the config root.
+Unknown keys and values of the wrong type raise an error that names the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+
+import ml_collections
+
+from rope_jax.model_config import ModelConfig
+from rope_jax.training import optim, sharding
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every top-level key the trainer reads (so a typo in an override is an error)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.num_train_steps = 1000
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 500
+    config.eval_every_steps = 500
+    # Held-out batches per evaluation (0 = no evaluation).
+    config.eval_steps = 4
+    # Global batch (all processes together), split into optimizer.grad_accum_steps microbatches.
+    config.batch_size = 8
+    config.model = ml_collections.ConfigDict()
+    config.data = ml_collections.ConfigDict()
+    config.optimizer = optim.default_optimizer_config()
+    # Mesh axis sizes; -1 fills with the remaining devices.
+    config.mesh = sharding.default_mesh_config()
+    config.logical_axis_rules = [
+        (name, list(axes) if isinstance(axes, tuple) else axes)
+        for name, axes in sharding.DEFAULT_LOGICAL_AXIS_RULES
+    ]
+    # "auto": jax.distributed.initialize() when the environment describes a multi-host job.
+    config.distributed = "auto"
+    config.keep_checkpoints = 3
+    config.async_checkpointing = True
+    # PaLM/T5X auxiliary loss weight on logsumexp(logits)**2 (0 = off).
+    config.z_loss = 0.0
+    # jax_default_prng_impl: "threefry" (jax default), "rbg" or "unsafe_rbg". rbg makes
+    # dropout masks several times cheaper on CPU and TPU (T5X and MaxText use it).
+    config.prng_impl = "rbg"
+    # Performer: redraw the random projection every K steps (0 = keep the initial draw).
+    config.redraw_features_every = 1000
+    # Testing aid: make the loss NaN at this step (-1 = never).
+    config.debug_nan_step = -1
+    # Time a float32 GEMM at start-up; MFU is reported against it.
+    config.measure_matmul_peak = True
+    return config
+
+
+def model_config(**values) -> ml_collections.ConfigDict:
+    """Every ``ModelConfig`` field (so any can be overridden), defaults replaced by ``values``."""
+    fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise KeyError(f"unknown model config keys {sorted(unknown)}.")
+    fields.update(values)
+    return ml_collections.ConfigDict(fields)
+
+
+def parse_value(text: str):
+    """Python literal if it parses (``3e-4``, ``True``, ``(1, 2)``), else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+    """Applies ``key=value`` strings; see the module docstring for key resolution."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"config override {item!r} is not key=value.")
+        key, text = (part.strip() for part in item.split("=", 1))
+        value = parse_value(text)
+        if "." not in key and key in config.model:
+            key = f"model.{key}"
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            if name not in node:
+                raise KeyError(f"config override {item!r}: no config key {name!r}.")
+            node = node[name]
+        if leaf not in node:
+            raise KeyError(
+                f"config override {item!r}: no config key {key!r} (model keys and top-level "
+                "keys can be given bare, others need their dotted path)."
+            )
+        current = node[leaf]
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(current, str) and not isinstance(value, str):
+            value = text
+        try:
+            node[leaf] = value
+        except TypeError as err:
+            raise TypeError(f"config override {item!r}: {err}") from err
+
+
+def split_arg(arg: str | None, variants: tuple[str, ...]) -> tuple[str, list[str]]:
+    """``"tiny,attention=performer"`` -> ``("tiny", ["attention=performer"])``."""
+    parts = [p for p in (arg or "").split(",") if p.strip()]
+    variant = parts[0].strip() if parts and "=" not in parts[0] else variants[0]
+    overrides = parts[1:] if parts and "=" not in parts[0] else parts
+    if variant not in variants:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {variants}.")
+    return variant, overrides

@@ -1,0 +1,468 @@
+"""Pretraining objectives as pure, seeded numpy functions on token arrays.
+
+Every random choice comes from the ``numpy.random.Generator`` passed as ``rng``, so the same
+generator state gives the same example; the input pipeline seeds one generator per example
+from (seed, example index), which is what makes its iterator exactly resumable.
+
+Token-id conventions (T5/mT5 SentencePiece): pad 0, EOS 1, unk 2, sentinels counting down
+from ``vocab_size - 1``. Functions return 1-D ``int32`` arrays.
+
+Objectives:
+  * ``span_corruption`` -- T5/mT5 (Raffel et al. 2020), ``random_spans_noise_mask``.
+  * ``t5_span_corruption_lengths`` -- T5's ``random_spans_helper`` length arithmetic.
+  * ``mlm`` -- BERT masking (Devlin et al. 2019), 80/10/10, optional whole-word masking.
+  * ``gap_sentences`` -- PEGASUS gap-sentence generation (Zhang et al. 2020), "Ind-Orig".
+  * ``pseudo_summary`` -- T5 PEGASUS pseudo summaries (greedy character-LCS selection).
+  * ``causal_lm`` / ``prefix_lm`` -- decoder-only language modelling.
+
+The text-level objectives (``gap_sentences`` selection, ``pseudo_summary``) work on
+sentences; ``split_sentences`` cuts text into them, and the pipeline tokenizes afterwards.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+
+__all__ = [
+    "EOS_ID",
+    "PAD_ID",
+    "UNK_ID",
+    "causal_lm",
+    "gap_sentences",
+    "join_sentences",
+    "lcs_length",
+    "mlm",
+    "prefix_lm",
+    "pseudo_summary",
+    "pseudo_summary_indices",
+    "random_spans_noise_mask",
+    "rouge1_f1",
+    "rouge_units",
+    "select_gap_sentences",
+    "shift_right",
+    "span_corruption",
+    "split_sentences",
+    "t5_span_corruption_lengths",
+]
+
+
+def _as_tokens(tokens) -> np.ndarray:
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"expected a 1-D token array, got shape {tokens.shape}")
+    return tokens.astype(np.int32, copy=False)
+
+
+def _append_eos(tokens: np.ndarray, eos_id: int) -> np.ndarray:
+    return np.concatenate([tokens, np.array([eos_id], np.int32)])
+
+
+def shift_right(targets, *, start_id: int = PAD_ID) -> np.ndarray:
+    """Teacher-forcing inputs: ``[start_id] + targets[:-1]`` (T5 decoder start id 0)."""
+    targets = _as_tokens(targets)
+    return np.concatenate([np.array([start_id], np.int32), targets[:-1]])
+
+
+# ----------------------------------------------------------------------------- span corruption
+
+
+def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Generator):
+    """Lengths of a uniformly random split of ``num_items`` into ``num_segments`` non-empty parts.
+
+    T5's ``_random_segmentation``: shuffle ``num_segments - 1`` segment starts among the
+    ``num_items - 1`` gaps between items.
+    """
+    first_in_segment = np.zeros(num_items, np.int64)
+    first_in_segment[1:] = rng.permutation(np.arange(num_items - 1) < num_segments - 1)
+    segment_id = np.cumsum(first_in_segment)
+    return np.bincount(segment_id, minlength=num_segments)
+
+
+def random_spans_noise_mask(
+    length: int,
+    *,
+    rng: np.random.Generator,
+    noise_density: float = 0.15,
+    mean_noise_span_length: float = 3.0,
+) -> np.ndarray:
+    """Boolean noise mask following T5's ``random_spans_noise_mask``.
+
+    ``num_noise_tokens = round(length * noise_density)`` (clipped to [1, length - 1]),
+    ``num_noise_spans = max(1, round(num_noise_tokens / mean_noise_span_length))``; noise and
+    non-noise lengths are independent random segmentations, interleaved starting with a
+    non-noise span and ending with a noise span. Lengths below 2 are computed at length 2 and
+    truncated, as T5 does. Rounding is half-to-even, as ``tf.round``.
+    """
+    orig_length = length
+    length = max(length, 2)
+    num_noise_tokens = int(round(length * noise_density))
+    num_noise_tokens = min(max(num_noise_tokens, 1), length - 1)
+    num_noise_spans = max(int(round(num_noise_tokens / mean_noise_span_length)), 1)
+    num_nonnoise_tokens = length - num_noise_tokens
+    # A non-noise segmentation needs at least one token per span.
+    num_noise_spans = min(num_noise_spans, num_nonnoise_tokens)
+    noise_span_lengths = _random_segmentation(num_noise_tokens, num_noise_spans, rng)
+    nonnoise_span_lengths = _random_segmentation(num_nonnoise_tokens, num_noise_spans, rng)
+    interleaved = np.stack([nonnoise_span_lengths, noise_span_lengths], axis=1).reshape(-1)
+    span_index = np.repeat(np.arange(interleaved.size), interleaved)
+    is_noise = span_index % 2 == 1
+    return is_noise[:orig_length]
+
+
+def span_corruption(
+    tokens,
+    *,
+    rng: np.random.Generator,
+    vocab_size: int,
+    noise_density: float = 0.15,
+    mean_noise_span_length: float = 3.0,
+    eos_id: int = EOS_ID,
+) -> tuple[np.ndarray, np.ndarray]:
+    """T5 span corruption: returns ``(inputs, targets)``, both ending with EOS.
+
+    Each noise span is replaced in ``inputs`` by one sentinel; ``targets`` lists every noise
+    span preceded by the same sentinel. The k-th span (k = 0, 1, ...) uses sentinel
+    ``vocab_size - 1 - k`` (T5's ``noise_span_to_unique_sentinel``). ``tokens`` should not end
+    with EOS (T5 corrupts the raw chunk, then appends EOS).
+    """
+    tokens = _as_tokens(tokens)
+    noise = random_spans_noise_mask(
+        tokens.size,
+        rng=rng,
+        noise_density=noise_density,
+        mean_noise_span_length=mean_noise_span_length,
+    )
+    return _sentinelize(tokens, noise, vocab_size, eos_id), _sentinelize(
+        tokens, ~noise, vocab_size, eos_id
+    )
+
+
+def _sentinelize(tokens: np.ndarray, drop: np.ndarray, vocab_size: int, eos_id: int):
+    """Replace each run of ``drop`` by one sentinel, numbered by run order from the vocab end."""
+    prev = np.concatenate([[False], drop[:-1]])
+    run_start = drop & ~prev
+    sentinel = vocab_size - np.cumsum(run_start)
+    out = np.where(run_start, sentinel, tokens)
+    out = out[~(drop & prev)]
+    return _append_eos(out.astype(np.int32), eos_id)
+
+
+def t5_span_corruption_lengths(
+    inputs_length: int,
+    noise_density: float = 0.15,
+    mean_noise_span_length: float = 3.0,
+) -> tuple[int, int]:
+    """``(raw_tokens_length, targets_length)`` for an encoder length (T5 ``random_spans_helper``).
+
+    The largest raw length whose corrupted inputs (non-noise tokens + one sentinel per span
+    + EOS) still fit ``inputs_length``; 512 -> (568, 114) at density 0.15, mean span 3.
+    """
+
+    def corrupted_lengths(raw_length: int) -> tuple[int, int]:
+        num_noise = int(round(raw_length * noise_density))
+        num_spans = int(round(num_noise / mean_noise_span_length))
+        return raw_length - num_noise + num_spans + 1, num_noise + num_spans + 1
+
+    raw_length = inputs_length - 1
+    while corrupted_lengths(raw_length + 1)[0] <= inputs_length:
+        raw_length += 1
+    _, targets_length = corrupted_lengths(raw_length)
+    # T5 trims one token at density 0.5 so that targets do not exceed inputs.
+    if noise_density == 0.5 and targets_length > inputs_length:
+        raw_length -= 1
+        targets_length -= 1
+    return raw_length, targets_length
+
+
+# ----------------------------------------------------------------------------------------- MLM
+
+
+def mlm(
+    tokens,
+    *,
+    rng: np.random.Generator,
+    mask_id: int,
+    random_token_range: tuple[int, int],
+    mask_rate: float = 0.15,
+    mask_token_prob: float = 0.8,
+    random_token_prob: float = 0.1,
+    word_starts=None,
+    maskable=None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """BERT masked LM: returns ``(inputs, targets, loss_weights)``.
+
+    ``round(mask_rate * n)`` positions (at least one) are selected among ``maskable``; each is
+    replaced by ``mask_id`` with probability 0.8, by a uniform token from
+    ``random_token_range = (low, high)`` with 0.1, kept with 0.1 (Devlin et al. 2019).
+    ``targets`` are the original tokens, ``loss_weights`` 1 at selected positions.
+
+    Whole-word masking: pass ``word_starts`` (bool per token, True where a word begins, e.g.
+    SentencePiece pieces starting with '▁'); words are taken in random order and added whole
+    while the total stays within the budget, as BERT's ``create_masked_lm_predictions``.
+    """
+    tokens = _as_tokens(tokens)
+    n = tokens.size
+    maskable = np.ones(n, bool) if maskable is None else np.asarray(maskable, bool)
+    candidates = np.flatnonzero(maskable)
+    num_to_mask = min(max(1, int(round(n * mask_rate))), candidates.size) if n else 0
+    if word_starts is None:
+        selected = rng.choice(candidates, size=num_to_mask, replace=False)
+    else:
+        word_starts = np.asarray(word_starts, bool).copy()
+        if n:
+            word_starts[0] = True
+        word_id = np.cumsum(word_starts) - 1
+        chosen: list[int] = []
+        for word in rng.permutation(int(word_id[-1]) + 1 if n else 0):
+            positions = np.flatnonzero((word_id == word) & maskable)
+            if positions.size == 0 or len(chosen) + positions.size > num_to_mask:
+                continue
+            chosen.extend(positions.tolist())
+            if len(chosen) == num_to_mask:
+                break
+        selected = np.asarray(chosen, np.int64)
+    inputs = tokens.copy()
+    choice = rng.random(selected.size)
+    to_mask = selected[choice < mask_token_prob]
+    is_random = (choice >= mask_token_prob) & (choice < mask_token_prob + random_token_prob)
+    to_random = selected[is_random]
+    inputs[to_mask] = mask_id
+    low, high = random_token_range
+    inputs[to_random] = rng.integers(low, high, size=to_random.size)
+    loss_weights = np.zeros(n, np.int32)
+    loss_weights[selected] = 1
+    return inputs, tokens.copy(), loss_weights
+
+
+# ------------------------------------------------------------------------------ gap sentences
+
+_WORD_RE = re.compile(r"[0-9a-z]+|[^\x00-\x7f\s]", re.UNICODE)
+
+
+def rouge_units(text: str) -> list[str]:
+    """Scoring units for ROUGE: lower-cased alphanumeric words; each non-ASCII character alone.
+
+    Latin text follows the ROUGE scorer's default tokenisation (lower case, non-alphanumerics
+    as separators); CJK text has no spaces, so characters are the units (as Chinese ROUGE is
+    usually computed).
+    """
+    return _WORD_RE.findall(text.lower())
+
+
+def rouge1_f1(candidate: Sequence[Hashable], reference: Sequence[Hashable]) -> float:
+    """ROUGE-1 F1 with unigrams counted with repeats (clipped overlap)."""
+    if not candidate or not reference:
+        return 0.0
+    return _rouge1_f1_counts(Counter(candidate), Counter(reference))
+
+
+def select_gap_sentences(
+    sentence_units: Sequence[Sequence[Hashable]], *, gap_ratio: float = 0.3
+) -> tuple[np.ndarray, np.ndarray]:
+    """PEGASUS "Ind-Orig" selection: returns ``(selected_indices sorted, scores)``.
+
+    Each sentence is scored independently by ROUGE-1 F1 against the rest of the document
+    (all other sentences concatenated); the top ``max(1, round(gap_ratio * n))`` (at most
+    n - 1 when n > 1) are selected, ties broken by document order.
+    """
+    n = len(sentence_units)
+    total = Counter()
+    for units in sentence_units:
+        total.update(units)
+    scores = np.zeros(n)
+    for i, units in enumerate(sentence_units):
+        rest = total - Counter(units)
+        scores[i] = _rouge1_f1_counts(Counter(units), rest)
+    num_gaps = max(1, int(round(gap_ratio * n)))
+    if n > 1:
+        num_gaps = min(num_gaps, n - 1)
+    order = np.argsort(-scores, kind="stable")
+    return np.sort(order[:num_gaps]), scores
+
+
+def _rouge1_f1_counts(candidate: Counter, reference: Counter) -> float:
+    # 2PR / (P + R) with P = o / |c|, R = o / |r| equals 2o / (|c| + |r|); this form is exact
+    # for equal integer counts, so ties stay ties.
+    overlap = sum((candidate & reference).values())
+    total = sum(candidate.values()) + sum(reference.values())
+    return 2 * overlap / total if total else 0.0
+
+
+def gap_sentences(
+    sentences: Sequence,
+    *,
+    rng: np.random.Generator,
+    mask1_id: int,
+    sentence_units: Sequence[Sequence[Hashable]] | None = None,
+    gap_ratio: float = 0.3,
+    mask2_id: int | None = None,
+    mlm_rate: float = 0.0,
+    random_token_range: tuple[int, int] | None = None,
+    eos_id: int = EOS_ID,
+) -> tuple[np.ndarray, np.ndarray]:
+    """PEGASUS gap-sentence generation (Zhang et al. 2020): returns ``(inputs, targets)``.
+
+    ``sentences`` are token arrays, one per sentence. Selection (``select_gap_sentences``)
+    scores ``sentence_units`` (default: the token ids themselves; the pipeline passes
+    ``rouge_units`` of the sentence text, i.e. words as in the paper). In ``inputs`` each
+    selected sentence becomes one ``mask1_id``; ``targets`` are the selected sentences in
+    document order. With ``mlm_rate > 0`` the remaining tokens get BERT masking with
+    ``mask2_id`` (80/10/10). Both outputs end with EOS.
+    """
+    sentences = [_as_tokens(s) for s in sentences]
+    if not sentences:
+        raise ValueError("gap_sentences needs at least one sentence")
+    units = [s.tolist() for s in sentences] if sentence_units is None else sentence_units
+    if len(units) != len(sentences):
+        raise ValueError(f"{len(units)} sentence_units for {len(sentences)} sentences")
+    selected, _ = select_gap_sentences(units, gap_ratio=gap_ratio)
+    is_selected = np.zeros(len(sentences), bool)
+    is_selected[selected] = True
+    mask1 = np.array([mask1_id], np.int32)
+    pieces = [mask1 if is_selected[i] else s for i, s in enumerate(sentences)]
+    inputs = np.concatenate(pieces)
+    if mlm_rate > 0:
+        if mask2_id is None or random_token_range is None:
+            raise ValueError("mlm_rate > 0 needs mask2_id and random_token_range")
+        maskable = inputs != mask1_id
+        if maskable.any():
+            inputs, _, _ = mlm(
+                inputs,
+                rng=rng,
+                mask_id=mask2_id,
+                random_token_range=random_token_range,
+                mask_rate=mlm_rate * maskable.size / maskable.sum(),
+                maskable=maskable,
+            )
+    targets = np.concatenate([sentences[i] for i in selected])
+    return _append_eos(inputs, eos_id), _append_eos(targets, eos_id)
+
+
+# ----------------------------------------------------------------------------- pseudo summary
+
+_SENTENCE_END_RE = re.compile(r"(?<=[。！？])|(?<=[.!?])(?=\s)|\n")
+_CJK_END_RE = re.compile(r"[^\x00-\x7f]$")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Short sentences for T5 PEGASUS: cut at newlines and after 。！？ and after .!? + space.
+
+    Latin full stops cut only before whitespace so that "3.14" or "e.g.x" stay whole;
+    punctuation stays with its sentence; empty pieces are dropped.
+    """
+    pieces = (piece.strip() for piece in _SENTENCE_END_RE.split(text))
+    return [piece for piece in pieces if piece]
+
+
+def join_sentences(sentences: Sequence[str]) -> str:
+    """Join sentences: no separator after one ending in a non-ASCII character, else a space."""
+    out: list[str] = []
+    for i, sentence in enumerate(sentences):
+        if i and not _CJK_END_RE.search(sentences[i - 1]):
+            out.append(" ")
+        out.append(sentence)
+    return "".join(out)
+
+
+def lcs_length(a: str, b: str) -> int:
+    """Length of the longest common subsequence of two strings (characters).
+
+    Bit-parallel algorithm of Allison & Dix (1986) / Hyyrö (2004) on Python integers:
+    O(len(b)) big-integer operations on len(a)-bit words.
+    """
+    if not a or not b:
+        return 0
+    match: dict[str, int] = {}
+    for i, char in enumerate(a):
+        match[char] = match.get(char, 0) | (1 << i)
+    all_ones = (1 << len(a)) - 1
+    row = all_ones
+    for char in b:
+        common = row & match.get(char, 0)
+        row = ((row + common) | (row - common)) & all_ones
+    return len(a) - row.bit_count()
+
+
+def pseudo_summary_indices(
+    sentences: Sequence[str], *, summary_rate: float = 0.25
+) -> tuple[list[int], list[int]]:
+    """T5 PEGASUS selection: returns ``(source_indices, target_indices)``, both sorted.
+
+    Each round moves into the target the source sentence that maximises the character LCS
+    between the joined remaining source and the joined target (target sentences kept in
+    document order; ties go to the earlier sentence). Stops once the joined target is longer
+    than ``summary_rate`` times the joined source, or one source sentence is left.
+    """
+    source = list(range(len(sentences)))
+    target: list[int] = []
+    if len(sentences) < 2:
+        return source, target
+    while True:
+        best_index, best_lcs = source[0], -1
+        for i in source:
+            new_source = join_sentences([sentences[j] for j in source if j != i])
+            new_target = join_sentences([sentences[j] for j in sorted([*target, i])])
+            value = lcs_length(new_source, new_target)
+            if value > best_lcs:
+                best_index, best_lcs = i, value
+        source.remove(best_index)
+        target = sorted([*target, best_index])
+        source_chars = len(join_sentences([sentences[j] for j in source]))
+        target_chars = len(join_sentences([sentences[j] for j in target]))
+        if len(source) == 1 or target_chars > summary_rate * source_chars:
+            return source, target
+
+
+def pseudo_summary(text: str, *, summary_rate: float = 0.25) -> tuple[str, str]:
+    """T5 PEGASUS pseudo summary of ``text``: returns ``(source_text, target_text)``.
+
+    Sentences from ``split_sentences``; selection by ``pseudo_summary_indices``. Tokenize
+    both sides afterwards (the pipeline appends EOS to each).
+    """
+    sentences = split_sentences(text)
+    source, target = pseudo_summary_indices(sentences, summary_rate=summary_rate)
+    return (
+        join_sentences([sentences[i] for i in source]),
+        join_sentences([sentences[i] for i in target]),
+    )
+
+
+# ------------------------------------------------------------------------ decoder-only LMs
+
+
+def causal_lm(tokens, *, eos_id: int = EOS_ID) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Next-token prediction: ``(input_tokens, target_tokens, loss_weights)``.
+
+    ``target_tokens = tokens + [EOS]``, ``input_tokens`` its right shift with start id 0.
+    """
+    targets = _append_eos(_as_tokens(tokens), eos_id)
+    return shift_right(targets), targets, np.ones(targets.size, np.int32)
+
+
+def prefix_lm(
+    tokens, *, rng: np.random.Generator, eos_id: int = EOS_ID
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Prefix LM: ``(input_tokens, target_tokens, loss_weights, prefix_mask)``.
+
+    A split point k is drawn uniformly in [1, n - 1] (k = 0 when n < 2). The sequence is
+    ``tokens + [EOS]`` as in ``causal_lm``; the loss covers targets from position k on, and
+    ``prefix_mask`` is 1 on input positions 0..k (the start id and the k prefix tokens), the
+    T5X decoder-only convention (``decoder_causal_attention``): those positions attend to
+    each other bidirectionally.
+    """
+    tokens = _as_tokens(tokens)
+    n = tokens.size
+    split = int(rng.integers(1, n)) if n >= 2 else 0
+    inputs, targets, _ = causal_lm(tokens, eos_id=eos_id)
+    position = np.arange(targets.size)
+    loss_weights = (position >= split).astype(np.int32)
+    prefix_mask = ((position <= split) & (split > 0)).astype(np.int32)
+    return inputs, targets, loss_weights, prefix_mask

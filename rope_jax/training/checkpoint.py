@@ -1,0 +1,179 @@
+"""Orbax checkpoints of the train state together with the input-iterator state.
+
+Each step directory holds two items written in one commit: ``state`` (params, optimizer
+state, step, RNG key data, random features; sharded arrays, OCDBT) and ``data`` (the
+iterator state as JSON). Orbax writes into ``<step>.orbax-checkpoint-tmp-*`` and renames the
+directory only after a ``commit_success.txt`` marker is written, so a process killed during a
+save leaves a temporary directory, never a step directory. On top of that, this module only
+treats a step as restorable when its commit markers and metadata files are all present, so a
+step directory damaged afterwards (e.g. a copy that stopped half way) is skipped with a
+warning instead of being restored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+STATE = "state"
+DATA = "data"
+_COMMIT_FILE = "commit_success.txt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that was asked for is missing or cannot be restored."""
+
+
+def is_complete(step_dir: epath.Path) -> bool:
+    """True when every marker of a committed two-item step is present."""
+    required = (
+        step_dir / _COMMIT_FILE,
+        step_dir / "_CHECKPOINT_METADATA",
+        step_dir / STATE / _COMMIT_FILE,
+        step_dir / STATE / "_METADATA",
+        step_dir / DATA / _COMMIT_FILE,
+        step_dir / DATA / "metadata",
+    )
+    return all(path.exists() for path in required)
+
+
+class Checkpointer:
+    """Thin wrapper over ``ocp.CheckpointManager`` for (train state, iterator state) pairs.
+
+    Args:
+      directory: where step directories live (``<workdir>/checkpoints``).
+      keep: number of most recent checkpoints kept (older ones are deleted after a save).
+      async_save: write in a background thread; the train loop continues meanwhile.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        if keep < 1:
+            raise ValueError(f"checkpoint keep must be >= 1, got {keep}.")
+        self.directory = epath.Path(directory)
+        self._set_aside_incomplete_steps()
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+            enable_async_checkpointing=async_save,
+            # Leftovers of a killed save are removed when the next run starts.
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_names=(STATE, DATA), options=options
+        )
+
+    def _set_aside_incomplete_steps(self) -> None:
+        """Renames damaged step directories to ``<step>.incomplete`` so they are neither
+        restored nor block a new save of the same step; their files stay for inspection."""
+        if jax.process_index() == 0 and self.directory.exists():
+            for step_dir in self.directory.iterdir():
+                if step_dir.name.isdigit() and step_dir.is_dir() and not is_complete(step_dir):
+                    target = step_dir.parent / f"{step_dir.name}.incomplete"
+                    suffix = 0
+                    while target.exists():
+                        suffix += 1
+                        target = step_dir.parent / f"{step_dir.name}.incomplete{suffix}"
+                    logging.warning(
+                        "Checkpoint %s is incomplete (interrupted or damaged write); "
+                        "renamed to %s and not restored.",
+                        step_dir,
+                        target.name,
+                    )
+                    step_dir.rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("rope_jax_checkpoint_set_aside")
+
+    def complete_steps(self) -> list[int]:
+        """Committed steps, oldest first; incomplete step directories are skipped loudly."""
+        steps = []
+        self._manager.reload()
+        for step in self._manager.all_steps():
+            if is_complete(self.directory / str(step)):
+                steps.append(step)
+            else:
+                logging.warning(
+                    "Skipping checkpoint %s: commit markers or metadata files are missing "
+                    "(interrupted or damaged write).",
+                    self.directory / str(step),
+                )
+        return sorted(steps)
+
+    def latest_step(self) -> int | None:
+        steps = self.complete_steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
+        """Starts writing ``state`` and ``data_state`` as ``step`` (async unless disabled)."""
+        try:
+            json.dumps(data_state)
+        except TypeError as err:
+            raise CheckpointError(f"data-iterator state is not JSON-serialisable: {err}") from err
+        if step in self._manager.all_steps():
+            return False
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(data_state)}
+            ),
+            force=force,
+        )
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """Restores ``step`` into the shapes, dtypes and shardings of ``abstract_state``.
+
+        Raises ``CheckpointError`` naming the directory when the step is missing, incomplete
+        or unreadable (shape/structure mismatch with the current config, damaged files).
+        """
+        step_dir = self.directory / str(step)
+        if not step_dir.exists():
+            available = self.complete_steps()
+            raise CheckpointError(
+                f"No checkpoint for step {step} in {self.directory}; complete steps: "
+                f"{available or 'none'}."
+            )
+        if not is_complete(step_dir):
+            raise CheckpointError(
+                f"Checkpoint {step_dir} is incomplete (missing commit markers or metadata); "
+                "move it aside to resume from an earlier step."
+            )
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        STATE: ocp.args.StandardRestore(abstract_state),
+                        DATA: ocp.args.JsonRestore(),
+                    }
+                ),
+            )
+        except Exception as err:  # Orbax raises many types; the user needs the path.
+            raise CheckpointError(
+                f"Cannot restore checkpoint {step_dir}: {type(err).__name__}: {err}. "
+                "If the config changed since it was written (model size, optimizer), use a new "
+                "workdir; if the files are damaged, move this step directory aside."
+            ) from err
+        return restored[STATE], restored[DATA]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying the target shardings, for ``Checkpointer.restore``."""
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        tree,
+        shardings,
+    )

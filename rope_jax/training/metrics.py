@@ -1,0 +1,138 @@
+"""Metric writing (process 0 only), the progress line, and the matmul peak used for MFU.
+
+MFU here is model FLOPs per second divided by the float32 matrix-multiply rate of the same
+machine measured in the same process at start-up (STYLE.md "Measuring": a ratio, never an
+absolute, because the rate halves when the machine is shared).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+
+def measure_matmul_peak(size: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
+    """Best observed rate (FLOP/s) of a jitted ``size x size`` GEMM on the default device.
+
+    ``2 * size**3`` FLOPs per product; the best of ``repeats`` timed runs after one warm-up,
+    so the figure approaches what the machine can do right now.
+    """
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    lhs = jax.random.normal(key_a, (size, size), dtype)
+    rhs = jax.random.normal(key_b, (size, size), dtype)
+    product = jax.jit(lambda a, b: a @ b)
+    product(lhs, rhs).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product(lhs, rhs).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+class MetricWriter:
+    """Writes scalars to TensorBoard event files and one JSON object per line.
+
+    Only process 0 writes; elsewhere every method is a no-op, so callers need no checks.
+    ``metrics.jsonl`` lines look like
+    ``{"step": 100, "loss": 5.1, "learning_rate": 0.001, "tokens_per_sec": 812.0, ...}``.
+    """
+
+    def __init__(self, workdir: str, *, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.workdir = workdir
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+        self._tb = None
+        self._jsonl = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(self.tensorboard_dir)
+            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step)}
+        for name, value in scalars.items():
+            value = float(value)
+            record[prefix + name] = value if math.isfinite(value) else str(value)
+            self._tb.add_scalar(prefix + name, value, int(step))
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+
+    def write_text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.enabled:
+            self._tb.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._tb.flush()
+            self._jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
+            self.enabled = False
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def progress_line(
+    step: int, num_steps: int, scalars: Mapping[str, float], seconds_per_step: float
+) -> str:
+    """``step 120/1000  loss 4.812  tok/s 1,204  MFU 41.2%  ETA 3:05``."""
+    eta = (num_steps - step) * seconds_per_step
+    parts = [f"step {step}/{num_steps}", f"loss {scalars.get('loss', float('nan')):.4f}"]
+    if "tokens_per_sec" in scalars:
+        parts.append(f"tok/s {scalars['tokens_per_sec']:,.0f}")
+    if "mfu" in scalars:
+        parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
+    parts.append(f"lr {scalars.get('learning_rate', float('nan')):.2e}")
+    parts.append(f"ETA {format_duration(eta)}")
+    return "  ".join(parts)
+
+
+def mean_of_step_metrics(step_metrics: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """Averages per-step scalars fetched from the device over a logging window."""
+    if not step_metrics:
+        return {}
+    names = step_metrics[0].keys()
+    return {name: float(np.mean([float(m[name]) for m in step_metrics])) for name in names}
+
+
+def peak_memory_bytes() -> int | None:
+    """Peak bytes in use on device 0 where the backend reports it (GPU/TPU), else host RSS
+    high-water mark (CPU backend: arrays live in process memory)."""
+    stats = None
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # Some backends raise instead of returning None.
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):
+        logging.info("peak memory not available on this platform")
+        return None

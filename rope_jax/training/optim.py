@@ -1,0 +1,198 @@
+"""Optimizers, learning-rate schedules and the weight-decay mask, built from ``config.optimizer``.
+
+Schedules (``optimizer.schedule``) share a linear warmup from 0 to ``learning_rate`` over
+``warmup_steps`` and then:
+
+- ``constant``: ``learning_rate``.
+- ``cosine``: ``end + (peak - end) * (1 + cos(pi * p)) / 2`` with ``p`` the fraction of the
+  decay phase done (``warmup_steps`` to ``decay_steps``), ``end = peak * end_factor``
+  (Loshchilov & Hutter, SGDR, without restarts).
+- ``linear``: straight line from ``peak`` to ``end`` over the decay phase.
+- ``rsqrt``: ``peak * sqrt(timescale / max(step, timescale))`` (Vaswani et al. 2017; T5 uses
+  ``peak=0.01``, ``timescale=10_000``, no warmup, i.e. ``1 / sqrt(max(step, 10_000))``).
+
+Gradient clipping by global norm and gradient accumulation are not optax transforms here:
+the train step clips explicitly (so it can report the norm) and splits the batch into
+microbatches itself (see ``trainer.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+SCHEDULES = ("constant", "cosine", "linear", "rsqrt")
+OPTIMIZERS = ("adamw", "adafactor")
+
+
+def learning_rate_schedule(
+    *,
+    learning_rate: float,
+    schedule: str,
+    warmup_steps: int,
+    decay_steps: int,
+    end_factor: float = 0.0,
+    rsqrt_timescale: int = 0,
+) -> Callable[[jax.Array], jax.Array]:
+    """Returns ``step -> learning rate`` (float32) for the schedule described in the module doc."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"optimizer.schedule={schedule!r}; choose one of {SCHEDULES}.")
+    if warmup_steps < 0:
+        raise ValueError(f"optimizer.warmup_steps must be >= 0, got {warmup_steps}.")
+    if schedule in ("cosine", "linear") and decay_steps <= warmup_steps:
+        raise ValueError(
+            f"optimizer.decay_steps ({decay_steps}) must exceed warmup_steps ({warmup_steps}) "
+            f"for the {schedule} schedule."
+        )
+    peak = float(learning_rate)
+    end = peak * float(end_factor)
+    timescale = float(rsqrt_timescale if rsqrt_timescale > 0 else max(warmup_steps, 1))
+
+    def schedule_fn(step):
+        step = jnp.asarray(step, jnp.float32)
+        if warmup_steps > 0:
+            warmup = peak * jnp.minimum(step / warmup_steps, 1.0)
+        else:
+            warmup = jnp.float32(peak)
+        done = jnp.clip((step - warmup_steps) / max(decay_steps - warmup_steps, 1), 0.0, 1.0)
+        if schedule == "constant":
+            decayed = jnp.float32(peak)
+        elif schedule == "cosine":
+            decayed = end + (peak - end) * 0.5 * (1.0 + jnp.cos(math.pi * done))
+        elif schedule == "linear":
+            decayed = peak + (end - peak) * done
+        else:  # rsqrt
+            decayed = peak * jnp.sqrt(timescale / jnp.maximum(step, timescale))
+        return jnp.where(step < warmup_steps, warmup, decayed).astype(jnp.float32)
+
+    return schedule_fn
+
+
+def decay_mask(params, no_decay_pattern: str = r"(bias|scale|norm)") -> object:
+    """True for parameters that get weight decay: matrices (ndim >= 2) whose path matches
+    nothing in ``no_decay_pattern`` (case-insensitive; the path is joined with '/').
+
+    Norm scales and biases are vectors and are excluded by both rules; the pattern also keeps
+    e.g. a ``layer_norm/...`` subtree out if someone gives it a matrix.
+    """
+    pattern = re.compile(no_decay_pattern, re.IGNORECASE) if no_decay_pattern else None
+
+    def wants_decay(path, leaf):
+        name = param_path_name(path)
+        if getattr(leaf, "ndim", 0) < 2:
+            return False
+        return not (pattern and pattern.search(name))
+
+    return jax.tree_util.tree_map_with_path(wants_decay, params)
+
+
+def param_path_name(path) -> str:
+    """'encoder/layers_0/attention/query/kernel' for a pytree key path."""
+    parts = []
+    for entry in path:
+        key = getattr(entry, "key", None)
+        if key is None:
+            key = getattr(entry, "name", None)
+        if key is None:
+            key = getattr(entry, "idx", entry)
+        parts.append(str(key))
+    return "/".join(parts)
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, num_train_steps: int
+) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
+    """(optax transformation, schedule) from ``config`` (= the ``optimizer`` block).
+
+    AdamW (Loshchilov & Hutter) with decoupled weight decay masked by ``decay_mask``;
+    Adafactor (Shazeer & Stern 2018) with T5's settings by default (factored second moments,
+    decay rate 0.8, update clipping 1.0, relative step size via parameter scale, no momentum).
+    """
+    if config.name not in OPTIMIZERS:
+        raise ValueError(f"optimizer.name={config.name!r}; choose one of {OPTIMIZERS}.")
+    decay_steps = config.decay_steps if config.decay_steps > 0 else num_train_steps
+    schedule = learning_rate_schedule(
+        learning_rate=config.learning_rate,
+        schedule=config.schedule,
+        warmup_steps=config.warmup_steps,
+        decay_steps=decay_steps,
+        end_factor=config.end_factor,
+        rsqrt_timescale=config.rsqrt_timescale,
+    )
+
+    def mask_fn(params):
+        return decay_mask(params, config.no_decay_pattern)
+
+    if config.name == "adamw":
+        tx = optax.adamw(
+            learning_rate=schedule,
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            mask=mask_fn,
+        )
+    else:
+        tx = optax.adafactor(
+            learning_rate=schedule,
+            min_dim_size_to_factor=config.min_dim_size_to_factor,
+            decay_rate=config.decay_rate,
+            multiply_by_parameter_scale=config.multiply_by_parameter_scale,
+            clipping_threshold=config.clipping_threshold or None,
+            momentum=config.momentum or None,
+            weight_decay_rate=config.weight_decay or None,
+            weight_decay_mask=mask_fn,
+            factored=config.factored,
+        )
+    return tx, schedule
+
+
+def clip_by_global_norm(grads, max_norm: float):
+    """(clipped grads, norm before clipping); ``max_norm <= 0`` turns clipping off.
+
+    Same rule as ``optax.clip_by_global_norm``: scale by ``max_norm / norm`` when the global
+    L2 norm exceeds ``max_norm``. The norm is computed in float32.
+    """
+    norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+    if max_norm <= 0:
+        return grads, norm
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+    return jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads), norm
+
+
+def default_optimizer_config() -> ml_collections.ConfigDict:
+    """Every key the optimizer reads, so overrides of unknown keys fail at start."""
+    return ml_collections.ConfigDict(
+        {
+            "name": "adamw",
+            "learning_rate": 1e-3,
+            "schedule": "cosine",
+            "warmup_steps": 100,
+            # 0 = decay until num_train_steps.
+            "decay_steps": 0,
+            "end_factor": 0.1,
+            # rsqrt only; 0 = use warmup_steps.
+            "rsqrt_timescale": 0,
+            "b1": 0.9,
+            "b2": 0.999,
+            "eps": 1e-8,
+            "weight_decay": 0.01,
+            "no_decay_pattern": r"(bias|scale|norm)",
+            "grad_clip_norm": 1.0,
+            # Microbatches per step; the global batch is split inside the jitted step.
+            "grad_accum_steps": 1,
+            # Adafactor only.
+            "min_dim_size_to_factor": 128,
+            "decay_rate": 0.8,
+            "clipping_threshold": 1.0,
+            "multiply_by_parameter_scale": True,
+            "momentum": 0.0,
+            "factored": True,
+        }
+    )

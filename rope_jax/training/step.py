@@ -1,0 +1,266 @@
+"""Train state, its sharded initialisation, and the pure train / eval steps.
+
+``train_step(state, batch, rng) -> (state, metrics)`` is one pure function, jitted once with
+in/out shardings and the state donated. Gradient accumulation splits the global batch into
+``grad_accum_steps`` microbatches inside the step and runs them through ``lax.scan``:
+
+- activations of one microbatch at a time (the point of accumulation), one compiled program,
+  no extra optimizer-state buffer (``optax.MultiSteps`` keeps one and needs one host call
+  per microbatch);
+- the loss is a token-weighted *sum* divided once by the total weight of the whole batch, so
+  the accumulated gradient equals the big-batch gradient exactly (up to float reordering),
+  even when microbatches hold different numbers of target tokens (averaging per-microbatch
+  means, as ``MultiSteps`` does, would not);
+- microbatch ``a`` takes rows ``a, a + A, a + 2A, ...``, so each device's share of the batch
+  feeds every microbatch and the split needs no cross-device data movement.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rope_jax.training import losses, optim, sharding
+
+RANDOM_FEATURES = "random_features"
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs besides the data-iterator state.
+
+    ``rng`` is the raw key data of the run's base key (uint32; its shape depends on
+    ``jax_default_prng_impl``); each step's key is ``fold_in(base, step)``, so restarting
+    at step N reproduces the same dropout masks as an uninterrupted run.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    random_features: Any
+    rng: jax.Array
+
+
+def dummy_batch(example_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Single-row zeros with the example's lengths (segment ids 1 so nothing is all-padding)."""
+    out = {}
+    for name, value in example_batch.items():
+        fill = 1 if name.endswith("segment_ids") else 0
+        out[name] = np.full((1,) + tuple(np.shape(value))[1:], fill, np.int32)
+    return out
+
+
+def init_variables(model, example_batch, key):
+    """Boxed variables (with logical partition metadata) for the batch's family."""
+    params_key, dropout_key, features_key = jax.random.split(key, 3)
+    rngs = {"params": params_key, "dropout": dropout_key, RANDOM_FEATURES: features_key}
+    batch = {k: jnp.asarray(v) for k, v in dummy_batch(example_batch).items()}
+    family = losses.batch_family(batch)
+    if family == losses.SEQ2SEQ:
+        return model.init(
+            rngs,
+            batch["encoder_input_tokens"],
+            batch["decoder_input_tokens"],
+            encoder_segment_ids=batch["encoder_segment_ids"],
+            decoder_segment_ids=batch["decoder_segment_ids"],
+            encoder_positions=batch["encoder_positions"],
+            decoder_positions=batch["decoder_positions"],
+            deterministic=True,
+        )
+    extra = {"prefix_mask": batch["prefix_mask"]} if family == losses.DECODER else {}
+    return model.init(
+        rngs,
+        batch["input_tokens"],
+        segment_ids=batch["segment_ids"],
+        positions=batch["positions"],
+        deterministic=True,
+        **extra,
+    )
+
+
+def _split_variables(variables):
+    variables = nn.unbox(variables)
+    params = variables["params"]
+    random_features = variables.get(RANDOM_FEATURES, {})
+    unexpected = set(variables) - {"params", RANDOM_FEATURES}
+    if unexpected:
+        raise ValueError(
+            f"model variables have collections {sorted(unexpected)} the trainer does not "
+            f"handle; expected 'params' and optionally '{RANDOM_FEATURES}'."
+        )
+    return params, random_features
+
+
+def create_sharded_state(model, tx, example_batch, key, mesh, rules):
+    """(state, state_shardings): shapes via ``jax.eval_shape``, shardings from the params'
+    logical axis names, then one jitted init that writes each shard where it belongs."""
+    abstract_variables = jax.eval_shape(lambda k: init_variables(model, example_batch, k), key)
+    boxed_params = abstract_variables["params"]
+    param_shardings = sharding.logical_shardings(boxed_params, mesh, rules)
+    abstract_params, abstract_features = jax.eval_shape(_split_variables, abstract_variables)
+    abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
+    replicated = sharding.replicated(mesh)
+    state_shardings = TrainState(
+        step=replicated,
+        params=param_shardings,
+        opt_state=sharding.opt_state_shardings(
+            abstract_opt_state, abstract_params, param_shardings, mesh
+        ),
+        random_features=jax.tree.map(lambda _: replicated, abstract_features),
+        rng=replicated,
+    )
+
+    def init_state(k):
+        params, random_features = _split_variables(init_variables(model, example_batch, k))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            random_features=random_features,
+            rng=jax.random.key_data(k),
+        )
+
+    state = jax.jit(init_state, out_shardings=state_shardings)(key)
+    return state, state_shardings
+
+
+def _microbatches(batch, num_micro: int):
+    """``[B, ...] -> [A, B // A, ...]`` taking rows ``a, a + A, ...`` for microbatch ``a``."""
+
+    def split(x):
+        rows = x.shape[0]
+        return x.reshape((rows // num_micro, num_micro) + x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    model,
+    tx: optax.GradientTransformation,
+    schedule: Callable[[jax.Array], jax.Array],
+    *,
+    grad_clip_norm: float,
+    grad_accum_steps: int = 1,
+    z_loss: float = 0.0,
+    redraw_features_every: int = 0,
+    example_batch: dict | None = None,
+    debug_nan_step: int = -1,
+) -> Callable:
+    """Builds the pure ``train_step(state, batch, rng) -> (state, metrics)``.
+
+    A non-finite loss or gradient norm leaves params and optimizer state unchanged and
+    reports ``finite = 0``; the loop stops on it, so a checkpoint never holds NaNs.
+    ``debug_nan_step >= 0`` multiplies that step's loss by NaN (tests of the guard).
+    """
+
+    def loss_and_stats(params, random_features, micro, dropout_key):
+        variables = {"params": params}
+        if random_features:
+            variables[RANDOM_FEATURES] = random_features
+        logits = losses.apply_model(
+            model, variables, micro, deterministic=False, rngs={"dropout": dropout_key}
+        )
+        targets, weights = losses.targets_and_weights(micro)
+        stats = losses.weighted_cross_entropy(logits, targets, weights, z_loss=z_loss)
+        return stats["loss_sum"], stats
+
+    grad_fn = jax.value_and_grad(loss_and_stats, has_aux=True)
+
+    def redraw(random_features, key):
+        if not random_features or redraw_features_every <= 0 or example_batch is None:
+            return random_features
+        fresh = _split_variables(init_variables(model, example_batch, key))[1]
+        return jax.tree.map(lambda new, old: new.astype(old.dtype), fresh, random_features)
+
+    def train_step(state: TrainState, batch, rng):
+        features_key, dropout_key = jax.random.split(rng)
+        random_features = state.random_features
+        if random_features and redraw_features_every > 0:
+            due = (state.step > 0) & (state.step % redraw_features_every == 0)
+            random_features = jax.lax.cond(
+                due,
+                lambda: redraw(state.random_features, features_key),
+                lambda: state.random_features,
+            )
+
+        if grad_accum_steps == 1:
+            (_, stats), grads = grad_fn(state.params, random_features, batch, dropout_key)
+        else:
+            micro_batches = _microbatches(batch, grad_accum_steps)
+            zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+
+            def accumulate(carry, inputs):
+                grads_acc, stats_acc = carry
+                micro, index = inputs
+                (_, micro_stats), micro_grads = grad_fn(
+                    state.params, random_features, micro, jax.random.fold_in(dropout_key, index)
+                )
+                grads_acc = jax.tree.map(
+                    lambda a, g: a + g.astype(jnp.float32), grads_acc, micro_grads
+                )
+                stats_acc = jax.tree.map(jnp.add, stats_acc, micro_stats)
+                return (grads_acc, stats_acc), None
+
+            zero_stats = {
+                k: jnp.zeros((), jnp.float32)
+                for k in ("loss_sum", "cross_entropy_sum", "z_loss_sum", "weight_sum")
+                + ("correct_sum",)
+            }
+            (grads, stats), _ = jax.lax.scan(
+                accumulate,
+                (zero_grads, zero_stats),
+                (micro_batches, jnp.arange(grad_accum_steps)),
+            )
+
+        denominator = jnp.maximum(stats["weight_sum"], 1.0)
+        loss = stats["loss_sum"] / denominator
+        if debug_nan_step >= 0:
+            loss = loss * jnp.where(state.step == debug_nan_step, jnp.nan, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state.params)
+        grads, grad_norm = optim.clip_by_global_norm(grads, grad_clip_norm)
+        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep_new = functools.partial(jnp.where, finite)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=jax.tree.map(keep_new, new_params, state.params),
+            opt_state=jax.tree.map(keep_new, new_opt_state, state.opt_state),
+            random_features=random_features,
+        )
+        metrics = {
+            "loss": loss,
+            "cross_entropy": stats["cross_entropy_sum"] / denominator,
+            "z_loss": stats["z_loss_sum"] / denominator,
+            "accuracy": stats["correct_sum"] / denominator,
+            "num_target_tokens": stats["weight_sum"],
+            "grad_norm": grad_norm,
+            "param_norm": optax.tree.norm(state.params),
+            "learning_rate": schedule(state.step),
+            "finite": finite.astype(jnp.float32),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model) -> Callable:
+    """``eval_step(params, random_features, batch) -> sums`` (deterministic, no dropout)."""
+
+    def eval_step(params, random_features, batch):
+        variables = {"params": params}
+        if random_features:
+            variables[RANDOM_FEATURES] = random_features
+        logits = losses.apply_model(model, variables, batch, deterministic=True)
+        targets, weights = losses.targets_and_weights(batch)
+        return losses.weighted_cross_entropy(logits, targets, weights)
+
+    return eval_step

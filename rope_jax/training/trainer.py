@@ -1,0 +1,372 @@
+"""``train_and_evaluate(config, workdir)``: the pretraining loop.
+
+Order of work per step (STYLE.md "Numerics and scale"): fetch the host batch, dispatch step
+N, and only then fetch step N-1's metrics to the host, so the device never waits for Python.
+Process 0 writes metrics; every process saves its shards of the checkpoint. SIGTERM (the
+usual preemption notice) makes the loop save at the next step boundary and return.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from rope_jax.training import checkpoint as checkpoint_lib
+from rope_jax.training import losses, metrics, optim, sharding
+from rope_jax.training import step as step_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a step reports a NaN/Inf loss or gradient norm."""
+
+
+class CheckpointableIterator(Protocol):
+    """What the trainer needs from the training input: batches plus saveable state."""
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+
+    def get_state(self) -> Any: ...
+
+    def set_state(self, state: Any) -> None: ...
+
+
+@dataclasses.dataclass
+class Inputs:
+    """Training iterator (this process's rows of each global batch) and held-out batches."""
+
+    train: CheckpointableIterator
+    eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """Returned to callers and tests: final state and the per-step host metrics."""
+
+    state: step_lib.TrainState
+    history: dict[int, dict[str, float]]
+    eval_history: dict[int, dict[str, float]]
+    workdir: str
+    stopped_by_signal: bool = False
+
+
+class _StopSignal:
+    """Records SIGTERM/SIGINT so the loop can checkpoint and exit between steps."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM,):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+def set_prng_impl(name: str) -> None:
+    allowed = ("threefry2x32", "threefry", "rbg", "unsafe_rbg")
+    if name not in allowed:
+        raise ValueError(f"prng_impl={name!r}; choose one of {allowed}.")
+    jax.config.update("jax_default_prng_impl", "threefry2x32" if name == "threefry" else name)
+
+
+def build_model(model_config: ml_collections.ConfigDict):
+    """(flax module, frozen model config) from ``config.model``."""
+    from rope_jax.model_config import model_config_from_dict
+    from rope_jax.models import build_model as build
+
+    cfg = model_config_from_dict(model_config)
+    return build(cfg), cfg
+
+
+def build_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
+    """Training and held-out inputs from ``config.data`` for this process."""
+    from rope_jax.data import pipeline
+
+    batch_size = config.batch_size
+    if batch_size % jax.process_count():
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by the {jax.process_count()} processes."
+        )
+    per_process = batch_size // jax.process_count()
+    train = pipeline.make_iterator(
+        config.data,
+        split="train",
+        batch_size=per_process,
+        seed=config.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        workdir=workdir,
+    )
+
+    def eval_batches():
+        iterator = pipeline.make_iterator(
+            config.data,
+            split="validation",
+            batch_size=per_process,
+            seed=config.seed,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+            workdir=workdir,
+        )
+        for _ in range(config.eval_steps):
+            yield next(iterator)
+
+    return Inputs(train=train, eval_batches=eval_batches if config.eval_steps > 0 else None)
+
+
+def model_flops_per_step(model_cfg, batch: dict[str, np.ndarray], global_batch: int) -> float:
+    """Training FLOPs (fwd + bwd) of one global batch, from the model's own FLOP count."""
+    from rope_jax.flops import flops_per_token
+
+    per_token = flops_per_token(model_cfg, losses.input_length(batch), losses.target_length(batch))
+    return float(per_token) * global_batch * losses.input_length(batch)
+
+
+def _check_batch(batch, global_batch: int, grad_accum_steps: int, mesh) -> None:
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % data_parallel:
+        raise ValueError(
+            f"batch_size={global_batch} is not divisible by data x fsdp = {data_parallel}."
+        )
+    if global_batch % grad_accum_steps or (global_batch // grad_accum_steps) % data_parallel:
+        raise ValueError(
+            f"batch_size={global_batch} must split into grad_accum_steps={grad_accum_steps} "
+            f"microbatches that are each divisible by data x fsdp = {data_parallel}."
+        )
+    rows = {name: np.shape(value)[0] for name, value in batch.items()}
+    expected = global_batch // jax.process_count()
+    if any(r != expected for r in rows.values()):
+        raise ValueError(f"input batch rows {rows} differ from batch_size per process {expected}.")
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    inputs: Inputs | None = None,
+    model: Any = None,
+    model_cfg: Any = None,
+    devices: list | None = None,
+) -> TrainResult:
+    """Trains ``config`` in ``workdir``, resuming from its latest complete checkpoint.
+
+    ``inputs``, ``model`` and ``model_cfg`` default to what ``config`` describes; passing
+    them lets tests and notebooks supply their own. ``devices`` (default: all) restricts the
+    mesh to a subset, e.g. one device as the reference for sharded runs.
+    """
+    set_prng_impl(config.prng_impl)
+    sharding.maybe_initialize_distributed(config)
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    if model is None:
+        model, model_cfg = build_model(config.model)
+    if inputs is None:
+        inputs = build_inputs(config, workdir)
+
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = sharding.rules_from_config(config.logical_axis_rules)
+    logging.info("mesh: %s over %d devices", sharding.describe(mesh), mesh.size)
+
+    tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
+    first_host_batch = next(inputs.train)
+    _check_batch(first_host_batch, config.batch_size, config.optimizer.grad_accum_steps, mesh)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    base_key = jax.random.key(config.seed)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state, state_shardings = step_lib.create_sharded_state(
+            model, tx, first_host_batch, base_key, mesh, rules
+        )
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=config.keep_checkpoints,
+        async_save=config.async_checkpointing,
+    )
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        abstract = checkpoint_lib.abstract_with_shardings(state, state_shardings)
+        state, data_state = checkpointer.restore(latest, abstract)
+        inputs.train.set_state(data_state)
+        first_host_batch = next(inputs.train)
+        logging.info("Resumed from %s at step %d.", checkpointer.directory / str(latest), latest)
+    start_step = int(jax.device_get(state.step))
+
+    train_step = step_lib.make_train_step(
+        model,
+        tx,
+        schedule,
+        grad_clip_norm=config.optimizer.grad_clip_norm,
+        grad_accum_steps=config.optimizer.grad_accum_steps,
+        z_loss=config.z_loss,
+        redraw_features_every=config.redraw_features_every,
+        example_batch=first_host_batch,
+        debug_nan_step=config.debug_nan_step,
+    )
+    batch_shardings = {name: batch_sharding for name in first_host_batch}
+    jit_train_step = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_shardings, sharding.replicated(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    jit_eval_step = jax.jit(
+        step_lib.make_eval_step(model),
+        in_shardings=(state_shardings.params, state_shardings.random_features, batch_shardings),
+        out_shardings=sharding.replicated(mesh),
+    )
+
+    writer = metrics.MetricWriter(workdir)
+    peak = metrics.measure_matmul_peak() if config.measure_matmul_peak else 0.0
+    flops_per_step = 0.0
+    if model_cfg is not None:
+        flops_per_step = model_flops_per_step(model_cfg, first_host_batch, config.batch_size)
+    tokens_per_step = config.batch_size * losses.input_length(first_host_batch)
+    if jax.process_index() == 0:
+        logging.info(
+            "float32 matmul peak %.1f GFLOP/s; model %.2f GFLOP per step; %d tokens per step",
+            peak / 1e9,
+            flops_per_step / 1e9,
+            tokens_per_step,
+        )
+
+    def run_eval(state_now) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            for host_batch in inputs.eval_batches():
+                sums = jit_eval_step(
+                    state_now.params,
+                    state_now.random_features,
+                    sharding.host_local_to_global(host_batch, batch_sharding),
+                )
+                for name, value in jax.device_get(sums).items():
+                    totals[name] = totals.get(name, 0.0) + float(value)
+        weight = max(totals.get("weight_sum", 0.0), 1.0)
+        return {
+            "loss": totals.get("cross_entropy_sum", float("nan")) / weight,
+            "accuracy": totals.get("correct_sum", float("nan")) / weight,
+        }
+
+    def save(step_number: int, state_now, *, force: bool = False) -> None:
+        checkpointer.save(step_number, state_now, inputs.train.get_state(), force=force)
+
+    history: dict[int, dict[str, float]] = {}
+    eval_history: dict[int, dict[str, float]] = {}
+    window: list[dict[str, float]] = []
+    window_start = time.perf_counter()
+    pending: tuple[int, Any] | None = None
+    num_steps = config.num_train_steps
+    stopped_by_signal = False
+
+    def consume(step_number: int, device_metrics) -> None:
+        """Host side of a finished step: NaN guard, logging."""
+        nonlocal window_start
+        host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        history[step_number] = host
+        if host["finite"] < 1.0:
+            checkpointer.wait()
+            last = checkpointer.latest_step()
+            raise NonFiniteLossError(
+                f"Non-finite loss ({host['loss']}) or gradient norm ({host['grad_norm']}) at "
+                f"step {step_number}; stopping. The update was not applied; the last good "
+                f"checkpoint is step {last} in {checkpointer.directory} (lower the learning "
+                "rate, enable clipping or z_loss, or check the data before resuming)."
+            )
+        window.append(host)
+        if step_number % config.log_every_steps == 0 or step_number == num_steps:
+            elapsed = time.perf_counter() - window_start
+            seconds_per_step = elapsed / len(window)
+            scalars = metrics.mean_of_step_metrics(window)
+            scalars.pop("finite", None)
+            scalars["learning_rate"] = host["learning_rate"]
+            scalars["steps_per_sec"] = 1.0 / max(seconds_per_step, 1e-9)
+            scalars["tokens_per_sec"] = tokens_per_step / max(seconds_per_step, 1e-9)
+            if peak > 0 and flops_per_step > 0:
+                scalars["mfu"] = flops_per_step / max(seconds_per_step, 1e-9) / peak
+            writer.write_scalars(step_number, scalars)
+            if jax.process_index() == 0:
+                logging.info(
+                    metrics.progress_line(step_number, num_steps, scalars, seconds_per_step)
+                )
+            window.clear()
+            window_start = time.perf_counter()
+
+    host_batch = first_host_batch
+    with _StopSignal() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        try:
+            for step_number in range(start_step, num_steps):
+                if step_number > start_step:
+                    host_batch = next(inputs.train)
+                batch = sharding.host_local_to_global(host_batch, batch_sharding)
+                rng = jax.random.fold_in(base_key, step_number)
+                state, device_metrics = jit_train_step(state, batch, rng)
+                if pending is not None:
+                    consume(*pending)
+                pending = (step_number + 1, device_metrics)
+                done = step_number + 1
+                if stop.received is not None:
+                    consume(*pending)
+                    pending = None
+                    save(done, state, force=True)
+                    stopped_by_signal = True
+                    break
+                if config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0:
+                    consume(*pending)
+                    pending = None
+                    save(done, state)
+                if (
+                    inputs.eval_batches is not None
+                    and config.eval_every_steps > 0
+                    and done % config.eval_every_steps == 0
+                ):
+                    if pending is not None:
+                        consume(*pending)
+                        pending = None
+                    eval_history[done] = run_eval(state)
+                    writer.write_scalars(done, eval_history[done], prefix="eval_")
+                    logging.info("eval at step %d: loss %.4f", done, eval_history[done]["loss"])
+            if pending is not None:
+                consume(*pending)
+                pending = None
+            final_step = int(jax.device_get(state.step))
+            if not stopped_by_signal and final_step > start_step:
+                save(final_step, state, force=True)
+        finally:
+            checkpointer.close()
+            writer.close()
+    if jax.process_index() == 0:
+        logging.info(
+            "Done at step %d. Checkpoints: %s  metrics: %s  TensorBoard: %s",
+            int(jax.device_get(state.step)),
+            checkpointer.directory,
+            writer.jsonl_path,
+            writer.tensorboard_dir,
+        )
+    return TrainResult(
+        state=state,
+        history=history,
+        eval_history=eval_history,
+        workdir=workdir,
+        stopped_by_signal=stopped_by_signal,
+    )

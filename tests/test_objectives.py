@@ -1,0 +1,243 @@
+"""Objectives against published properties, hand computations and brute-force references."""
+
+import numpy as np
+import pytest
+
+from rope_jax import objectives as obj
+
+VOCAB = 1000
+
+
+def _reconstruct(inputs, targets, vocab_size):
+    """Replace each sentinel in ``inputs`` by the span that follows it in ``targets``."""
+    inputs, targets = list(inputs[:-1]), list(targets[:-1])
+    spans, current = {}, None
+    for token in targets:
+        if token >= vocab_size - 100:
+            current = token
+            spans[current] = []
+        else:
+            spans[current].append(token)
+    out = []
+    for token in inputs:
+        out.extend(spans[token] if token in spans else [token])
+    return out
+
+
+def test_span_corruption_statistics_and_reconstruction():
+    rng = np.random.default_rng(0)
+    noise_total = token_total = span_total = 0
+    for length in rng.integers(20, 600, size=400):
+        tokens = rng.integers(3, VOCAB - 100, size=length)
+        inputs, targets = obj.span_corruption(tokens, rng=rng, vocab_size=VOCAB)
+        assert inputs[-1] == 1 and targets[-1] == 1
+        assert _reconstruct(inputs, targets, VOCAB) == tokens.tolist()
+        sentinels = targets[targets >= VOCAB - 100]
+        # Sentinels count down from the vocabulary end, one per span, in order of appearance.
+        np.testing.assert_array_equal(sentinels, VOCAB - 1 - np.arange(sentinels.size))
+        np.testing.assert_array_equal(inputs[inputs >= VOCAB - 100], sentinels)
+        # The mask starts with a non-noise span and ends with a noise span.
+        assert inputs[0] == tokens[0] and inputs[-2] == sentinels[-1]
+        noise_total += targets.size - 1 - sentinels.size
+        token_total += length
+        span_total += sentinels.size
+    assert abs(noise_total / token_total - 0.15) < 0.01 * 0.15
+    assert abs(noise_total / span_total - 3.0) < 0.05 * 3.0
+
+
+def test_span_lengths_are_random_segmentations():
+    rng = np.random.default_rng(1)
+    mask = obj.random_spans_noise_mask(568, rng=rng)
+    assert mask.sum() == 85 and not mask[0] and mask[-1]
+    starts = np.flatnonzero(mask & ~np.concatenate([[False], mask[:-1]]))
+    assert starts.size == 28
+    # Different generator states give different masks; the same state the same mask.
+    again = obj.random_spans_noise_mask(568, rng=np.random.default_rng(1))
+    other = obj.random_spans_noise_mask(568, rng=np.random.default_rng(2))
+    np.testing.assert_array_equal(mask, again)
+    assert (mask != other).any()
+
+
+def test_t5_length_arithmetic():
+    assert obj.t5_span_corruption_lengths(512) == (568, 114)
+    raw, target_length = obj.t5_span_corruption_lengths(512)
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        tokens = rng.integers(3, 30000, size=raw)
+        inputs, targets = obj.span_corruption(tokens, rng=rng, vocab_size=32100)
+        assert (inputs.size, targets.size) == (512, target_length)
+    # 126 raw: 19 noise, 6 spans -> 107 + 6 + 1 = 114 inputs, 19 + 6 + 1 = 26 targets;
+    # 127 raw: 19 noise, 6 spans -> 115 inputs, too long.
+    assert obj.t5_span_corruption_lengths(114) == (126, 26)
+
+
+def test_span_corruption_short_inputs():
+    rng = np.random.default_rng(3)
+    for length in range(0, 6):
+        tokens = np.arange(3, 3 + length)
+        inputs, targets = obj.span_corruption(tokens, rng=rng, vocab_size=VOCAB)
+        assert _reconstruct(inputs, targets, VOCAB) == tokens.tolist()
+
+
+def test_mlm_rates():
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(10, 500, size=(300, 200))
+    counts = np.zeros(4)
+    for row in tokens:
+        inputs, targets, weights = obj.mlm(row, rng=rng, mask_id=5, random_token_range=(10, 500))
+        np.testing.assert_array_equal(targets, row)
+        assert weights.sum() == 30  # round(0.15 * 200)
+        np.testing.assert_array_equal(inputs[weights == 0], row[weights == 0])
+        sel = weights == 1
+        counts += [
+            sel.sum(),
+            (inputs[sel] == 5).sum(),
+            (inputs[sel] == row[sel]).sum(),
+            ((inputs[sel] != 5) & (inputs[sel] != row[sel])).sum(),
+        ]
+    mask_frac, keep_frac, random_frac = counts[1:] / counts[0]
+    assert abs(mask_frac - 0.8) < 0.02
+    # "kept" includes random draws that hit the original token (1/490 of the 10%).
+    assert abs(keep_frac - 0.1) < 0.015 and abs(random_frac - 0.1) < 0.015
+
+
+def test_mlm_whole_word():
+    rng = np.random.default_rng(5)
+    word_starts = np.zeros(100, bool)
+    word_starts[::4] = True  # 25 words of 4 pieces
+    tokens = np.arange(100) + 10
+    for _ in range(50):
+        _, _, weights = obj.mlm(
+            tokens, rng=rng, mask_id=5, random_token_range=(10, 200), word_starts=word_starts
+        )
+        per_word = weights.reshape(25, 4).sum(axis=1)
+        assert set(per_word.tolist()) <= {0, 4}
+        assert weights.sum() == 12  # 15 allowed -> three whole words of 4
+
+
+def test_rouge1_and_gap_sentence_selection_hand_example():
+    sentences = [
+        "The cat sat on the mat.",  # the x2, cat, sat, on, mat (6 units)
+        "The cat ran.",  # the, cat, ran (3)
+        "A dog sat on a log.",  # a x2, dog, sat, on, log (6)
+        "Birds sing.",  # birds, sing (2)
+    ]
+    # F1 = 2 * overlap / (len(sentence) + len(rest)), counts clipped with repeats:
+    # s0: rest has the 1, cat 1, sat 1, on 1 -> overlap 4, rest 11 units -> 8/17
+    # s1: rest has the 2, cat 1           -> overlap 2, rest 14 units -> 4/17
+    # s2: rest has sat 1, on 1            -> overlap 2, rest 11 units -> 4/17
+    # s3: nothing                          -> 0
+    units = [obj.rouge_units(s) for s in sentences]
+    selected, scores = obj.select_gap_sentences(units, gap_ratio=0.3)
+    np.testing.assert_allclose(scores, [8 / 17, 4 / 17, 4 / 17, 0.0])
+    np.testing.assert_array_equal(selected, [0])  # round(0.3 * 4) = 1
+    selected, _ = obj.select_gap_sentences(units, gap_ratio=0.5)
+    np.testing.assert_array_equal(selected, [0, 1])  # tie s1/s2 goes to document order
+    assert obj.rouge1_f1(units[0], units[1] + units[2] + units[3]) == pytest.approx(8 / 17)
+
+
+def test_gap_sentences_tokens():
+    rng = np.random.default_rng(6)
+    sentences = [np.array([10, 11, 12]), np.array([10, 11, 13]), np.array([20, 21])]
+    # token-id units: s0 vs rest {10,11,13,20,21}: overlap 2 -> 4/8; s1 same 4/8; s2 0.
+    inputs, targets = obj.gap_sentences(sentences, rng=rng, mask1_id=7, gap_ratio=0.3)
+    np.testing.assert_array_equal(inputs, [7, 10, 11, 13, 20, 21, 1])
+    np.testing.assert_array_equal(targets, [10, 11, 12, 1])
+    long = [rng.integers(10, 100, size=20) for _ in range(10)]
+    inputs, targets = obj.gap_sentences(
+        long, rng=rng, mask1_id=7, mask2_id=8, mlm_rate=0.15, random_token_range=(10, 100)
+    )
+    assert (inputs == 7).sum() == 3 and targets.size == 61
+    assert (inputs == 8).sum() > 0 and inputs.size == 7 * 20 + 3 + 1
+
+
+def _lcs_dp(a, b):
+    table = np.zeros((len(a) + 1, len(b) + 1), int)
+    for i, ca in enumerate(a):
+        for j, cb in enumerate(b):
+            if ca == cb:
+                table[i + 1, j + 1] = table[i, j] + 1
+            else:
+                table[i + 1, j + 1] = max(table[i, j + 1], table[i + 1, j])
+    return table[-1, -1]
+
+
+def test_lcs_matches_dynamic_programming():
+    rng = np.random.default_rng(7)
+    alphabet = list("猫狗吃鱼。ab")
+    for _ in range(200):
+        a = "".join(rng.choice(alphabet, size=rng.integers(0, 15)))
+        b = "".join(rng.choice(alphabet, size=rng.integers(0, 15)))
+        assert obj.lcs_length(a, b) == _lcs_dp(a, b)
+
+
+def test_pseudo_summary_chinese_hand_example():
+    text = "猫吃鱼。狗吃肉。猫和狗都吃东西。今天下雨了。\n我们在家里看书。书很好看。"
+    sentences = obj.split_sentences(text)
+    assert sentences == [
+        *["猫吃鱼。", "狗吃肉。", "猫和狗都吃东西。"],
+        *["今天下雨了。", "我们在家里看书。", "书很好看。"],
+    ]
+    # Round 1, LCS(candidate, rest joined):
+    #   猫吃鱼。         vs rest: 猫(S2) 吃(S2) 。        = 3
+    #   狗吃肉。         vs rest: 狗(S2) 吃(S2) 。        = 3
+    #   猫和狗都吃东西。 vs rest: 猫(S0) 狗(S1) 吃(S1) 。 = 4   <- maximum
+    #   今天下雨了。     vs rest: 。                      = 1
+    #   我们在家里看书。 vs rest: 书(S5) 。 (or 看 。)     = 2
+    #   书很好看。       vs rest: 看(S4) 。 (or 书 。)     = 2
+    # Target 猫和狗都吃东西。 has 8 chars > 0.25 * 27 source chars -> stop.
+    source, target = obj.pseudo_summary_indices(sentences)
+    assert target == [2] and source == [0, 1, 3, 4, 5]
+    source_text, target_text = obj.pseudo_summary(text)
+    assert target_text == "猫和狗都吃东西。"
+    assert source_text == "猫吃鱼。狗吃肉。今天下雨了。我们在家里看书。书很好看。"
+
+
+def _pseudo_summary_reference(sentences, rate=0.25):
+    source, target = list(range(len(sentences))), []
+    while True:
+        values = []
+        for i in source:
+            rest = "".join(sentences[j] for j in source if j != i)
+            summary = "".join(sentences[j] for j in sorted(target + [i]))
+            values.append(_lcs_dp(rest, summary))
+        best = source[int(np.argmax(values))]
+        source.remove(best)
+        target = sorted(target + [best])
+        src = "".join(sentences[j] for j in source)
+        tgt = "".join(sentences[j] for j in target)
+        if len(source) == 1 or len(tgt) > rate * len(src):
+            return source, target
+
+
+def test_pseudo_summary_multi_round_against_reference():
+    rng = np.random.default_rng(8)
+    chars = list("天地人你我他山水火木金土")
+    for _ in range(10):
+        sentences = ["".join(rng.choice(chars, size=rng.integers(2, 7))) + "。" for _ in range(12)]
+        expected = _pseudo_summary_reference(sentences)
+        assert obj.pseudo_summary_indices(sentences) == expected
+        assert len(expected[1]) >= 2
+
+
+def test_split_sentences_english():
+    text = "Pi is 3.14 here. Really?\nYes! ok"
+    assert obj.split_sentences(text) == ["Pi is 3.14 here.", "Really?", "Yes!", "ok"]
+    assert obj.join_sentences(["a.", "b。", "c"]) == "a. b。c"
+
+
+def test_causal_and_prefix_lm():
+    tokens = np.array([5, 6, 7, 8])
+    inputs, targets, weights = obj.causal_lm(tokens)
+    np.testing.assert_array_equal(inputs, [0, 5, 6, 7, 8])
+    np.testing.assert_array_equal(targets, [5, 6, 7, 8, 1])
+    np.testing.assert_array_equal(weights, [1, 1, 1, 1, 1])
+    rng = np.random.default_rng(9)
+    splits = set()
+    for _ in range(100):
+        inputs, targets, weights, prefix = obj.prefix_lm(tokens, rng=rng)
+        k = int(prefix.sum()) - 1
+        splits.add(k)
+        np.testing.assert_array_equal(weights, np.arange(5) >= k)
+        np.testing.assert_array_equal(targets, [5, 6, 7, 8, 1])
+    assert splits == {1, 2, 3}

@@ -1,0 +1,200 @@
+"""The train loop on a toy encoder: exact resume, interrupted saves, SIGTERM, NaN guard,
+and the same losses on sharded meshes of 8 simulated devices as on one device."""
+
+import json
+import os
+import shutil
+import signal
+
+import jax
+import numpy as np
+import pytest
+from training_toys import (
+    ToyEncoder,
+    ToyMLMIterator,
+    enable_compilation_cache,
+    restore_compilation_cache,
+)
+
+from configs import common
+from rope_jax.training import checkpoint, trainer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    previous = enable_compilation_cache(tmp_path_factory.mktemp("xla_cache"))
+    yield
+    restore_compilation_cache(previous)
+
+
+def toy_config(**overrides):
+    config = common.base_config()
+    config.update(
+        num_train_steps=4,
+        log_every_steps=1,
+        checkpoint_every_steps=2,
+        eval_every_steps=0,
+        eval_steps=0,
+        batch_size=8,
+        measure_matmul_peak=False,
+        async_checkpointing=True,
+    )
+    # decay_steps fixed so runs of different lengths share one schedule.
+    config.optimizer.update(warmup_steps=1, learning_rate=3e-3, decay_steps=10)
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
+def run(workdir, config, iterator=None, devices=None):
+    iterator = iterator or ToyMLMIterator(config.batch_size)
+    return trainer.train_and_evaluate(
+        config,
+        str(workdir),
+        inputs=trainer.Inputs(train=iterator),
+        model=ToyEncoder(),
+        devices=devices or jax.devices()[:1],
+    )
+
+
+def losses_of(result):
+    return {step: m["loss"] for step, m in result.history.items()}
+
+
+def test_exact_resume_and_outputs(tmp_path):
+    full = run(tmp_path / "full", toy_config())
+    first = run(tmp_path / "split", toy_config(num_train_steps=2))
+    second = run(tmp_path / "split", toy_config())
+    assert sorted(first.history) == [1, 2] and sorted(second.history) == [3, 4]
+    # Bit-identical per-step losses (dropout masks, data and optimizer state all resumed).
+    assert {**losses_of(first), **losses_of(second)} == losses_of(full)
+    for a, b in zip(
+        jax.tree.leaves(full.state.params), jax.tree.leaves(second.state.params), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # metrics.jsonl: one object per logged step with the documented fields; TensorBoard files.
+    records = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for field in ("loss", "learning_rate", "tokens_per_sec", "grad_norm"):
+        assert all(field in r for r in records), field
+    assert os.listdir(tmp_path / "full" / "tensorboard")
+    assert checkpoint.Checkpointer(tmp_path / "full" / "checkpoints").complete_steps() == [2, 4]
+
+
+def test_interrupted_saves_are_never_restored(tmp_path):
+    workdir = tmp_path / "run"
+    run(workdir, toy_config())
+    ckpt = workdir / "checkpoints"
+    # A save killed mid-write leaves Orbax's temporary directory ...
+    shutil.copytree(ckpt / "4", ckpt / "6.orbax-checkpoint-tmp-1234")
+    # ... and a step directory damaged after the fact lacks its commit markers.
+    shutil.copytree(ckpt / "4", ckpt / "8")
+    os.remove(ckpt / "8" / "commit_success.txt")
+    os.remove(ckpt / "8" / "state" / "_METADATA")
+    resumed = run(workdir, toy_config(num_train_steps=5))
+    assert sorted(resumed.history) == [5]  # resumed from step 4, the last complete one
+    assert (ckpt / "8.incomplete").exists()
+    assert not (ckpt / "6.orbax-checkpoint-tmp-1234").exists()
+    reference = run(tmp_path / "reference", toy_config(num_train_steps=5))
+    assert resumed.history[5]["loss"] == reference.history[5]["loss"]
+
+
+def test_damaged_checkpoint_gives_clear_error(tmp_path):
+    workdir = tmp_path / "run"
+    result = run(workdir, toy_config(num_train_steps=2))
+    state_dir = workdir / "checkpoints" / "2" / "state"
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            if "ocdbt" in root or root.endswith("/d"):
+                open(os.path.join(root, name), "wb").close()
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints")
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), result.state
+    )
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/2"):
+        ckpt.restore(2, abstract)
+    with pytest.raises(checkpoint.CheckpointError, match="No checkpoint for step 7"):
+        ckpt.restore(7, abstract)
+    ckpt.close()
+
+
+class _SigtermAfter(ToyMLMIterator):
+    """Delivers SIGTERM to this process when batch ``at`` is fetched (a preemption notice)."""
+
+    def __init__(self, batch_size, at):
+        super().__init__(batch_size)
+        self.at = at
+
+    def __next__(self):
+        if self.index == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().__next__()
+
+
+def test_sigterm_saves_and_resume_continues(tmp_path):
+    workdir = tmp_path / "run"
+    config = toy_config(num_train_steps=6, checkpoint_every_steps=100)
+    stopped = run(workdir, config, iterator=_SigtermAfter(8, at=3))
+    assert stopped.stopped_by_signal
+    last = max(stopped.history)
+    assert checkpoint.Checkpointer(workdir / "checkpoints").complete_steps() == [last]
+    resumed = run(workdir, config)
+    assert sorted(resumed.history) == list(range(last + 1, 7))
+    reference = run(tmp_path / "reference", config)
+    assert {**losses_of(stopped), **losses_of(resumed)} == losses_of(reference)
+
+
+def test_nan_guard_stops_and_keeps_last_checkpoint(tmp_path):
+    workdir = tmp_path / "run"
+    with pytest.raises(trainer.NonFiniteLossError, match=r"Non-finite loss .* at step 3"):
+        run(workdir, toy_config(num_train_steps=6, debug_nan_step=2))
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints")
+    assert ckpt.complete_steps() == [2]
+    ckpt.close()
+    # The checkpoint restores and training continues from it (the NaN was only at step 3).
+    resumed = run(workdir, toy_config(num_train_steps=4))
+    assert sorted(resumed.history) == [3, 4]
+    assert all(np.isfinite(m["loss"]) for m in resumed.history.values())
+
+
+@pytest.fixture(scope="module")
+def one_device_losses(tmp_path_factory):
+    config = toy_config(num_train_steps=3, checkpoint_every_steps=0, batch_size=16)
+    return losses_of(run(tmp_path_factory.mktemp("one"), config))
+
+
+@pytest.mark.parametrize(
+    "mesh",
+    [dict(data=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)],
+    ids=["data8", "fsdp4-data2", "tensor2-fsdp2-data2"],
+)
+def test_sharded_meshes_match_one_device(tmp_path, mesh, one_device_losses):
+    assert len(jax.devices()) == 8, "conftest should simulate 8 CPU devices"
+    config = toy_config(num_train_steps=3, checkpoint_every_steps=0, batch_size=16)
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1, **mesh}
+    config.mesh.update(sizes)
+    sharded = run(tmp_path, config, devices=jax.devices())
+    got = losses_of(sharded)
+    assert got.keys() == one_device_losses.keys()
+    for key, value in got.items():
+        assert value == pytest.approx(one_device_losses[key], rel=1e-5), key
+
+    # Rules: vocab -> tensor, embed -> fsdp, mlp -> tensor; each device holds its block only.
+    params = sharded.state.params
+
+    def local_shape(array):
+        return array.addressable_shards[0].data.shape
+
+    vocab, embed = params["embedding"].shape
+    assert local_shape(params["embedding"]) == (vocab // sizes["tensor"], embed // sizes["fsdp"])
+    embed, mlp = params["wi"]["kernel"].shape
+    assert local_shape(params["wi"]["kernel"]) == (embed // sizes["fsdp"], mlp // sizes["tensor"])
+    assert local_shape(params["final_norm"]["scale"]) == (embed // sizes["fsdp"],)
+    assert local_shape(params["wi"]["bias"]) == (mlp,)  # no axis names: replicated
+    # Adam's moments follow their params.
+    mu = sharded.state.opt_state[0].mu
+    assert mu["wi"]["kernel"].sharding == params["wi"]["kernel"].sharding

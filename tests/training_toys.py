@@ -1,0 +1,108 @@
+"""Small stand-ins for the trainer tests: a toy MLM encoder with logical axis names and a
+deterministic, checkpointable batch iterator (batch ``i`` depends only on seed and ``i``)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _init(names, base=None):
+    return nn.with_logical_partitioning(base or nn.initializers.lecun_normal(), names)
+
+
+class ToyEncoder(nn.Module):
+    """Embedding -> MLP block -> LayerNorm -> tied output; follows the Encoder apply contract."""
+
+    vocab_size: int = 64
+    d_model: int = 32
+    d_ff: int = 64
+    dropout_rate: float = 0.1
+
+    @nn.compact
+    def __call__(self, input_tokens, *, segment_ids=None, positions=None, deterministic=True):
+        del segment_ids
+        embedding_VE = self.param(
+            "embedding",
+            _init(("vocab", "embed"), nn.initializers.normal(1.0)),
+            (self.vocab_size, self.d_model),
+        )
+        x_BLE = embedding_VE[input_tokens]
+        if positions is not None:
+            x_BLE = x_BLE + 0.01 * positions[..., None].astype(jnp.float32)
+        hidden_BLF = nn.Dense(self.d_ff, kernel_init=_init(("embed", "mlp")), name="wi")(x_BLE)
+        hidden_BLF = nn.Dropout(self.dropout_rate)(nn.gelu(hidden_BLF), deterministic=deterministic)
+        x_BLE = x_BLE + nn.Dense(self.d_model, kernel_init=_init(("mlp", "embed")), name="wo")(
+            hidden_BLF
+        )
+        x_BLE = nn.LayerNorm(
+            scale_init=_init(("embed",), nn.initializers.ones),
+            bias_init=_init(("embed",), nn.initializers.zeros),
+            name="final_norm",
+        )(x_BLE)
+        return jnp.einsum("BLE,VE->BLV", x_BLE, embedding_VE).astype(jnp.float32)
+
+
+class ToyMLMIterator:
+    """MLM batches where batch ``i`` is a pure function of (seed, i); state is ``{"index": i}``."""
+
+    def __init__(self, batch_size: int, length: int = 16, vocab_size: int = 64, seed: int = 0):
+        self.batch_size, self.length, self.vocab_size, self.seed = (
+            batch_size,
+            length,
+            vocab_size,
+            seed,
+        )
+        self.index = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rng = np.random.default_rng([self.seed, self.index])
+        self.index += 1
+        targets = rng.integers(3, self.vocab_size, (self.batch_size, self.length))
+        # Learnable structure: each token predicts itself through a 15% mask.
+        masked = rng.random((self.batch_size, self.length)) < 0.15
+        masked[:, 0] = True
+        inputs = np.where(masked, 2, targets)
+        positions = np.broadcast_to(np.arange(self.length), (self.batch_size, self.length))
+        return {
+            "input_tokens": inputs.astype(np.int32),
+            "target_tokens": targets.astype(np.int32),
+            "loss_weights": masked.astype(np.int32),
+            "segment_ids": np.ones((self.batch_size, self.length), np.int32),
+            "positions": positions.astype(np.int32),
+        }
+
+    def get_state(self):
+        return {"index": self.index}
+
+    def set_state(self, state):
+        self.index = int(state["index"])
+
+
+def toy_params_count(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def enable_compilation_cache(directory) -> tuple:
+    """Persistent XLA cache so identical programs compiled by several runs in one test
+    session compile once; returns the previous settings for ``restore_compilation_cache``."""
+    previous = (
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+        jax.config.jax_persistent_cache_min_entry_size_bytes,
+    )
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return previous
+
+
+def restore_compilation_cache(previous) -> None:
+    jax.config.update("jax_compilation_cache_dir", previous[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", previous[2])

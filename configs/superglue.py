@@ -13,6 +13,7 @@ Few-shot (FewGLUE): ``--config.train_data_dir=<fewglue> --config.data_dir=<super
 """
 
 import ml_collections
+
 from rope_jax.training import optim
 
 VARIANTS = ("base", "tiny")
@@ -42,6 +43,8 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     # Fine-tuning dropout (-1 = keep the checkpoint's).
     config.dropout_rate = 0.1
+    # Greedy decoding against the key/value cache (False: re-run the decoder per token).
+    config.kv_cache = True
     config.optimizer = optim.default_optimizer_config()
     config.optimizer.learning_rate = 1e-4
     config.optimizer.warmup_steps = 100

@@ -176,86 +176,114 @@ def train(task: str, tm: TaskModel, records, config) -> tuple[Any, list[float]]:
     return params, losses
 
 
-def make_predict_fn(task: str, tm: TaskModel, config):
-    """``predict_fn(params, records) -> canonical predictions`` for the evaluators."""
-    from rope_jax import decoding
-    from rope_jax.models import init_cache
+class Predictor:
+    """Jitted prediction functions of one fine-tuned model, shared by all its evaluators
+    (validation, test, diagnostics): batches have a fixed shape, so each compiles once.
 
-    model, cfg = tm.model, tm.cfg
+    Encoder-decoders decode greedily with ``rope_jax.decoding.greedy``. With
+    ``config.kv_cache`` the step function feeds one token against the model's key/value
+    cache (``models.init_cache``); otherwise it re-runs the causal decoder over the tokens
+    so far and reads the logits at the current position (same result, quadratic cost; for
+    kernels or positions without a cache path).
+    """
 
-    @jax.jit
-    def encoder_scores(params, batch):
-        return _encoder_logits(
-            model, cfg, _variables(params, tm.random_features), batch, deterministic=True
-        )
+    def __init__(self, tm: TaskModel, config):
+        self.tm, self.config = tm, config
+        self._encoder_scores = jax.jit(self._encoder_scores_impl)
+        self._generate = jax.jit(self._generate_impl)
 
-    @jax.jit
-    def generate(params, batch):
-        variables = _variables(params, tm.random_features)
+    def _encoder_scores_impl(self, params, batch):
+        variables = _variables(params, self.tm.random_features)
+        return _encoder_logits(self.tm.model, self.tm.cfg, variables, batch, deterministic=True)
+
+    def _generate_impl(self, params, batch):
+        from rope_jax import decoding
+
+        model = self.tm.model
+        variables = _variables(params, self.tm.random_features)
+        encoder_tokens = batch["encoder_input_tokens"]
         encoded = model.apply(
             variables,
-            batch["encoder_input_tokens"],
+            encoder_tokens,
             encoder_segment_ids=batch["encoder_segment_ids"],
             encoder_positions=batch["encoder_positions"],
             method="encode",
         )
-        rows, source_length = batch["encoder_input_tokens"].shape
-        max_length = config.max_target_length + 1  # + the start id 0
-        cache = init_cache(model, rows, max_length, encoder_length=source_length)
+        rows, source_length = encoder_tokens.shape
+        max_length = self.config.max_target_length + 1  # + the start id 0
+        state = {"encoded": encoded, "encoder_input_tokens": encoder_tokens}
+        if self.config.kv_cache:
+            from rope_jax.models import init_cache
 
-        def step_fn(token_ids_B, state):
-            logits, mutated = model.apply(
-                {**variables, "cache": state["cache"]},
-                state["encoded"],
-                state["encoder_input_tokens"],
-                token_ids_B[:, None],
-                decode=True,
-                mutable=["cache"],
-                method="decode",
-            )
-            return logits[:, -1], {**state, "cache": mutated["cache"]}
+            state["cache"] = init_cache(model, rows, max_length, encoder_length=source_length)
 
-        state = {
-            "cache": cache,
-            "encoded": encoded,
-            "encoder_input_tokens": batch["encoder_input_tokens"],
-        }
+            def step_fn(token_ids_B, state):
+                logits, mutated = model.apply(
+                    {**variables, "cache": state["cache"]},
+                    state["encoded"],
+                    state["encoder_input_tokens"],
+                    token_ids_B[:, None],
+                    decode=True,
+                    mutable=["cache"],
+                    method="decode",
+                )
+                return logits[:, -1], {**state, "cache": mutated["cache"]}
+
+        else:
+            state["tokens"] = jnp.zeros((rows, max_length), jnp.int32)
+            state["index"] = jnp.zeros((), jnp.int32)
+
+            def step_fn(token_ids_B, state):
+                index = state["index"]
+                tokens = jax.lax.dynamic_update_slice(
+                    state["tokens"], token_ids_B[:, None], (jnp.int32(0), index)
+                )
+                logits = model.apply(
+                    variables,
+                    state["encoded"],
+                    state["encoder_input_tokens"],
+                    tokens,
+                    method="decode",
+                )
+                logits_BV = jax.lax.dynamic_index_in_dim(logits, index, axis=1, keepdims=False)
+                return logits_BV, {**state, "tokens": tokens, "index": index + 1}
+
         prompt = jnp.zeros((rows, 1), jnp.int32)
         out = decoding.greedy(step_fn, state, prompt, max_length=max_length, eos_id=1, pad_id=0)
         return out.sequences[:, 1:]
 
-    def predict(params, records):
-        examples, arrays = _task_arrays(task, tm, records, config, training=False)
-        n = len(examples)
-        size = config.eval_batch_size
-        predictions: list[Any] = []
-        for start in range(0, n, size):
-            rows = np.arange(start, min(start + size, n))
-            # Pad the last batch to the fixed size so each function compiles once.
-            padded = np.concatenate([rows, np.full(size - len(rows), rows[-1])])
-            batch = {k: jnp.asarray(v[padded]) for k, v in arrays.items() if k != "labels"}
-            if tm.text_to_text:
-                sequences = np.asarray(generate(params, batch))[: len(rows)]
-                for row, ids in zip(rows, sequences, strict=True):
-                    text = tm.codec.decode(ids.tolist())
-                    record = records[examples[row].record]
-                    predictions.append(formats.parse_text_prediction(task, text, record))
-            else:
-                scores = np.asarray(encoder_scores(params, batch))[: len(rows)]
-                for row, score_KC in zip(rows, scores, strict=True):
-                    example = examples[row]
-                    valid = len(example.pairs)
-                    flat = (
-                        score_KC[0]
-                        if valid == 1 and score_KC.shape[-1] > 1
-                        else score_KC[:valid, 0]
-                    )
-                    predictions.append(
-                        formats.encoder_prediction(task, records[example.record], flat.tolist())
-                    )
-        return predictions
+    def predict_fn(self, task: str):
+        """``predict_fn(params, records) -> canonical predictions`` for an evaluator."""
+        tm, config = self.tm, self.config
 
-    return predict
+        def predict(params, records):
+            examples, arrays = _task_arrays(task, tm, records, config, training=False)
+            n, size = len(examples), config.eval_batch_size
+            predictions: list[Any] = []
+            for start in range(0, n, size):
+                rows = np.arange(start, min(start + size, n))
+                # Pad the last batch to the fixed size so each function compiles once.
+                padded = np.concatenate([rows, np.full(size - len(rows), rows[-1])])
+                batch = {k: jnp.asarray(v[padded]) for k, v in arrays.items() if k != "labels"}
+                if tm.text_to_text:
+                    sequences = np.asarray(self._generate(params, batch))[: len(rows)]
+                    for row, ids in zip(rows, sequences, strict=True):
+                        text = tm.codec.decode(ids.tolist())
+                        record = records[examples[row].record]
+                        predictions.append(formats.parse_text_prediction(task, text, record))
+                    continue
+                scores = np.asarray(self._encoder_scores(params, batch))[: len(rows)]
+                for row, scores_KC in zip(rows, scores, strict=True):
+                    example = examples[row]
+                    if len(example.pairs) == 1 and scores_KC.shape[-1] > 1:
+                        flat = scores_KC[0]  # class logits
+                    else:
+                        flat = scores_KC[: len(example.pairs), 0]  # one score per candidate
+                    record = records[example.record]
+                    predictions.append(formats.encoder_prediction(task, record, flat.tolist()))
+            return predictions
+
+        return predict
 
 
 def run_task(task: str, config, workdir: str, *, source=None) -> dict[str, dict[str, float]]:
@@ -265,6 +293,7 @@ def run_task(task: str, config, workdir: str, *, source=None) -> dict[str, dict[
     tm = pretrained_lib.load_for_task(task, config, source=source)
     params, losses = train(task, tm, train_records, config)
     tm = dataclasses.replace(tm, params=params)
+    predictor = Predictor(tm, config)
     results: dict[str, dict[str, float]] = {}
     jobs = [(task, config.eval_split, f"{task}"), (task, config.test_split, f"{task}/test")]
     if task == "RTE":
@@ -277,7 +306,7 @@ def run_task(task: str, config, workdir: str, *, source=None) -> dict[str, dict[
                 raise FileNotFoundError(f"{task} {split} split not found: {path}")
             continue
         evaluator = evaluators.create_evaluator(
-            make_predict_fn(job_task, tm, config),
+            predictor.predict_fn(job_task),
             task=job_task,
             data_dir=config.data_dir,
             split=split,

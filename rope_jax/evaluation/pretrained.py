@@ -190,7 +190,9 @@ def load_for_task(task: str, config, *, source: Source | None = None):
     if config.dropout_rate >= 0:
         cfg = dataclasses.replace(cfg, dropout_rate=config.dropout_rate)
     model = build_model(cfg)
-    variables = nn.unbox(_init_variables(model, cfg, jax.random.key(config.seed)))
+    # Jitted: an eager init runs op by op and costs seconds even for a tiny model.
+    init = jax.jit(lambda key: nn.unbox(_init_variables(model, cfg, key)))
+    variables = init(jax.random.key(config.seed))
     params = variables["params"]
     random_features = variables.get(RANDOM_FEATURES, {})
     if source.params is not None:

@@ -1,0 +1,154 @@
+"""End-to-end fine-tune + evaluation on tiny fixtures: CB with an encoder (classification
+head) and RTE with an encoder-decoder (text-to-text, greedy decoding), plus token arrays."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from rope_jax.evaluation import formats, inputs, pretrained, readers
+
+
+class ByteCodec:
+    """UTF-8 bytes shifted past the T5 specials (pad 0, EOS 1, unk 2): a tokenizer that
+    needs no training, with the SentencePieceCodec pairing rules."""
+
+    eos_id = 1
+
+    def encode(self, text):
+        return [b + 3 for b in text.encode()]
+
+    def decode(self, ids):
+        ids = list(ids)
+        ids = ids[: ids.index(1)] if 1 in ids else ids
+        return bytes(i - 3 for i in ids if 3 <= i < 259).decode(errors="replace")
+
+    pair = inputs.SentencePieceCodec.pair
+
+
+def test_token_arrays_follow_the_batch_contract():
+    codec = ByteCodec()
+    examples = [formats.TextExample("abcdef", "xy", 0), formats.TextExample("a", "", 1)]
+    arrays = inputs.seq2seq_arrays(examples, codec, max_input_length=4, max_target_length=4)
+    np.testing.assert_array_equal(
+        arrays["encoder_input_tokens"], [[100, 101, 102, 1], [100, 1, 0, 0]]
+    )
+    np.testing.assert_array_equal(arrays["decoder_target_tokens"], [[123, 124, 1, 0], [1, 0, 0, 0]])
+    np.testing.assert_array_equal(arrays["decoder_input_tokens"], [[0, 123, 124, 1], [0, 1, 0, 0]])
+    np.testing.assert_array_equal(arrays["decoder_loss_weights"], [[1, 1, 1, 0], [1, 0, 0, 0]])
+    np.testing.assert_array_equal(arrays["encoder_positions"], [[0, 1, 2, 3], [0, 1, 0, 0]])
+    # Longest-first truncation keeps the short hypothesis of a pair.
+    enc = [formats.EncoderExample((("aaaaaaaa", "bb"),), 2, 0)]
+    arrays = inputs.encoder_arrays(enc, codec, max_length=8)
+    np.testing.assert_array_equal(arrays["input_tokens"][0, 0], [100] * 4 + [1, 101, 101, 1])
+    np.testing.assert_array_equal(arrays["token_type_ids"][0, 0], [0] * 5 + [1] * 3)
+    np.testing.assert_array_equal(arrays["labels"], [2])
+    enc = [
+        formats.EncoderExample((("c", "d"),), (0,), 0),
+        formats.EncoderExample((("c", "d"), ("e", "")), (1,), 1),
+    ]
+    arrays = inputs.encoder_arrays(enc, codec, max_length=8)
+    np.testing.assert_array_equal(arrays["choice_mask"], [[1, 0], [1, 1]])
+    np.testing.assert_array_equal(arrays["labels"], [[1, 0], [0, 1]])  # multiple choice: multi-hot
+
+
+# Decoding against the model's key/value cache; False re-runs the decoder per token.
+KV_CACHE = False
+
+
+def _write_task(root, task, rows_by_split):
+    folder = root / task
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in rows_by_split.items():
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _fixture_data(root):
+    words = ["red", "blue", "green", "dark"]
+    cb, rte = [], []
+    for i in range(12):
+        label = ("entailment", "contradiction", "neutral")[i % 3]
+        cb.append(
+            {
+                "premise": f"the sky is {words[i % 4]}.",
+                "hypothesis": f"{label[:3]} {i}",
+                "label": label,
+                "idx": i,
+            }
+        )
+        rte_label = ("entailment", "not_entailment")[i % 2]
+        rte.append(
+            {
+                "premise": f"p {words[i % 4]}",
+                "hypothesis": f"{rte_label[:2]}",
+                "label": rte_label,
+                "idx": i,
+            }
+        )
+    _write_task(
+        root, "CB", {"train": cb, "val": cb[:6], "test": [dict(r, label=None) for r in cb[:3]]}
+    )
+    _write_task(root, "RTE", {"train": rte, "val": rte[:4]})
+    axb = root / "AX-b"
+    axb.mkdir()
+    (axb / "AX-b.jsonl").write_text(
+        json.dumps({"sentence1": "a", "sentence2": "b", "idx": 0, "label": "entailment"}) + "\n"
+    )
+    # Test records have no label field at all.
+    (root / "CB" / "test.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "label"}) + "\n" for r in cb[:3])
+    )
+
+
+def _config(root, family):
+    from configs import superglue
+
+    config = superglue.get_config("tiny")
+    config.data_dir = str(root)
+    config.num_train_steps = 6
+    config.batch_size = 4
+    config.eval_batch_size = 4
+    config.max_input_length = 32
+    config.max_target_length = 6
+    config.model.vocab_size = 260
+    config.model.family = family
+    config.kv_cache = KV_CACHE
+    if family == "encoder":
+        # RoFormer-like, pre-RMSNorm: position "rope", token types, classification head.
+        config.model.update(
+            {
+                "position": "rope",
+                "type_vocab_size": 2,
+                "mlp_activation": "gelu",
+                "scale_queries": True,
+            }
+        )
+    return config
+
+
+@pytest.mark.parametrize("family,task", [("encoder", "CB"), ("encoder_decoder", "RTE")])
+def test_tiny_finetune_and_eval_end_to_end(tmp_path, family, task, capsys):
+    from rope_jax.evaluation import finetune
+
+    _fixture_data(tmp_path / "data")
+    config = _config(tmp_path / "data", family)
+    config.task = task
+    cfg = pretrained._model_config(config.model)
+    source = pretrained.Source(cfg, None, None, ByteCodec(), "random init")
+    workdir = str(tmp_path / "run")
+    results = finetune.run_task(task, config, workdir, source=source)
+    val = results[task]
+    assert val["num_examples"] == (6 if task == "CB" else 4)
+    assert 0.0 <= val["accuracy"] <= 1.0 and np.isfinite(val["final_train_loss"])
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "predictions", f"{task}_val.jsonl"))]
+    allowed = set(readers.LABEL_NAMES[task])
+    assert [x["idx"] for x in lines] == list(range(int(val["num_examples"])))
+    assert all(x["label"] in allowed for x in lines)
+    if task == "CB":
+        assert "f1" in val
+        assert results["CB/test"]["num_examples"] == 3
+        assert os.path.exists(os.path.join(workdir, "submission", "CB.jsonl"))
+    else:
+        assert "AX-b" in results and "mcc" in results["AX-b"]
+        assert os.path.exists(os.path.join(workdir, "submission", "AX-b.jsonl"))

@@ -372,6 +372,22 @@ def join_sentences(sentences: Sequence[str]) -> str:
     return "".join(out)
 
 
+def _char_masks(text: str) -> dict[str, int]:
+    """For each character of ``text``, the integer whose bit i is set where text[i] is it."""
+    if len(text) < 256:
+        masks: dict[str, int] = {}
+        for i, char in enumerate(text):
+            masks[char] = masks.get(char, 0) | (1 << i)
+        return masks
+    # Long strings: building the masks bit by bit is quadratic in Python; numpy packs them.
+    codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    unique, inverse = np.unique(codes, return_inverse=True)
+    return {
+        chr(code): int.from_bytes(np.packbits(inverse == k, bitorder="little").tobytes(), "little")
+        for k, code in enumerate(unique.tolist())
+    }
+
+
 def lcs_length(a: str, b: str) -> int:
     """Length of the longest common subsequence of two strings (characters).
 
@@ -380,15 +396,79 @@ def lcs_length(a: str, b: str) -> int:
     """
     if not a or not b:
         return 0
-    match: dict[str, int] = {}
-    for i, char in enumerate(a):
-        match[char] = match.get(char, 0) | (1 << i)
+    match = _char_masks(a)
     all_ones = (1 << len(a)) - 1
     row = all_ones
+    get = match.get
     for char in b:
-        common = row & match.get(char, 0)
-        row = ((row + common) | (row - common)) & all_ones
-    return len(a) - row.bit_count()
+        common = row & get(char, 0)
+        # common is a subset of row, so row - common == row ^ common (no borrows). Carries
+        # past bit len(a) never flow back down, so the mask is applied once at the end.
+        row = (row + common) | (row ^ common)
+    return len(a) - (row & all_ones).bit_count()
+
+
+def _candidate_lcs(sentences: Sequence[str], source: list[int], target: list[int]) -> list[int]:
+    """For every i in ``source``: LCS(joined(source without i), joined(sorted(target + [i]))).
+
+    Same bit-parallel recurrence as ``lcs_length``, run for all candidates at once: candidate
+    i's target string occupies its own bit lane (one always-clear guard bit above it stops
+    carries), and one pass over the joined source updates every lane; at the characters
+    that candidate i removes from the source, lane i's match bits are zero, which leaves the
+    lane unchanged -- exactly as if those characters were absent.
+    """
+    parts = [sentences[j] for j in source]
+    joined = join_sentences(parts)
+    starts, position = [], 0
+    for k, part in enumerate(parts):
+        position += 1 if k and not _CJK_END_RE.search(parts[k - 1]) else 0
+        starts.append(position)
+        position += len(part)
+    # Characters that vanish from the source with candidate k: the sentence and the separator
+    # after it; for the last sentence, the separator before it.
+    skip = []
+    for k in range(len(parts)):
+        if k + 1 < len(parts):
+            skip.append((starts[k], starts[k + 1]))
+        else:
+            skip.append((starts[k - 1] + len(parts[k - 1]) if k else 0, len(joined)))
+    lanes = [join_sentences([sentences[t] for t in sorted([*target, j])]) for j in source]
+    offsets, offset = [], 0
+    for lane in lanes:
+        offsets.append(offset)
+        offset += len(lane) + 1  # + guard bit
+    masks = _char_masks("\0".join(lanes) + "\0")
+    masks.pop("\0", None)
+    lane_bits = [((1 << len(lane)) - 1) << off for lane, off in zip(lanes, offsets, strict=True)]
+    all_lanes = 0
+    for bits in lane_bits:
+        all_lanes |= bits
+    # Group source positions by the set of lanes that skip them.
+    skippers: list[list[int]] = [[] for _ in joined]
+    for k, (begin, stop) in enumerate(skip):
+        for p in range(begin, stop):
+            skippers[p].append(k)
+    keep_by_key: dict[tuple[int, ...], int] = {}
+    match_cache: dict[tuple[tuple[int, ...], str], int] = {}
+    row = all_lanes
+    for p, char in enumerate(joined):
+        key = tuple(skippers[p])
+        match = match_cache.get((key, char))
+        if match is None:
+            keep = keep_by_key.get(key)
+            if keep is None:
+                keep = all_lanes
+                for k in key:
+                    keep &= ~lane_bits[k]
+                keep_by_key[key] = keep
+            match = match_cache[(key, char)] = masks.get(char, 0) & keep
+        if match:
+            common = row & match
+            row = ((row + common) | (row ^ common)) & all_lanes
+    return [
+        len(lane) - ((row >> off) & ((1 << len(lane)) - 1)).bit_count()
+        for lane, off in zip(lanes, offsets, strict=True)
+    ]
 
 
 def pseudo_summary_indices(
@@ -406,13 +486,8 @@ def pseudo_summary_indices(
     if len(sentences) < 2:
         return source, target
     while True:
-        best_index, best_lcs = source[0], -1
-        for i in source:
-            new_source = join_sentences([sentences[j] for j in source if j != i])
-            new_target = join_sentences([sentences[j] for j in sorted([*target, i])])
-            value = lcs_length(new_source, new_target)
-            if value > best_lcs:
-                best_index, best_lcs = i, value
+        values = _candidate_lcs(sentences, source, target)
+        best_index = source[int(np.argmax(values))]
         source.remove(best_index)
         target = sorted([*target, best_index])
         source_chars = len(join_sentences([sentences[j] for j in source]))

@@ -169,6 +169,10 @@ def test_lcs_matches_dynamic_programming():
         a = "".join(rng.choice(alphabet, size=rng.integers(0, 15)))
         b = "".join(rng.choice(alphabet, size=rng.integers(0, 15)))
         assert obj.lcs_length(a, b) == _lcs_dp(a, b)
+    for _ in range(3):  # long strings take the numpy mask-building path
+        a = "".join(rng.choice(alphabet, size=300))
+        b = "".join(rng.choice(alphabet, size=40))
+        assert obj.lcs_length(a, b) == _lcs_dp(a, b) == obj.lcs_length(b, a)
 
 
 def test_pseudo_summary_chinese_hand_example():
@@ -194,18 +198,19 @@ def test_pseudo_summary_chinese_hand_example():
 
 
 def _pseudo_summary_reference(sentences, rate=0.25):
+    """Direct transcription of the selection rule, one dynamic-programming LCS per candidate."""
     source, target = list(range(len(sentences))), []
     while True:
         values = []
         for i in source:
-            rest = "".join(sentences[j] for j in source if j != i)
-            summary = "".join(sentences[j] for j in sorted(target + [i]))
+            rest = obj.join_sentences([sentences[j] for j in source if j != i])
+            summary = obj.join_sentences([sentences[j] for j in sorted(target + [i])])
             values.append(_lcs_dp(rest, summary))
         best = source[int(np.argmax(values))]
         source.remove(best)
         target = sorted(target + [best])
-        src = "".join(sentences[j] for j in source)
-        tgt = "".join(sentences[j] for j in target)
+        src = obj.join_sentences([sentences[j] for j in source])
+        tgt = obj.join_sentences([sentences[j] for j in target])
         if len(source) == 1 or len(tgt) > rate * len(src):
             return source, target
 
@@ -213,8 +218,17 @@ def _pseudo_summary_reference(sentences, rate=0.25):
 def test_pseudo_summary_multi_round_against_reference():
     rng = np.random.default_rng(8)
     chars = list("天地人你我他山水火木金土")
-    for _ in range(10):
-        sentences = ["".join(rng.choice(chars, size=rng.integers(2, 7))) + "。" for _ in range(12)]
+    words = ["ab", "ba", "cab", "a", "bc", "ca"]
+    for trial in range(16):
+        if trial % 2:  # Latin: sentences joined by spaces
+            sentences = [
+                " ".join(rng.choice(words, size=rng.integers(1, 4))) + rng.choice([".", "!", ""])
+                for _ in range(10)
+            ]
+        else:
+            sentences = [
+                "".join(rng.choice(chars, size=rng.integers(2, 7))) + "。" for _ in range(12)
+            ]
         expected = _pseudo_summary_reference(sentences)
         assert obj.pseudo_summary_indices(sentences) == expected
         assert len(expected[1]) >= 2
@@ -241,3 +255,23 @@ def test_causal_and_prefix_lm():
         np.testing.assert_array_equal(weights, np.arange(5) >= k)
         np.testing.assert_array_equal(targets, [5, 6, 7, 8, 1])
     assert splits == {1, 2, 3}
+
+
+def test_all_candidate_lcs_equals_one_lcs_per_candidate():
+    rng = np.random.default_rng(10)
+    words = ["a", "b", "ab", "ba"]
+    for _ in range(40):
+        n = int(rng.integers(2, 7))
+        sentences = [" ".join(rng.choice(words, size=rng.integers(1, 3))) for _ in range(n)]
+        sentences += ["猫。", "b"][: int(rng.integers(0, 3))]
+        order = rng.permutation(len(sentences))
+        split = int(rng.integers(0, len(sentences) - 1))
+        target, source = sorted(order[:split].tolist()), sorted(order[split:].tolist())
+        expected = [
+            _lcs_dp(
+                obj.join_sentences([sentences[j] for j in source if j != i]),
+                obj.join_sentences([sentences[j] for j in sorted(target + [i])]),
+            )
+            for i in source
+        ]
+        assert obj._candidate_lcs(sentences, source, target) == expected

@@ -1,0 +1,209 @@
+"""Input-pipeline throughput on one core: each objective alone, then the whole pipeline.
+
+  python benchmarks/data.py --quick            # a few seconds
+  python benchmarks/data.py --json out.json    # full run, also writes the table as JSON
+
+Corpus: the embedded ``pydoc_data.topics`` (no download), tokenizer trained on it.
+
+* objective rows: tokens/s of the objective function alone on pre-tokenized text (tokens
+  consumed, i.e. the document tokens fed in; text-level objectives include sentence splitting
+  and scoring, their tokenization is excluded);
+* pipeline rows: the whole ``make_pipeline`` (read document, tokenize, objective, pack,
+  batch) with ``num_threads=0`` (everything inline, one core); "row tok/s" counts every slot
+  of the batches (what a train step consumes), "real tok/s" the non-padding ones.
+
+The training step at the T5-small shape consumes about 400 row tokens/s on 2 CPU cores; the
+target is at least 10x that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+from rope_jax import objectives  # noqa: E402
+from rope_jax.data import DataConfig, InMemoryDocuments, make_pipeline  # noqa: E402
+from rope_jax.data.embedded import embedded_documents  # noqa: E402
+from rope_jax.data.tokenizer import train_tokenizer  # noqa: E402
+
+
+def _timed(fn, min_seconds: float):
+    """Run ``fn`` (returns tokens processed) until ``min_seconds`` pass; tokens/s."""
+    tokens, start = 0, time.perf_counter()
+    while True:
+        tokens += fn()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return tokens / elapsed
+
+
+def bench_objectives(tokenizer, documents, min_seconds):
+    rng = np.random.default_rng(0)
+    token_docs = [tokenizer.encode(d) for d in documents]
+    stream = np.concatenate(token_docs)
+    chunks568 = [stream[i : i + 568] for i in range(0, stream.size - 568, 568)]
+    chunks512 = [stream[i : i + 512] for i in range(0, stream.size - 512, 512)]
+    word_starts = tokenizer.word_start_table()
+    # Sentence groups of about 512 tokens for the text-level objectives.
+    groups, current, used = [], [], 0
+    for document in documents:
+        for sentence in objectives.split_sentences(document):
+            tokens = tokenizer.encode(sentence)[:511]
+            if current and used + tokens.size > 511:
+                groups.append(current)
+                current, used = [], 0
+            current.append((sentence, tokens))
+            used += tokens.size
+    state = {"i": 0}
+
+    def take(items):
+        item = items[state["i"] % len(items)]
+        state["i"] += 1
+        return item
+
+    def span():
+        chunk = take(chunks568)
+        objectives.span_corruption(chunk, rng=rng, vocab_size=tokenizer.vocab_size)
+        return chunk.size
+
+    def mlm(whole_word):
+        def run():
+            chunk = take(chunks512)
+            objectives.mlm(
+                chunk,
+                rng=rng,
+                mask_id=tokenizer.mask_id,
+                random_token_range=tokenizer.random_token_range,
+                word_starts=word_starts[chunk] if whole_word else None,
+            )
+            return chunk.size
+
+        return run
+
+    def gap():
+        group = take(groups)
+        objectives.gap_sentences(
+            [t for _, t in group],
+            rng=rng,
+            mask1_id=tokenizer.mask1_id,
+            sentence_units=[objectives.rouge_units(s) for s, _ in group],
+        )
+        return sum(t.size for _, t in group)
+
+    def pseudo():
+        group = take(groups)
+        objectives.pseudo_summary_indices([s for s, _ in group])
+        return sum(t.size for _, t in group)
+
+    def causal():
+        chunk = take(chunks512)
+        objectives.causal_lm(chunk)
+        return chunk.size
+
+    def prefix():
+        chunk = take(chunks512)
+        objectives.prefix_lm(chunk, rng=rng)
+        return chunk.size
+
+    runs = {
+        "span_corruption": span,
+        "mlm": mlm(False),
+        "mlm (whole word)": mlm(True),
+        "gap_sentences": gap,
+        "pseudo_summary": pseudo,
+        "causal_lm": causal,
+        "prefix_lm": prefix,
+    }
+    return {name: _timed(fn, min_seconds) for name, fn in runs.items()}
+
+
+def bench_pipeline(tokenizer, documents, min_seconds, batch_size):
+    results = {}
+    for objective in (
+        "span_corruption",
+        "mlm",
+        "causal_lm",
+        "prefix_lm",
+        "gap_sentences",
+        "pseudo_summary",
+    ):
+        config = DataConfig(objective=objective, inputs_length=512, batch_size=batch_size)
+        iterator = make_pipeline(config, tokenizer, documents=documents)
+        next(iterator)  # first-touch costs (word-start table, file handles)
+        counts = {"row": 0, "real": 0}
+
+        def step(iterator=iterator, counts=counts):
+            batch = next(iterator)
+            segment_keys = [k for k in batch if k.endswith("segment_ids")]
+            counts["real"] += sum(int((batch[k] > 0).sum()) for k in segment_keys)
+            row = sum(batch[k].size for k in segment_keys)
+            counts["row"] += row
+            return row
+
+        start = time.perf_counter()
+        row_rate = _timed(step, min_seconds)
+        elapsed = time.perf_counter() - start
+        results[objective] = {"row_tok_s": row_rate, "real_tok_s": counts["real"] / elapsed}
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short timings (seconds)")
+    parser.add_argument("--vocab_size", type=int, default=8192)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--json", default="", help="write results here")
+    args = parser.parse_args()
+    min_seconds = 0.3 if args.quick else 3.0
+
+    documents = embedded_documents()
+    start = time.perf_counter()
+    tokenizer = train_tokenizer(documents, vocab_size=args.vocab_size)
+    train_s = time.perf_counter() - start
+    chars = sum(map(len, documents))
+    start = time.perf_counter()
+    n_tokens = sum(tokenizer.encode(d).size for d in documents)
+    encode_rate = n_tokens / (time.perf_counter() - start)
+    print(
+        f"corpus: {len(documents)} documents, {chars} chars, {n_tokens} tokens "
+        f"(vocab {tokenizer.vocab_size}, {tokenizer.piece_size} pieces, trained in "
+        f"{train_s:.1f} s); tokenize: {encode_rate:,.0f} tok/s"
+    )
+
+    objective_rates = bench_objectives(tokenizer, documents, min_seconds)
+    print(f"\n{'objective alone':<22}{'tok/s':>14}")
+    for name, rate in objective_rates.items():
+        print(f"{name:<22}{rate:>14,.0f}")
+
+    pipeline_rates = bench_pipeline(
+        tokenizer, InMemoryDocuments(documents), min_seconds, args.batch_size
+    )
+    print(f"\n{'pipeline (512 in)':<22}{'row tok/s':>14}{'real tok/s':>14}{'x 400':>8}")
+    for name, rates in pipeline_rates.items():
+        print(
+            f"{name:<22}{rates['row_tok_s']:>14,.0f}{rates['real_tok_s']:>14,.0f}"
+            f"{rates['row_tok_s'] / 400:>8.0f}"
+        )
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "quick": args.quick,
+                    "tokenize_tok_s": encode_rate,
+                    "objective_tok_s": objective_rates,
+                    "pipeline": pipeline_rates,
+                },
+                f,
+                indent=2,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Markdown table and matplotlib plots of the position x attention ablation."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """One row per run: mean loss at each evaluated length and the loss beyond L at the
+    longest; skipped pairs and lengths listed with their reasons below the table."""
+    L = results["train_length"]
+    lengths = [L * m for m in results["eval_multipliers"]]
+    longest = max(lengths)
+    lines = [
+        "# Position encoding x attention: loss by evaluation length",
+        "",
+        f"Decoder-only causal LM trained at L = {L} for {results['num_train_steps']} steps "
+        f"(batch {results['batch_size']}, tokenizer {results['tokenizer']}); next-token loss "
+        f"(nats) on {results['num_eval_windows']} held-out windows. "
+        f"'beyond L' = mean loss of positions >= {L} at length {longest}.",
+        "",
+        "| kernel | position | train loss | "
+        + " | ".join(f"loss @{n}" for n in lengths)
+        + f" | beyond L @{longest} | train s |",
+        "|---|---|---:|" + "---:|" * len(lengths) + "---:|---:|",
+    ]
+    skipped = []
+    for name, run in results["runs"].items():
+        if "skipped" in run:
+            skipped.append(f"- {run['kernel']} x {run['position']}: {run['skipped']}")
+            continue
+        cells = []
+        for n in lengths:
+            entry = run["lengths"].get(str(n), {})
+            if "skipped" in entry:
+                cells.append("n/a")
+                if n == longest:
+                    skipped.append(f"- {name} at {n}: {entry['skipped']}")
+            else:
+                cells.append(_fmt(entry.get("mean_loss")))
+        beyond = run["lengths"].get(str(longest), {}).get("loss_beyond_train_length")
+        shared = "" if run["trained_as"] == name else f" (= {run['trained_as']})"
+        lines.append(
+            f"| {run['kernel']} | {run['position']}{shared} | {_fmt(run['final_train_loss'])} | "
+            + " | ".join(cells)
+            + f" | {_fmt(beyond)} | {run['train_seconds']:.0f} |"
+        )
+    if skipped:
+        lines += ["", "Not run:", *skipped]
+    return "\n".join(lines) + "\n"
+
+
+def plot_run(run: dict[str, Any], name: str, train_length: int, directory: str) -> str:
+    """PNG of loss against position, one line per evaluated length, L marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(directory, exist_ok=True)
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    for length, entry in sorted(run["lengths"].items(), key=lambda kv: int(kv[0])):
+        if "position_losses" in entry:
+            axes.plot(entry["position_losses"], label=f"eval length {length}", linewidth=1)
+    axes.axvline(train_length, color="gray", linestyle="--", linewidth=1, label="train length")
+    axes.set_xlabel("position")
+    axes.set_ylabel("next-token loss (nats)")
+    axes.set_title(name)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path = os.path.join(directory, f"{name}.png")
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -2,7 +2,8 @@
 
 An argument string is a variant name followed by comma-separated overrides, e.g.
 ``"tiny,attention=performer,optimizer.learning_rate=3e-4"``. A bare key is looked up in
-``config.model`` first, then at the top level; dotted keys are relative to the config root.
+``config.model`` and ``config.data`` (an error if both have it), then at the top level;
+dotted keys are relative to the config root.
 Unknown keys and values of the wrong type raise an error that names the key.
 """
 
@@ -13,8 +14,12 @@ import dataclasses
 
 import ml_collections
 
+from rope_jax.data.pipeline import DataConfig
 from rope_jax.model_config import ModelConfig
 from rope_jax.training import optim, sharding
+
+# Sections whose keys may be given without their prefix in the argument string.
+BARE_KEY_SECTIONS = ("model", "data")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -29,8 +34,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_steps = 4
     # Global batch (all processes together), split into optimizer.grad_accum_steps microbatches.
     config.batch_size = 8
-    config.model = ml_collections.ConfigDict()
-    config.data = ml_collections.ConfigDict()
+    config.model = model_config()
+    config.data = data_config()
+    # SentencePiece model: empty path = train one with model.vocab_size ids on the training
+    # corpus (cached in <workdir>/tokenizer); otherwise load it (e.g. mT5's spiece.model),
+    # with extra ids filling up to model.vocab_size.
+    config.tokenizer = ml_collections.ConfigDict({"path": "", "num_extra_ids": 100})
     config.optimizer = optim.default_optimizer_config()
     # Mesh axis sizes; -1 fills with the remaining devices.
     config.mesh = sharding.default_mesh_config()
@@ -66,6 +75,25 @@ def model_config(**values) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(fields)
 
 
+def data_config(**values) -> ml_collections.ConfigDict:
+    """Every ``DataConfig`` field except batch size and seed (top-level keys, copied in)."""
+    fields = {
+        f.name: f.default
+        for f in dataclasses.fields(DataConfig)
+        if f.name not in ("batch_size", "seed")
+    }
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise KeyError(f"unknown data config keys {sorted(unknown)}.")
+    fields.update(values)
+    # None-valued fields need a placeholder type for ConfigDict: -1 / 0 mean "derive".
+    if fields["targets_length"] is None:
+        fields["targets_length"] = -1
+    if fields["num_epochs"] is None:
+        fields["num_epochs"] = 0
+    return ml_collections.ConfigDict(fields)
+
+
 def parse_value(text: str):
     """Python literal if it parses (``3e-4``, ``True``, ``(1, 2)``), else the string."""
     try:
@@ -81,8 +109,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
             raise ValueError(f"config override {item!r} is not key=value.")
         key, text = (part.strip() for part in item.split("=", 1))
         value = parse_value(text)
-        if "." not in key and key in config.model:
-            key = f"model.{key}"
+        if "." not in key:
+            sections = [name for name in BARE_KEY_SECTIONS if key in config[name]]
+            if len(sections) > 1:
+                raise KeyError(
+                    f"config override {item!r}: {key!r} exists in {sections}; give the dotted "
+                    f"path, e.g. {sections[0]}.{key}."
+                )
+            if sections:
+                key = f"{sections[0]}.{key}"
         *parents, leaf = key.split(".")
         node = config
         for name in parents:
@@ -91,7 +126,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
             node = node[name]
         if leaf not in node:
             raise KeyError(
-                f"config override {item!r}: no config key {key!r} (model keys and top-level "
+                f"config override {item!r}: no config key {key!r} (model, data and top-level "
                 "keys can be given bare, others need their dotted path)."
             )
         current = node[leaf]

@@ -91,47 +91,72 @@ def set_prng_impl(name: str) -> None:
     jax.config.update("jax_default_prng_impl", "threefry2x32" if name == "threefry" else name)
 
 
-def build_model(model_config: ml_collections.ConfigDict):
-    """(flax module, frozen model config) from ``config.model``."""
+def build_model(config: ml_collections.ConfigDict):
+    """(flax module, frozen model config) from ``config.model``; packing from ``config.data``
+    decides which attention kernels are allowed (packed rows need full masks)."""
     from rope_jax.model_config import model_config_from_dict
     from rope_jax.models import build_model as build
 
-    cfg = model_config_from_dict(model_config)
-    return build(cfg), cfg
+    cfg = model_config_from_dict(config.model)
+    return build(cfg, packed_inputs=bool(config.data.pack)), cfg
+
+
+def data_settings(config: ml_collections.ConfigDict) -> dict:
+    """``config.data`` as ``DataConfig`` fields (batch size and seed from the top level)."""
+    data = config.data.to_dict()
+    data["targets_length"] = None if data["targets_length"] < 0 else data["targets_length"]
+    data["num_epochs"] = data["num_epochs"] or None
+    data.update(batch_size=config.batch_size, seed=config.seed)
+    return data
+
+
+def build_tokenizer(config: ml_collections.ConfigDict, workdir: str):
+    """The configured SentencePiece model, or one trained on the training corpus (cached)."""
+    from rope_jax.data import embedded
+    from rope_jax.data.corpora import DocumentIndex
+    from rope_jax.data.tokenizer import Tokenizer
+
+    vocab_size = config.model.vocab_size
+    if config.tokenizer.path:
+        tokenizer = Tokenizer.load(config.tokenizer.path, vocab_size=vocab_size)
+    elif config.data.paths:
+        documents = DocumentIndex(
+            config.data.paths,
+            format=config.data.format,
+            text_mode=config.data.text_mode,
+            text_field=config.data.text_field,
+        )
+        tokenizer = embedded.load_or_train_tokenizer(
+            workdir,
+            vocab_size=vocab_size,
+            num_extra_ids=config.tokenizer.num_extra_ids,
+            documents=(documents[i] for i in range(len(documents))),
+            corpus_name=config.data.paths,
+        )
+    else:
+        tokenizer = embedded.load_or_train_tokenizer(
+            workdir, vocab_size=vocab_size, num_extra_ids=config.tokenizer.num_extra_ids
+        )
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size={vocab_size}; set "
+            f"--config.model.vocab_size={tokenizer.vocab_size}."
+        )
+    return tokenizer
 
 
 def build_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
     """Training and held-out inputs from ``config.data`` for this process."""
     from rope_jax.data import pipeline
 
-    batch_size = config.batch_size
-    if batch_size % jax.process_count():
-        raise ValueError(
-            f"batch_size={batch_size} is not divisible by the {jax.process_count()} processes."
-        )
-    per_process = batch_size // jax.process_count()
-    train = pipeline.make_iterator(
-        config.data,
-        split="train",
-        batch_size=per_process,
-        seed=config.seed,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-        workdir=workdir,
-    )
+    data = data_settings(config)
+    tokenizer = build_tokenizer(config, workdir)
+    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train = pipeline.make_pipeline(data, tokenizer, **shard)
+    train.stats.log("training corpus")
 
     def eval_batches():
-        iterator = pipeline.make_iterator(
-            config.data,
-            split="validation",
-            batch_size=per_process,
-            seed=config.seed,
-            shard_index=jax.process_index(),
-            shard_count=jax.process_count(),
-            workdir=workdir,
-        )
-        for _ in range(config.eval_steps):
-            yield next(iterator)
+        return pipeline.make_eval_pipeline(data, tokenizer, num_batches=config.eval_steps, **shard)
 
     return Inputs(train=train, eval_batches=eval_batches if config.eval_steps > 0 else None)
 
@@ -181,7 +206,7 @@ def train_and_evaluate(
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     if model is None:
-        model, model_cfg = build_model(config.model)
+        model, model_cfg = build_model(config)
     if inputs is None:
         inputs = build_inputs(config, workdir)
 

@@ -1,0 +1,58 @@
+"""T5 PEGASUS (Su 2021, "T5 PEGASUS: open-sourcing a Chinese generative pretraining model"):
+an mT5 v1.1 encoder-decoder pretrained with pseudo-summaries chosen by character-level LCS.
+
+Launch (``tiny`` runs on a laptop CPU; ``small`` and ``base`` are the released mT5-based
+sizes with the 50000-id jieba+BERT vocabulary):
+
+    python train.py --config=configs/t5_pegasus.py:tiny --workdir=runs/t5_pegasus_tiny
+    python train.py --config=configs/t5_pegasus.py:base --config.tokenizer.path=/models/spm.model \\
+        --config.data.paths='/data/zh/*.jsonl' --config.data.format=jsonl --workdir=runs/t5p
+
+The blog's recipe: split text into sentences (newline and 。！？.!?), grow the target
+greedily by the sentence that maximises the LCS with the source until it passes 25% of
+the source; inputs 512, targets 256 tokens.
+"""
+
+from configs import common
+from configs.mt5 import T5_V1_1
+
+VARIANTS = ("tiny", "small", "base")
+
+SIZES = {
+    "tiny": dict(d_model=128, num_heads=4, head_dim=32, d_ff=256, num_layers=2, vocab_size=2048),
+    "small": dict(d_model=512, num_heads=6, head_dim=64, d_ff=1024, num_layers=8, vocab_size=50000),
+    "base": dict(
+        d_model=768, num_heads=12, head_dim=64, d_ff=2048, num_layers=12, vocab_size=50000
+    ),
+}
+
+
+def get_config(arg: str | None = None):
+    variant, overrides = common.split_arg(arg, VARIANTS)
+    config = common.base_config()
+    config.model = common.model_config(**T5_V1_1, **SIZES[variant])
+    config.data = common.data_config(
+        objective="pseudo_summary", inputs_length=512, targets_length=256, summary_rate=0.25
+    )
+    config.optimizer.update(
+        name="adafactor",
+        learning_rate=0.01,
+        schedule="rsqrt",
+        warmup_steps=0,
+        rsqrt_timescale=10_000,
+        weight_decay=0.0,
+        grad_clip_norm=0.0,
+    )
+    config.batch_size = 256
+    config.num_train_steps = 1_000_000
+    if variant == "tiny":
+        config.data.inputs_length = 128
+        config.data.targets_length = 64
+        config.batch_size = 16
+        config.num_train_steps = 600
+        config.log_every_steps = 50
+        config.checkpoint_every_steps = 200
+        config.eval_every_steps = 200
+        config.optimizer.rsqrt_timescale = 100
+    common.apply_overrides(config, overrides)
+    return config

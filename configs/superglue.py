@@ -33,6 +33,8 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
     config.eval_split = "val"
     config.test_split = "test"
     config.init_checkpoint = ""
+    # The config train.py ran with ("configs/mt5.py:tiny"): gives the model of a workdir.
+    config.pretrain_config = ""
     config.tokenizer = ""
     config.seed = 0
     config.max_input_length = 512

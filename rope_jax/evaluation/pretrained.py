@@ -3,8 +3,10 @@
 ``config.init_checkpoint`` may be
 
 * a ``train.py`` workdir (it has ``checkpoints/``): the params of its latest complete Orbax
-  step; the model config is the workdir's ``config.json`` ``model`` entry when train.py
-  wrote one, else ``config.model``;
+  step; the model config is, in this order, the workdir's ``config.json`` ``model`` entry,
+  the ``model`` of ``config.pretrain_config`` (the pretraining config as given to train.py,
+  e.g. ``configs/mt5.py:tiny,attention=performer``), or ``config.model``; the tokenizer is
+  the one train.py cached in ``<workdir>/tokenizer/spm.model``;
 * a Hugging Face model folder (it has ``config.json`` and weights): imported with
   ``rope_jax.convert.from_hf``; its ``spiece.model`` (T5/mT5) or tokenizer files (BERT,
   RoFormer) are used for text;
@@ -32,7 +34,13 @@ from rope_jax.evaluation import inputs as inputs_lib
 
 RANDOM_FEATURES = "random_features"
 HEAD_PARAMS = ("pooler", "classifier")
-_SPM_NAMES = ("spiece.model", "tokenizer.model", "sentencepiece.model", "spm.model")
+_SPM_NAMES = (
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.model",
+    "spm.model",
+    os.path.join("tokenizer", "spm.model"),
+)
 
 
 @dataclasses.dataclass
@@ -63,7 +71,9 @@ def _find_spm(folder: str) -> str | None:
 
 
 def _codec(config, cfg, folder: str | None):
-    vocab_size = None  # the tokenizer's own layout (pieces + T5's 100 extra ids)
+    # The model's vocabulary when the tokenizer fits in it (train.py's layout); else the
+    # tokenizer's own (a HF T5 pads its embedding to 32128 beyond 32000 + 100 extra ids).
+    vocab_size = None
     if config.tokenizer:
         return _sentencepiece_codec(config.tokenizer, vocab_size)
     spm_path = _find_spm(folder) if folder else None
@@ -77,10 +87,33 @@ def _codec(config, cfg, folder: str | None):
     )
 
 
+def _check_vocabulary(codec, cfg) -> None:
+    tokenizer = getattr(codec, "tokenizer", None)
+    pieces = getattr(tokenizer, "piece_size", None) or getattr(tokenizer, "vocab_size", None)
+    if pieces is not None and pieces > cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {pieces} pieces but the model only {cfg.vocab_size} ids; "
+            "use the tokenizer the model was pretrained with"
+        )
+
+
 def _model_config(model_dict):
     from rope_jax.model_config import model_config_from_dict
 
     return model_config_from_dict(model_dict)
+
+
+def _pretrain_model_dict(spec: str):
+    """``config.model`` of a config file given as ``path/to/config.py[:arg]``."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"pretrain_config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location("pretrain_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None).model
 
 
 def _restore_params(workdir: str) -> tuple[Any, Any, str]:
@@ -115,7 +148,9 @@ def load_source(config) -> Source:
     path = config.init_checkpoint
     if not path:
         cfg = _model_config(config.model)
-        return Source(cfg, None, None, _codec(config, cfg, None), "random init")
+        codec = _codec(config, cfg, None)
+        _check_vocabulary(codec, cfg)
+        return Source(cfg, None, None, codec, "random init")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"init_checkpoint {path} is not a directory")
     if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -124,15 +159,21 @@ def load_source(config) -> Source:
         if os.path.exists(saved):
             with open(saved) as f:
                 model_dict = json.load(f).get("model", model_dict)
+        elif config.pretrain_config:
+            model_dict = _pretrain_model_dict(config.pretrain_config)
         cfg = _model_config(model_dict)
         params, random_features, where = _restore_params(path)
-        return Source(cfg, params, random_features, _codec(config, cfg, path), where)
+        codec = _codec(config, cfg, path)
+        _check_vocabulary(codec, cfg)
+        return Source(cfg, params, random_features, codec, where)
     if os.path.exists(os.path.join(path, "config.json")):
         from rope_jax import convert
 
         model, params = convert.from_hf(path)
         cfg = model.config
-        return Source(cfg, params, {}, _codec(config, cfg, path), f"Hugging Face {path}")
+        codec = _codec(config, cfg, path)
+        _check_vocabulary(codec, cfg)
+        return Source(cfg, params, {}, codec, f"Hugging Face {path}")
     raise FileNotFoundError(
         f"init_checkpoint {path} is neither a train.py workdir (no checkpoints/) nor a Hugging "
         "Face folder (no config.json)"

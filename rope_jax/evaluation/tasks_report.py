@@ -44,4 +44,4 @@ def summary_markdown(results: dict[str, dict[str, float]], config) -> str:
         f"- average score: {'-' if average is None else f'{100 * average:.1f}'}",
         "",
     ]
-    return "\n".join(header) + markdown_table(results) + "\n"
+    return "\n".join(header) + "\n" + markdown_table(results) + "\n"

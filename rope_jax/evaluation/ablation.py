@@ -167,7 +167,12 @@ class WindowIterator:
 
 
 def lm_batch(windows: np.ndarray) -> dict[str, np.ndarray]:
-    """Decoder-only batch (contracts: input/target tokens, weights, segments, positions)."""
+    """Causal-LM batch: input/target tokens, weights, segment ids, positions.
+
+    No ``prefix_mask``: these are pure causal LM rows, and a prefix mask (even all zeros) is
+    a per-query mask that linear-family kernels reject. The trainer then calls the model
+    with tokens, segment ids and positions only, exactly as ``position_losses`` does.
+    """
     rows, width = windows.shape[0], windows.shape[1] - 1
     ones = np.ones((rows, width), np.int32)
     return {
@@ -176,7 +181,6 @@ def lm_batch(windows: np.ndarray) -> dict[str, np.ndarray]:
         "loss_weights": ones,
         "segment_ids": ones.copy(),
         "positions": np.broadcast_to(np.arange(width, dtype=np.int32), (rows, width)).copy(),
-        "prefix_mask": np.zeros((rows, width), np.int32),
     }
 
 
@@ -210,7 +214,6 @@ def position_losses(model, variables, windows: np.ndarray, batch_size: int) -> n
             batch["input_tokens"],
             segment_ids=batch["segment_ids"],
             positions=batch["positions"],
-            prefix_mask=batch["prefix_mask"],
             deterministic=True,
         ).astype(jnp.float32)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -258,6 +261,13 @@ def _train(cell: Cell, config, workdir: str, tokens: np.ndarray) -> tuple[Any, d
     last = result.history[max(result.history)] if result.history else {}
     info = {"train_seconds": seconds, "final_train_loss": last.get("loss", float("nan"))}
     return variables, info
+
+
+def _write_json(results: dict[str, Any], workdir: str) -> None:
+    path = os.path.join(workdir, "ablation.json")
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(f"{path}.tmp", path)
 
 
 def run_ablation(config, workdir: str) -> dict[str, Any]:
@@ -319,8 +329,8 @@ def run_ablation(config, workdir: str) -> dict[str, Any]:
                 "position_losses": [float(x) for x in curve],
             }
         ablation_report.plot_run(run, cell.name, L, os.path.join(workdir, "plots"))
-        with open(os.path.join(workdir, "ablation.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        _write_json(results, workdir)  # after every run, so a long grid can be inspected
+    _write_json(results, workdir)
     table = ablation_report.markdown(results)
     with open(os.path.join(workdir, "ablation.md"), "w") as f:
         f.write(table)

@@ -29,10 +29,10 @@ def markdown(results: dict[str, Any]) -> str:
         + f" | beyond L @{longest} | train s |",
         "|---|---|---:|" + "---:|" * len(lengths) + "---:|---:|",
     ]
-    skipped = []
+    skipped: dict[str, list[str]] = {}  # reason -> what it applies to, listed once
     for name, run in results["runs"].items():
         if "skipped" in run:
-            skipped.append(f"- {run['kernel']} x {run['position']}: {run['skipped']}")
+            skipped.setdefault(run["skipped"], []).append(f"{run['kernel']} x {run['position']}")
             continue
         cells = []
         for n in lengths:
@@ -40,7 +40,7 @@ def markdown(results: dict[str, Any]) -> str:
             if "skipped" in entry:
                 cells.append("n/a")
                 if n == longest:
-                    skipped.append(f"- {name} at {n}: {entry['skipped']}")
+                    skipped.setdefault(entry["skipped"], []).append(f"{name} beyond {L}")
             else:
                 cells.append(_fmt(entry.get("mean_loss")))
         beyond = run["lengths"].get(str(longest), {}).get("loss_beyond_train_length")
@@ -51,7 +51,8 @@ def markdown(results: dict[str, Any]) -> str:
             + f" | {_fmt(beyond)} | {run['train_seconds']:.0f} |"
         )
     if skipped:
-        lines += ["", "Not run:", *skipped]
+        lines += ["", "Not run:"]
+        lines += [f"- {', '.join(names)}: {reason}" for reason, names in skipped.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -40,6 +40,11 @@ def embedding_init(cfg: ModelConfig):
     return nn.initializers.normal(stddev=cfg.initializer_range or 1.0)
 
 
+def lead(v, ndim):
+    """``v`` with leading unit axes up to ``ndim`` (explicit broadcasting, no rank promotion)."""
+    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
 def constrain(x, names):
     """Activation sharding hint; a no-op unless logical axis rules are in context."""
     return nn.with_logical_constraint(x, names)
@@ -94,7 +99,7 @@ class DenseGeneral(nn.Module):
                 tuple(self.features),
                 self.param_dtype,
             )
-            out = out + bias.astype(out_dtype)
+            out = out + lead(bias.astype(out_dtype), out.ndim)
         return out.astype(out_dtype)
 
 
@@ -149,7 +154,7 @@ class RMSNorm(nn.Module):
         x_f32 = x.astype(jnp.float32)
         mean_square = jnp.mean(jnp.square(x_f32), axis=-1, keepdims=True)
         normed = x_f32 * lax.rsqrt(mean_square + self.epsilon)
-        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+        return (normed * lead(scale.astype(jnp.float32), x.ndim)).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -178,7 +183,8 @@ class LayerNorm(nn.Module):
         mean = jnp.mean(x_f32, axis=-1, keepdims=True)
         variance = jnp.mean(jnp.square(x_f32 - mean), axis=-1, keepdims=True)
         normed = (x_f32 - mean) * lax.rsqrt(variance + self.epsilon)
-        return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+        scale = lead(scale.astype(jnp.float32), x.ndim)
+        return (normed * scale + lead(bias.astype(jnp.float32), x.ndim)).astype(self.dtype)
 
 
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
@@ -239,6 +245,14 @@ def kernel_hyperparameters(cfg: ModelConfig, name: str) -> dict:
     if name == "nystrom":
         return {"num_landmarks": cfg.num_landmarks}
     return {}
+
+
+# Recurrent forms (init_state, step) of the causal linear-family kernels.
+RECURRENT_FNS = {
+    "performer": (attention_lib.performer_init_state, attention_lib.performer_step),
+    "linear": (attention_lib.linear_init_state, attention_lib.linear_step),
+    "taylor": (attention_lib.taylor_init_state, attention_lib.taylor_step),
+}
 
 
 def rope_spec(cfg: ModelConfig) -> RopeSpec:
@@ -308,12 +322,40 @@ class MultiHeadAttention(nn.Module):
             self.kernel_name, **kernel_hyperparameters(cfg, self.kernel_name)
         )
         if self.kernel_name == "performer":
+            if not self.is_initializing() and not self.has_variable(
+                "random_features", "projection"
+            ):
+                raise ValueError(
+                    "performer attention needs its random projections: apply the model with "
+                    "{'params': params, 'random_features': variables['random_features']}."
+                )
             self.projection = self.variable(
                 "random_features",
                 "projection",
                 lambda: attention_lib.performer_projection(
                     self.make_rng("params"), cfg.num_features, head_dim, orthogonal=True
                 ),
+            )
+        if self.kernel_name == "nystrom" and cfg.conv_kernel_size and not self.cross:
+            # Depthwise convolution skip on V (Nystromformer), one filter per head.
+            self.conv_weights = self.param(
+                "conv_weights",
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(stddev=cfg.conv_kernel_size**-0.5), (None, "heads")
+                ),
+                (cfg.conv_kernel_size, heads),
+                cfg.storage_dtype,
+            )
+        if self.kernel_name == "random_synthesizer":
+            # Random Synthesizer (Tay et al. 2021): input-independent attention logits.
+            self.synthesizer_logits = self.param(
+                "synthesizer_logits",
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(stddev=cfg.initializer_range or 1.0),
+                    ("heads", None, None),
+                ),
+                (heads, cfg.max_length, cfg.max_length),
+                cfg.storage_dtype,
             )
 
     # The kernel applies RoPE itself only for linear-family kernels (RoFormer's recipe needs
@@ -323,29 +365,38 @@ class MultiHeadAttention(nn.Module):
     def _kernel_rotates(self) -> bool:
         return self.use_rope and self.traits.recurrent
 
-    def _kernel_kwargs(self, q_positions, kv_positions):
+    def _kernel_kwargs(self, q_positions, kv_positions, q_len, kv_len, q_offset=0):
         cfg = self.config
         kwargs = {}
         if _accepts(self.attention_fn, "scale"):
             kwargs["scale"] = cfg.head_dim**-0.5 if cfg.scale_queries else 1.0
         if self.kernel_name == "performer":
-            if not self.is_initializing() and not self.has_variable(
-                "random_features", "projection"
-            ):
-                raise ValueError(
-                    "performer attention needs its random projections: apply the model with "
-                    "{'params': params, 'random_features': variables['random_features']}."
-                )
             kwargs["projection"] = self.projection.value
+        if self.kernel_name == "nystrom" and cfg.conv_kernel_size and not self.cross:
+            kwargs["conv_weights"] = self.conv_weights
+        if self.kernel_name == "random_synthesizer":
+            if max(q_len, kv_len) > cfg.max_length:
+                raise ValueError(
+                    f"random_synthesizer attention has logits for max_length={cfg.max_length} "
+                    f"positions, got lengths {q_len} x {kv_len}; raise max_length."
+                )
+            kwargs["logits"] = lax.dynamic_slice(
+                self.synthesizer_logits, (0, q_offset, 0), (cfg.num_heads, q_len, kv_len)
+            )
         if self._kernel_rotates:
             kwargs.update(rope=rope_spec(cfg), q_positions=q_positions, kv_positions=kv_positions)
         return kwargs
 
     def _query_multiplier(self) -> float:
-        """Kernels without a ``scale`` argument compute softmax(q k^T / sqrt(D))-like scores."""
-        if _accepts(self.attention_fn, "scale") or self.config.scale_queries:
-            return 1.0
-        return self.config.head_dim**0.5
+        """Performer approximates softmax(q k^T / sqrt(D)) and has no ``scale`` argument.
+
+        Without query scaling (T5) its queries are multiplied by sqrt(D) so that it
+        approximates softmax(q k^T) instead. Kernels with ``scale`` get it directly; the
+        linear (elu) kernel has no softmax to match and is left as it is.
+        """
+        if self.kernel_name == "performer" and not self.config.scale_queries:
+            return self.config.head_dim**0.5
+        return 1.0
 
     def _cross_keys_values(self, x_kv, decode: bool):
         if not decode:
@@ -374,6 +425,7 @@ class MultiHeadAttention(nn.Module):
         filled.value = jnp.ones((), bool)
         return k_BSHD, v_BSHD
 
+    @nn.compact
     def __call__(
         self,
         x_q_BTE,
@@ -409,6 +461,9 @@ class MultiHeadAttention(nn.Module):
             k_BSHD, v_BSHD = self.key(x_q_BTE), self.value(x_q_BTE)
         q_BTHD = constrain(q_BTHD, ("batch", "length", "heads", "kv"))
 
+        if decode and not self.cross:
+            # The new keys sit at the new tokens' positions; kv_positions covers the cache.
+            kv_positions = q_positions
         if self.use_rope and not self._kernel_rotates:
             spec = rope_spec(cfg)
             q_BTHD = spec.apply(q_BTHD, q_positions)
@@ -416,7 +471,7 @@ class MultiHeadAttention(nn.Module):
 
         if decode and not self.cross:
             if self.traits.recurrent and self.causal:
-                out_BTHD = self._recurrent_decode(q_BTHD, k_BSHD, v_BSHD, q_positions)
+                out_BTHD = self._recurrent_decode(q_BTHD, k_BSHD, v_BSHD, q_positions, kv_valid_BS)
             else:
                 out_BTHD = self._cached_decode(q_BTHD, k_BSHD, v_BSHD, mask, kv_valid_BS, bias)
             return self.out(out_BTHD)
@@ -427,7 +482,7 @@ class MultiHeadAttention(nn.Module):
         return self.out(out_BTHD)
 
     def _attend(self, q_BTHD, k_BSHD, v_BSHD, mask, kv_valid_BS, bias, q_positions, kv_positions):
-        kwargs = self._kernel_kwargs(q_positions, kv_positions)
+        kwargs = self._kernel_kwargs(q_positions, kv_positions, q_BTHD.shape[1], k_BSHD.shape[1])
         if self.traits.full_mask:
             return self.attention_fn(q_BTHD, k_BSHD, v_BSHD, mask=mask, bias=bias, **kwargs)
         key_mask = None if kv_valid_BS is None else masks.padding_mask(kv_valid_BS)
@@ -464,56 +519,64 @@ class MultiHeadAttention(nn.Module):
         cached_valid.value = lax.dynamic_update_slice(cached_valid.value, new_valid_BT, (0, index))
         cache_index.value = index + length
         max_length = cached_key.value.shape[1]
-        slot_S = jnp.arange(max_length)
-        written_TS = slot_S[None, :] <= index + jnp.arange(length)[:, None]
-        if not self.causal:
-            written_TS = jnp.broadcast_to(slot_S[None, :] < index + length, written_TS.shape)
-        cache_mask = written_TS[None, None] & cached_valid.value[:, None, None, :]
+        # Unwritten slots are still False in cached_valid. The caller's mask says which
+        # written slots each query sees (causal, prefix LM); plain causal if none is given.
+        cache_mask = cached_valid.value[:, None, None, :]
+        if mask is None and self.causal:
+            slot_S = jnp.arange(max_length)
+            mask = (slot_S[None, :] <= index + jnp.arange(length)[:, None])[None, None]
         full_mask = masks.combine_masks(mask, cache_mask)
-        kwargs = self._kernel_kwargs(None, None)
+        kwargs = self._kernel_kwargs(None, None, length, max_length, q_offset=index)
         return self.attention_fn(
             q_BTHD, cached_key.value, cached_value.value, mask=full_mask, bias=bias, **kwargs
         )
 
-    def _recurrent_decode(self, q_BTHD, k_BTHD, v_BTHD, positions_BT):
+    def _recurrent_decode(self, q_BTHD, k_BTHD, v_BTHD, positions_BT, kv_valid_BT):
         """Advances the causal linear kernel's recurrent state over the T new tokens."""
-        module = attention_lib.recurrent_module(self.kernel_name)
+        init_state, step = RECURRENT_FNS[self.kernel_name]
         cfg = self.config
         batch, length = q_BTHD.shape[:2]
-        extra = {}
+        init_kwargs, step_kwargs = {}, {}
         if self.kernel_name == "performer":
-            extra["projection"] = self.projection.value
-        extra.update(kernel_hyperparameters(cfg, self.kernel_name))
+            init_kwargs["num_features"] = cfg.num_features
+            step_kwargs.update(projection=self.projection.value, kernel=cfg.performer_kernel)
+        if self.kernel_name == "taylor":
+            step_kwargs["scale"] = cfg.head_dim**-0.5 if cfg.scale_queries else 1.0
+        if self.use_rope:
+            step_kwargs["rope"] = rope_spec(cfg)
         initialized = self.has_variable("cache", "state")
         state = self.variable(
             "cache",
             "state",
-            lambda: module.init_state(batch, cfg.num_heads, cfg.head_dim, cfg.head_dim, **extra),
+            lambda: init_state(batch, cfg.num_heads, cfg.head_dim, cfg.head_dim, **init_kwargs),
         )
         if not initialized:
             return self._attend(
                 q_BTHD, k_BTHD, v_BTHD, None, None, None, positions_BT, positions_BT
             )
-        step_kwargs = dict(extra)
-        if self.use_rope:
-            step_kwargs["rope"] = rope_spec(cfg)
         if positions_BT is None:
             positions_BT = jnp.zeros((batch, length), jnp.int32)
         positions_BT = jnp.broadcast_to(positions_BT, (batch, length))
+        if kv_valid_BT is None:
+            kv_valid_BT = jnp.ones((batch, length), bool)
 
         def body(carry, inputs):
-            q_t, k_t, v_t, position_t = inputs
-            carry, out_t = module.step(
+            q_t, k_t, v_t, position_t, valid_t = inputs
+            carry, out_t = step(
                 carry,
                 q_t[:, None],
                 k_t[:, None],
                 v_t[:, None],
-                position=position_t[:, None],
+                mask=valid_t[:, None, None, None],
+                position=position_t,
                 **step_kwargs,
             )
             return carry, out_t[:, 0]
 
-        time_major = [jnp.moveaxis(a, 1, 0) for a in (q_BTHD, k_BTHD, v_BTHD, positions_BT)]
+        time_major = [
+            jnp.moveaxis(a, 1, 0)
+            for a in (q_BTHD, k_BTHD, v_BTHD, positions_BT, kv_valid_BT.astype(bool))
+        ]
         new_state, out_TBHD = lax.scan(body, state.value, time_major)
         state.value = new_state
         return jnp.moveaxis(out_TBHD, 0, 1).astype(q_BTHD.dtype)

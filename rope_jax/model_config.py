@@ -63,6 +63,8 @@ KERNEL_TRAITS: dict[str, KernelTraits] = {
     # Nystrom's landmarks are means over query and key segments: every output depends on
     # every position, so it has no causal form.
     "nystrom": KernelTraits(full_mask=False, causal=False, bias=False, recurrent=False),
+    # Random Synthesizer: learned [H, max_length, max_length] logits, masked like softmax.
+    "random_synthesizer": KernelTraits(full_mask=True, causal=True, bias=True, recurrent=False),
 }
 
 
@@ -299,6 +301,13 @@ def validate_model_config(
                     f"'learned' or 'none', or use softmax attention."
                 )
     if cfg.position == "rope":
+        for role in ("attention", "decoder_attention"):
+            if kernels.get(role) == "random_synthesizer":
+                raise ValueError(
+                    f"position='rope' rotates q and k, which {role}='random_synthesizer' "
+                    f"never uses (its attention logits are learned per position pair); choose "
+                    f"position='none', 'learned', 'sinusoidal', 't5_bias' or 'alibi'."
+                )
         if cfg.head_dim % 2:
             raise ValueError(
                 f"position='rope' rotates pairs of dimensions, so head_dim must be even "

@@ -58,6 +58,7 @@ from rope_jax.layers import (
     constrain,
     dense_init,
     embedding_init,
+    lead,
     make_norm,
 )
 from rope_jax.model_config import (
@@ -490,7 +491,7 @@ class MLMHead(nn.Module):
             (cfg.vocab_size,),
             cfg.storage_dtype,
         )
-        return logits_BLV + output_bias.astype(jnp.float32)
+        return logits_BLV + lead(output_bias.astype(jnp.float32), logits_BLV.ndim)
 
 
 class EncoderDecoder(nn.Module):

@@ -1,0 +1,146 @@
+"""Parameter counts and model training FLOPs, counted per part.
+
+Training FLOPs are ``3 x`` the forward matmul FLOPs (backward = 2 x forward), with the
+forward counted as
+
+* ``2 x (encoder matmul weights) x input tokens``,
+* ``2 x (decoder matmul weights + output layer) x target tokens``,
+* the attention matmuls of every layer (score and value products, or the feature-space
+  products of linear kernels), for the lengths each attention sees.
+
+Embedding lookups, norms, biases, activations and softmax are not counted (they are not
+matmuls; the convention of Kaplan et al. 2020 and PaLM's MFU). Causal attention is counted
+as the full ``T x S`` product because that is what the softmax kernel computes. This is
+what "6 x params x tokens" gets wrong for an encoder-decoder: with 512 input and 114 target
+tokens (T5 span corruption) it charges every weight for all 626 tokens and overcounts a
+T5 by about 2.7x.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+
+from rope_jax.model_config import ModelConfig
+
+
+def count_params(params) -> int:
+    """Number of scalars in a parameter pytree (boxed logical-partitioning leaves are fine)."""
+    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.unbox(params))))
+
+
+def attention_forward_flops(cfg: ModelConfig, kernel: str, q_len: int, kv_len: int) -> float:
+    """Forward matmul FLOPs of one attention layer's kernel (projections excluded)."""
+    heads, head_dim = cfg.num_heads, cfg.head_dim
+    if kernel == "softmax":
+        # q k^T and weights v.
+        return 4.0 * q_len * kv_len * heads * head_dim
+    if kernel == "performer":
+        m = cfg.num_features
+        # Feature projections of q and k, phi(K)^T V and phi(Q) (phi(K)^T V).
+        return 2.0 * heads * m * head_dim * (2 * q_len + 2 * kv_len)
+    if kernel in ("linear", "taylor"):
+        m = head_dim if kernel == "linear" else 1 + head_dim + head_dim**2
+        if kernel == "taylor":
+            features = 2.0 * heads * head_dim**2 * (q_len + kv_len)  # outer products
+        else:
+            features = 0.0
+        return features + 2.0 * heads * m * head_dim * (q_len + kv_len)
+    if kernel == "nystrom":
+        m = min(cfg.num_landmarks, q_len, kv_len)
+        # softmax(Q K~^T), softmax(Q~ K^T), its product with V, the two products that
+        # assemble the output, and 6 Newton-Schulz iterations of 4 m x m matmuls.
+        per_head = (
+            2.0 * q_len * m * head_dim
+            + 4.0 * m * kv_len * head_dim
+            + 2.0 * q_len * m * m
+            + 2.0 * q_len * m * head_dim
+            + 6 * 4 * 2.0 * m**3
+        )
+        return heads * per_head
+    raise ValueError(f"No FLOP count for attention kernel {kernel!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingFlops:
+    """Training FLOPs of one example, by part (all already include the 3x for fwd + bwd)."""
+
+    encoder_weights: float
+    decoder_weights: float
+    output_layer: float
+    attention: float
+
+    @property
+    def total(self) -> float:
+        return self.encoder_weights + self.decoder_weights + self.output_layer + self.attention
+
+
+def _layer_weights(cfg: ModelConfig, cross: bool) -> int:
+    attention = 4 * cfg.d_model * cfg.num_heads * cfg.head_dim
+    mlp = (3 if cfg.gated_mlp else 2) * cfg.d_model * cfg.d_ff
+    return attention * (2 if cross else 1) + mlp
+
+
+def training_flops(cfg: ModelConfig, input_len: int, target_len: int = 0) -> TrainingFlops:
+    """Training FLOPs (forward + backward) of one example of the given lengths.
+
+    encoder: ``input_len`` tokens, MLM logits at every position (or a classifier on the
+    first token). decoder: ``input_len`` tokens (``target_len`` is ignored; inputs and
+    targets are the same sequence shifted). encoder_decoder: ``input_len`` encoder and
+    ``target_len`` decoder tokens.
+    """
+    e, v = cfg.d_model, cfg.vocab_size
+    if cfg.family == "encoder":
+        encoder = _layer_weights(cfg, cross=False) * cfg.num_layers * input_len
+        if cfg.num_labels:
+            output = (e * e + e * cfg.num_labels) * 1
+        else:
+            output = (e * e + e * v) * input_len
+        attention = cfg.num_layers * attention_forward_flops(
+            cfg, cfg.attention, input_len, input_len
+        )
+        decoder = 0
+    elif cfg.family == "decoder":
+        encoder = 0
+        decoder = _layer_weights(cfg, cross=False) * cfg.num_layers * input_len
+        output = e * v * input_len
+        attention = cfg.num_layers * attention_forward_flops(
+            cfg, cfg.attention, input_len, input_len
+        )
+    else:
+        encoder = _layer_weights(cfg, cross=False) * cfg.num_layers * input_len
+        decoder = _layer_weights(cfg, cross=True) * cfg.decoder_layers * target_len
+        output = e * v * target_len
+        attention = cfg.num_layers * attention_forward_flops(
+            cfg, cfg.attention, input_len, input_len
+        ) + cfg.decoder_layers * (
+            attention_forward_flops(cfg, cfg.decoder_self_attention, target_len, target_len)
+            + attention_forward_flops(cfg, cfg.decoder_cross_attention, target_len, input_len)
+        )
+    # 2 FLOPs per multiply-add, 3x for forward + backward.
+    return TrainingFlops(
+        encoder_weights=6.0 * encoder,
+        decoder_weights=6.0 * decoder,
+        output_layer=6.0 * output,
+        attention=3.0 * attention,
+    )
+
+
+def training_flops_per_example(cfg: ModelConfig, input_len: int, target_len: int = 0) -> float:
+    """Total training FLOPs of one example (see ``training_flops`` for the parts)."""
+    return training_flops(cfg, input_len, target_len).total
+
+
+def flops_per_token(cfg: ModelConfig, input_len: int, target_len: int = 0) -> float:
+    """Training FLOPs per INPUT token: ``training_flops_per_example / input_len``.
+
+    Multiply by ``batch x input_len`` for the FLOPs of a step. For an encoder-decoder the
+    decoder and output-layer FLOPs (which scale with ``target_len``) are spread over the
+    input tokens, so the product is exact.
+    """
+    if input_len < 1:
+        raise ValueError(f"input_len must be positive, got {input_len}.")
+    return training_flops_per_example(cfg, input_len, target_len) / input_len

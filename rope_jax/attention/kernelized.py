@@ -105,14 +105,14 @@ def causal(
         _chunked(x, num_chunks, chunk_size)
         for x in (num_q_BLHM, num_k_BLHM, den_q_BLHM, den_k_BLHM, v_BLHD, key_shift_BLH)
     )
-    lower_TS = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+    lower_11TS = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))[None, None]
 
     def one_chunk(state, chunk):
         num_q, num_k, den_q, den_k, v, shift_BCH = chunk
         # Pair weights exp(shift_s - shift_t) <= 1 for s <= t; exactly 0 above the diagonal.
         shift_BHC = shift_BCH.transpose(0, 2, 1)
         exponent_BHTS = shift_BHC[:, :, None, :] - shift_BHC[:, :, :, None]
-        pair_BHTS = jnp.exp(jnp.where(lower_TS, exponent_BHTS, -jnp.inf))
+        pair_BHTS = jnp.exp(jnp.where(lower_11TS, exponent_BHTS, -jnp.inf))
         scores_BHTS = jnp.einsum("BTHM,BSHM->BHTS", num_q, num_k) * pair_BHTS
         numerator_BTHD = jnp.einsum("BHTS,BSHD->BTHD", scores_BHTS, v)
         den_scores_BHTS = jnp.einsum("BTHM,BSHM->BHTS", den_q, den_k) * pair_BHTS

@@ -35,7 +35,8 @@ def segment_means_weights(valid_BL, num_landmarks):
     rank_BL = jnp.cumsum(valid_BL, axis=1) - valid_BL
     count_B1 = jnp.maximum(jnp.sum(valid_BL, axis=1, keepdims=True), 1)
     segment_BL = (rank_BL * num_landmarks) // count_B1
-    member_BLM = (segment_BL[:, :, None] == jnp.arange(num_landmarks)) & (valid_BL[:, :, None] > 0)
+    landmark_11M = jnp.arange(num_landmarks)[None, None, :]
+    member_BLM = (segment_BL[:, :, None] == landmark_11M) & (valid_BL[:, :, None] > 0)
     sizes_BM = jnp.sum(member_BLM, axis=1)
     weights_BLM = member_BLM / jnp.maximum(sizes_BM, 1)[:, None, :].astype(jnp.float32)
     return weights_BLM.astype(jnp.float32), sizes_BM > 0
@@ -55,10 +56,14 @@ def iterative_pinv(a_BHMK, num_iterations):
         jnp.swapaxes(a_BHMK, -1, -2)
         / jnp.where(norm_product_BH > 0, norm_product_BH, 1.0)[:, :, None, None]
     )
-    identity = jnp.eye(a_BHMK.shape[-1], dtype=jnp.float32)
+    identity_11MM = jnp.eye(a_BHMK.shape[-1], dtype=jnp.float32)[None, None]
     for _ in range(num_iterations):
         az = a_BHMK @ z_BHKM
-        z_BHKM = 0.25 * z_BHKM @ (13 * identity - az @ (15 * identity - az @ (7 * identity - az)))
+        z_BHKM = (
+            0.25
+            * z_BHKM
+            @ (13 * identity_11MM - az @ (15 * identity_11MM - az @ (7 * identity_11MM - az)))
+        )
     return z_BHKM
 
 

@@ -12,8 +12,9 @@ them):
   * keys, bidirectional: one maximum over all valid keys and features of each (batch, head).
   * keys, causal: the RUNNING maximum over keys ``<= s`` (``lax.cummax``), rescaled pairwise
     as in online softmax (see ``kernelized``). The reference implementation takes one maximum
-    over the whole sequence, which lets a later key change (or underflow) earlier outputs;
-    here an output never depends on a later position, in value or in gradient.
+    over the whole sequence, so earlier outputs depend on later keys (through rounding, and
+    through the epsilon it adds to the features, which breaks the exact cancellation); here
+    an output never depends on a later position, bit for bit and in the gradient.
 Padded keys get zero features, so they leave numerator AND denominator (the reference
 implementation only zeroes their values, which keeps them in the denominator).
 The ReLU kernel follows the reference implementation:

@@ -9,6 +9,28 @@ from rope_jax.attention import _inputs
 from rope_jax.attention.masks import causal_mask, combine_masks
 
 
+@jax.custom_jvp
+def _softmax_last_axis(logits):
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    # The shift cancels in the ratio; an all -inf row gets shift 0, so exp gives exact
+    # zeros and the row comes out as zeros instead of 0 / 0.
+    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    unnormalized = jnp.exp(logits - row_max)
+    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    # max(), not where(): a where on the row sums stops XLA's CPU fusion (~1.7x slower).
+    return unnormalized / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
+
+
+@_softmax_last_axis.defjvp
+def _softmax_last_axis_jvp(primals, tangents):
+    # d softmax = w * (t - <w, t>): keeps only the weights for the backward pass (as
+    # jax.nn.softmax does), and entries with weight 0 (masked) get exactly 0.
+    (logits,), (logits_dot,) = primals, tangents
+    weights = _softmax_last_axis(logits)
+    weighted_mean = jnp.sum(weights * logits_dot, axis=-1, keepdims=True)
+    return weights, weights * (logits_dot - weighted_mean)
+
+
 def masked_softmax(logits, mask=None):
     """Float32 softmax over the last axis where masked entries get weight exactly 0.
 
@@ -18,13 +40,7 @@ def masked_softmax(logits, mask=None):
     logits = logits.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, -jnp.inf)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
-    # The shift cancels in the ratio, so no gradient flows through it; an all -inf row
-    # gets shift 0 so that exp gives exact zeros instead of NaN.
-    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-    unnormalized = jnp.exp(logits - row_max)
-    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
-    return unnormalized / jnp.where(total > 0, total, 1.0)
+    return _softmax_last_axis(logits)
 
 
 def softmax_attention(

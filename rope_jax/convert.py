@@ -33,9 +33,10 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -184,7 +185,13 @@ def _t5_config(hf: Mapping[str, Any]) -> dict[str, Any]:
         activation, approximate = _hf_activation(activation, "feed_forward_proj")
     if gated and activation not in ("gelu", "silu"):
         raise ConversionError(f"feed_forward_proj={projection!r} is not supported")
-    if "scale_decoder_outputs" in hf:
+    if hf.get("model_type") == "mt5" or "MT5ForConditionalGeneration" in (
+        hf.get("architectures") or []
+    ):
+        # Every mT5 release follows T5 v1.1: own output layer, no d_model**-0.5 rescale
+        # (transformers 5 ties the layer when the checkpoint has no lm_head.weight).
+        tied = False
+    elif "scale_decoder_outputs" in hf:
         tied = bool(hf["scale_decoder_outputs"])
     else:
         tied = bool(hf.get("tie_word_embeddings", True))
@@ -196,7 +203,12 @@ def _t5_config(hf: Mapping[str, Any]) -> dict[str, Any]:
         head_dim=hf["d_kv"],
         d_ff=hf["d_ff"],
         num_layers=hf["num_layers"],
-        num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+        # 0 = as many as the encoder (ModelConfig's convention).
+        num_decoder_layers=(
+            0
+            if (hf.get("num_decoder_layers") or hf["num_layers"]) == hf["num_layers"]
+            else hf["num_decoder_layers"]
+        ),
         mlp_activation=("gated-" if gated else "") + activation,
         gelu_approximate=approximate,
         norm="rms",
@@ -524,18 +536,20 @@ def _params_from_tensors(
     return flat
 
 
-def _flatten(tree, prefix=""):
+def flatten_params(tree, prefix=""):
+    """``{"a": {"b": x}}`` -> ``{"a/b": x}`` (the paths used in error messages and mappings)."""
     flat = {}
     for key, value in tree.items():
         path = f"{prefix}/{key}" if prefix else key
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, path))
+            flat.update(flatten_params(value, path))
         else:
             flat[path] = value
     return flat
 
 
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten_params`."""
     tree: dict[str, Any] = {}
     for path, value in flat.items():
         node = tree
@@ -552,14 +566,7 @@ def param_shapes(model) -> dict[str, jax.ShapeDtypeStruct]:
     tokens = jnp.ones((1, 2), jnp.int32)
     args = (tokens, tokens) if cfg.family == "encoder_decoder" else (tokens,)
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))
-    params = nn_unbox(variables["params"])
-    return _flatten(params)
-
-
-def nn_unbox(tree):
-    import flax.linen as nn
-
-    return nn.unbox(tree)
+    return flatten_params(nn.unbox(variables["params"]))
 
 
 def from_hf(
@@ -583,10 +590,158 @@ def from_hf(
     cfg = config_from_hf(hf_config, **overrides)
     model = models_lib.build_model(cfg)
     flat = _params_from_tensors(architecture, cfg, tensors, param_shapes(model), strict=strict)
-    params = jax.tree_util.tree_map(jnp.asarray, _unflatten(flat))
+    params = jax.tree_util.tree_map(jnp.asarray, unflatten_params(flat))
     return model, params
 
 
-def _iter_hf_names(entries: Iterable) -> Iterable[str]:
-    for _, hf_names, _ in entries:
-        yield hf_names if isinstance(hf_names, str) else hf_names[0]
+# ----------------------------------------------------------------------------- export
+
+
+def _require(cfg: ModelConfig, architecture: str, **expected: Any) -> None:
+    for field, value in expected.items():
+        if getattr(cfg, field) != value:
+            raise ConversionError(
+                f"{architecture} has {field}={value!r}; this config has "
+                f"{field}={getattr(cfg, field)!r}, which the Hugging Face model cannot express"
+            )
+
+
+def hf_config_from_model_config(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
+    """``(architecture, config.json dict)`` for a config HF's T5 / BERT / RoFormer can run."""
+    for field in ("attention", "decoder_attention", "cross_attention"):
+        if getattr(cfg, field) not in ("", "softmax"):
+            raise ConversionError(
+                f"{field}={getattr(cfg, field)!r}: HF models use softmax attention"
+            )
+    if cfg.family == "encoder_decoder":
+        architecture = "T5ForConditionalGeneration"
+        _require(
+            cfg,
+            architecture,
+            position="t5_bias",
+            norm="rms",
+            norm_placement="pre",
+            use_bias=False,
+            scale_queries=False,
+        )
+        if cfg.mlp_activation == "gated-gelu":
+            _require(cfg, architecture, gelu_approximate=True)
+        elif cfg.mlp_activation != "relu":
+            raise ConversionError(f"mlp_activation={cfg.mlp_activation!r} has no T5 equivalent")
+        return architecture, {
+            "architectures": [architecture],
+            "model_type": "t5",
+            "vocab_size": cfg.vocab_size,
+            "d_model": cfg.d_model,
+            "d_kv": cfg.head_dim,
+            "d_ff": cfg.d_ff,
+            "num_layers": cfg.num_layers,
+            "num_decoder_layers": cfg.decoder_layers,
+            "num_heads": cfg.num_heads,
+            "relative_attention_num_buckets": cfg.relpos_num_buckets,
+            "relative_attention_max_distance": cfg.relpos_max_distance,
+            "layer_norm_epsilon": cfg.layer_norm_epsilon,
+            "feed_forward_proj": cfg.mlp_activation,
+            "dropout_rate": cfg.dropout_rate,
+            # transformers 4 reads tie_word_embeddings, transformers 5 scale_decoder_outputs.
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "scale_decoder_outputs": cfg.tie_embeddings,
+            "is_encoder_decoder": True,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            "decoder_start_token_id": 0,
+        }
+    if cfg.family != "encoder":
+        raise ConversionError(f"family={cfg.family!r} has no Hugging Face export")
+    rope = cfg.position == "rope"
+    if rope:
+        architecture = "RoFormerForMaskedLM"
+        _require(
+            cfg,
+            architecture,
+            rope_layout="interleaved",
+            rope_base=10000.0,
+            rope_scale=1.0,
+            rope_ntk_factor=1.0,
+        )
+    else:
+        architecture = "BertForSequenceClassification" if cfg.num_labels else "BertForMaskedLM"
+        _require(cfg, architecture, position="learned")
+    _require(
+        cfg,
+        architecture,
+        norm="layer",
+        norm_placement="post",
+        use_bias=True,
+        scale_queries=True,
+        tie_embeddings=True,
+        head_dim=cfg.d_model // cfg.num_heads,
+    )
+    if rope and cfg.num_labels:
+        raise ConversionError("RoFormer export covers the masked-LM head only (num_labels=0)")
+    if cfg.mlp_activation not in ("gelu", "relu"):
+        raise ConversionError(f"mlp_activation={cfg.mlp_activation!r} has no BERT equivalent")
+    activation = cfg.mlp_activation
+    if activation == "gelu" and cfg.gelu_approximate:
+        activation = "gelu_new"
+    values = {
+        "architectures": [architecture],
+        "model_type": "roformer" if rope else "bert",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.d_ff,
+        "hidden_act": activation,
+        "max_position_embeddings": cfg.max_length,
+        "type_vocab_size": cfg.type_vocab_size,
+        "layer_norm_eps": cfg.layer_norm_epsilon,
+        "hidden_dropout_prob": cfg.dropout_rate,
+        "attention_probs_dropout_prob": cfg.dropout_rate,
+        "initializer_range": cfg.initializer_range or 0.02,
+        "pad_token_id": cfg.pad_id,
+    }
+    if rope:
+        values["embedding_size"] = cfg.d_model
+    if cfg.num_labels:
+        values["num_labels"] = cfg.num_labels
+        values["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+        values["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+    if not cfg.type_vocab_size:
+        raise ConversionError("BERT-style exports need token-type embeddings (type_vocab_size > 0)")
+    return architecture, values
+
+
+def to_hf_tensors(architecture: str, cfg: ModelConfig, params) -> dict[str, np.ndarray]:
+    """This project's params as a Hugging Face state dict (float32 numpy)."""
+    flat = flatten_params(jax.device_get(nn.unbox(params)))
+    tensors = {}
+    for path, hf_names, kind in hf_mapping(architecture, cfg):
+        name = hf_names if isinstance(hf_names, str) else hf_names[0]
+        if path not in flat:
+            raise ConversionError(f"params have no {path!r}, needed for {name!r}")
+        array = np.asarray(flat[path], np.float32)
+        if kind in (LINEAR, LINEAR_FROM_HEADS):
+            inputs = 2 if kind == LINEAR_FROM_HEADS else 1
+            array = array.reshape(math.prod(array.shape[:inputs]), -1).T
+        elif name.endswith(".bias"):
+            array = array.reshape(-1)
+        tensors[name] = np.ascontiguousarray(array)
+    return tensors
+
+
+def to_hf(model_or_config, params, path: str | os.PathLike) -> str:
+    """Writes ``config.json`` and ``model.safetensors`` that Hugging Face loads with
+    ``AutoModelFor...from_pretrained(path)``. Returns the architecture name.
+    """
+    from safetensors.numpy import save_file
+
+    cfg = getattr(model_or_config, "config", model_or_config)
+    architecture, hf_config = hf_config_from_model_config(cfg)
+    tensors = to_hf_tensors(architecture, cfg, params)
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    save_file(tensors, os.path.join(path, SAFETENSORS_FILE), metadata={"format": "pt"})
+    return architecture

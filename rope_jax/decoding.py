@@ -33,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 
@@ -176,13 +177,15 @@ def sample(
     top_p: float = 1.0,
     consistent: bool = False,
     greedy: bool = False,
+    start_position: int = 0,
 ) -> DecodeOutput:
     """Greedy decoding (``greedy=True`` or ``rng=None``) or ancestral sampling.
 
     Sampling draws from ``softmax(logits / temperature)`` restricted by ``top_k`` and then
     ``top_p`` (0 / 1 disable them); ``consistent=True`` keeps EOS in the candidate set
     (Welleck et al. 2020). One model call per position; rows that finished keep feeding
-    ``pad_id`` until all rows are done.
+    ``pad_id`` until all rows are done. ``start_position``: the state has already consumed
+    the tokens before it (a prefilled prompt); the first call feeds that position's token.
     """
     greedy = greedy or rng is None
     if not greedy and temperature <= 0:
@@ -224,14 +227,14 @@ def sample(
         sequences_BL = sequences_BL.at[:, next_position].set(token_B)
         return next_position, sequences_BL, state, finished_B, log_probs_B, lengths_B
 
-    sequences_BL = jnp.where(jnp.arange(max_length) < 1, prompt_BL, pad_id)
+    sequences_BL = jnp.where(jnp.arange(max_length) <= start_position, prompt_BL, pad_id)
     carry = (
-        jnp.asarray(0, jnp.int32),
+        jnp.asarray(start_position, jnp.int32),
         sequences_BL,
         state,
         jnp.zeros((batch,), bool),
         jnp.zeros((batch,), jnp.float32),
-        jnp.ones((batch,), jnp.int32),
+        jnp.full((batch,), start_position + 1, jnp.int32),
     )
     _, sequences_BL, _, finished_B, log_probs_B, lengths_B = jax.lax.while_loop(cond, body, carry)
     return DecodeOutput(sequences_BL, lengths_B, log_probs_B, finished_B)
@@ -267,6 +270,7 @@ def beam_search(
     pad_id: int = 0,
     prompt_lengths_B: jax.Array | None = None,
     alpha: float = 0.6,
+    start_position: int = 0,
 ) -> BeamOutput:
     """Beam search with the length penalty of Wu et al. 2016 (as in T5).
 
@@ -277,7 +281,8 @@ def beam_search(
     best ``beam_size`` others alive. The search stops early once the best alive beam, even at
     the largest length penalty, cannot beat the worst finished one (tensor2tensor's rule).
     ``generated_length`` counts generated tokens including EOS, prompt excluded.
-    ``state`` is given for ``B`` rows and repeated to ``B * beam_size`` rows here.
+    ``state`` is given for ``B`` rows and repeated to ``B * beam_size`` rows here;
+    ``start_position`` as in :func:`sample`.
     """
     prompt_BL, prompt_lengths_B = _prompt_arrays(prompt_BP, prompt_lengths_B, max_length)
     batch = prompt_BL.shape[0]
@@ -363,13 +368,13 @@ def beam_search(
             state,
         )
 
-    first_BL = jnp.where(jnp.arange(max_length) < 1, prompt_BL, pad_id)
+    first_BL = jnp.where(jnp.arange(max_length) <= start_position, prompt_BL, pad_id)
     alive_BKL = jnp.broadcast_to(first_BL[:, None, :], (batch, K, max_length))
     alive_log_probs_BK = jnp.broadcast_to(
         jnp.where(jnp.arange(K) == 0, 0.0, NEG_INF)[None, :], (batch, K)
     ).astype(jnp.float32)
     carry = (
-        jnp.asarray(0, jnp.int32),
+        jnp.asarray(start_position, jnp.int32),
         alive_BKL,
         alive_log_probs_BK,
         jnp.full((batch, K, max_length), pad_id, jnp.int32),
@@ -394,3 +399,278 @@ def beam_search(
     log_probs = jnp.where(use_finished_B, finished_lp_BK, alive_log_probs_BK)
     finished = use_finished_B & (finished_scores_BK > NEG_INF)
     return BeamOutput(sequences, scores, log_probs, finished)
+
+
+# ----------------------------------------------------------------------------- models
+
+# Adapters from this project's models (rope_jax.models) to step functions. The cache is
+# the flax "cache" collection from ``models.init_cache``: key/value caches of softmax-family
+# attention and the running sums of causal linear kernels (performer, linear, taylor) alike,
+# all batch-major, so beam search can repeat and reorder them.
+
+
+def _variables(params, variables, cache=None):
+    collections = {"params": params, **(variables or {})}
+    if cache is not None:
+        collections["cache"] = cache
+    return collections
+
+
+def encoder_decoder_step_fn(model, params, variables=None) -> StepFn:
+    """Step function of an ``EncoderDecoder``; state from :func:`encoder_decoder_state`."""
+
+    def step_fn(token_ids_B, state):
+        logits_BTV, mutated = model.apply(
+            _variables(params, variables, state["cache"]),
+            state["encoded"],
+            state["encoder_tokens"],
+            token_ids_B[:, None],
+            decode=True,
+            mutable=["cache"],
+            method="decode",
+        )
+        return logits_BTV[:, -1].astype(jnp.float32), {**state, "cache": mutated["cache"]}
+
+    return step_fn
+
+
+def encoder_decoder_state(model, params, encoder_input_tokens, max_length, variables=None):
+    """Encodes once and allocates the decoder cache for ``max_length`` decoder tokens."""
+    from rope_jax import models as models_lib
+
+    batch, encoder_length = encoder_input_tokens.shape
+    encoded = model.apply(_variables(params, variables), encoder_input_tokens, method="encode")
+    cache = models_lib.init_cache(model, batch, max_length, encoder_length=encoder_length)
+    return {"cache": cache, "encoded": encoded, "encoder_tokens": encoder_input_tokens}
+
+
+def decoder_step_fn(model, params, variables=None) -> StepFn:
+    """Step function of a decoder-only model; state from :func:`decoder_state`."""
+
+    def step_fn(token_ids_B, state):
+        logits_BTV, mutated = model.apply(
+            _variables(params, variables, state["cache"]),
+            token_ids_B[:, None],
+            decode=True,
+            mutable=["cache"],
+        )
+        return logits_BTV[:, -1].astype(jnp.float32), {"cache": mutated["cache"]}
+
+    return step_fn
+
+
+def decoder_state(model, params, prompt_BP, max_length, prefill_length=0, variables=None):
+    """Allocates the cache and feeds the first ``prefill_length`` prompt tokens in one call."""
+    from rope_jax import models as models_lib
+
+    cache = models_lib.init_cache(model, prompt_BP.shape[0], max_length)
+    if prefill_length > 0:
+        _, mutated = model.apply(
+            _variables(params, variables, cache),
+            prompt_BP[:, :prefill_length],
+            decode=True,
+            mutable=["cache"],
+        )
+        cache = mutated["cache"]
+    return {"cache": cache}
+
+
+def recompute_step_fn(model, params, max_length, variables=None) -> StepFn:
+    """Step function without a cache: every step runs the decoder over the whole prefix.
+
+    The state holds the tokens so far in a fixed ``[B, max_length]`` buffer (causal attention
+    makes the unwritten tail irrelevant) and, for an encoder-decoder, the encoder output,
+    computed once. Used to measure what the cache saves and as a reference for it.
+    """
+    encoder_decoder = model.config.family == "encoder_decoder"
+
+    def step_fn(token_ids_B, state):
+        position = state["position"]
+        tokens_BL = state["tokens"].at[:, position].set(token_ids_B)
+        collections = _variables(params, variables)
+        if encoder_decoder:
+            logits_BLV = model.apply(
+                collections, state["encoded"], state["encoder_tokens"], tokens_BL, method="decode"
+            )
+        else:
+            logits_BLV = model.apply(collections, tokens_BL)
+        logits_BV = jax.lax.dynamic_index_in_dim(logits_BLV, position, axis=1, keepdims=False)
+        return logits_BV.astype(jnp.float32), {
+            **state,
+            "tokens": tokens_BL,
+            "position": position + 1,
+        }
+
+    return step_fn
+
+
+def _generate(
+    model,
+    params,
+    inputs_BL,
+    prompt_lengths_B,
+    rng,
+    variables,
+    *,
+    method,
+    max_length,
+    eos_id,
+    pad_id,
+    temperature,
+    top_k,
+    top_p,
+    consistent,
+    beam_size,
+    alpha,
+    use_cache,
+    prefill_length,
+):
+    batch = inputs_BL.shape[0]
+    if model.config.family == "encoder_decoder":
+        prompt_BP = jnp.zeros((batch, 1), jnp.int32)  # T5's decoder start id
+        prompt_lengths_B = None
+        if use_cache:
+            state = encoder_decoder_state(model, params, inputs_BL, max_length, variables)
+            step_fn = encoder_decoder_step_fn(model, params, variables)
+        else:
+            encoded = model.apply(_variables(params, variables), inputs_BL, method="encode")
+            state = {"encoded": encoded, "encoder_tokens": inputs_BL}
+        start_position = 0
+    else:
+        prompt_BP = inputs_BL
+        start_position = prefill_length if use_cache else 0
+        if use_cache:
+            state = decoder_state(model, params, inputs_BL, max_length, prefill_length, variables)
+            step_fn = decoder_step_fn(model, params, variables)
+        else:
+            state = {}
+    if not use_cache:
+        state = {
+            **state,
+            "tokens": jnp.zeros((batch, max_length), jnp.int32),
+            "position": jnp.zeros((), jnp.int32),
+        }
+        step_fn = recompute_step_fn(model, params, max_length, variables)
+    common = dict(
+        max_length=max_length,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        prompt_lengths_B=prompt_lengths_B,
+        start_position=start_position,
+    )
+    if method == "beam":
+        return beam_search(step_fn, state, prompt_BP, beam_size=beam_size, alpha=alpha, **common)
+    return sample(
+        step_fn,
+        state,
+        prompt_BP,
+        rng=rng,
+        greedy=method == "greedy",
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        consistent=consistent,
+        **common,
+    )
+
+
+_generate_jit = jax.jit(
+    _generate,
+    static_argnames=(
+        "model",
+        "method",
+        "max_length",
+        "eos_id",
+        "pad_id",
+        "temperature",
+        "top_k",
+        "top_p",
+        "consistent",
+        "beam_size",
+        "alpha",
+        "use_cache",
+        "prefill_length",
+    ),
+)
+
+
+def generate(
+    model,
+    params,
+    inputs_BL,
+    *,
+    max_length: int,
+    method: str = "greedy",
+    prompt_lengths_B=None,
+    rng: jax.Array | None = None,
+    eos_id: int = 1,
+    pad_id: int = 0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    consistent: bool = False,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    variables: dict | None = None,
+    use_cache: bool = True,
+) -> DecodeOutput | BeamOutput:
+    """Decodes with a model from ``rope_jax.models`` (jitted; compiled once per setting).
+
+    Args:
+      model: an ``EncoderDecoder`` (``inputs_BL`` = encoder input tokens, padding 0; the
+        decoder starts from id 0) or a ``Decoder`` (``inputs_BL`` = prompts, right-padded,
+        with ``prompt_lengths_B``; default: every row uses all ``L`` tokens).
+      params: the model's params; ``variables`` other collections it needs, e.g.
+        ``{"random_features": ...}`` for Performer attention.
+      max_length: length of the returned sequences (decoder start token / prompt included).
+      method: "greedy", "sample" (needs ``rng``) or "beam".
+      use_cache: False recomputes the decoder over the whole prefix at every step.
+
+    Returns :class:`DecodeOutput` (greedy, sample) or :class:`BeamOutput` (beam).
+    """
+    if method not in ("greedy", "sample", "beam"):
+        raise ValueError(f"method must be 'greedy', 'sample' or 'beam', got {method!r}")
+    if method == "sample" and rng is None:
+        raise ValueError("method='sample' needs an rng key")
+    family = model.config.family
+    if family not in ("encoder_decoder", "decoder"):
+        raise ValueError(
+            f"family={family!r} models do not generate; use an encoder_decoder or decoder"
+        )
+    inputs_BL = jnp.asarray(inputs_BL, jnp.int32)
+    prefill_length = 0
+    if family == "decoder":
+        # Feed in one call the prompt tokens every row has, except the last, whose logits
+        # give the first generated token (the loop feeds it).
+        if prompt_lengths_B is None:
+            shortest = inputs_BL.shape[1]
+        else:
+            prompt_lengths_B = np.asarray(prompt_lengths_B, np.int32)
+            shortest = int(prompt_lengths_B.min())
+            if shortest < 1 or int(prompt_lengths_B.max()) > inputs_BL.shape[1]:
+                raise ValueError(
+                    f"prompt_lengths must be in [1, {inputs_BL.shape[1]}], got {prompt_lengths_B}"
+                )
+        prefill_length = shortest - 1
+    if rng is None:
+        rng = jax.random.PRNGKey(0)
+    return _generate_jit(
+        model,
+        params,
+        inputs_BL,
+        prompt_lengths_B,
+        rng,
+        variables,
+        method=method,
+        max_length=max_length,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        consistent=bool(consistent),
+        beam_size=int(beam_size),
+        alpha=float(alpha),
+        use_cache=use_cache,
+        prefill_length=prefill_length,
+    )

@@ -45,7 +45,11 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     # Fine-tuning dropout (-1 = keep the checkpoint's).
     config.dropout_rate = 0.1
-    # Greedy decoding against the key/value cache (False: re-run the decoder per token).
+    # Text-to-text decoding: "greedy" or "beam" (beam_size, length penalty alpha of Wu et al.).
+    config.decode_method = "greedy"
+    config.beam_size = 4
+    config.beam_alpha = 0.6
+    # Decode against the key/value cache (False: re-run the decoder over the prefix per token).
     config.kv_cache = True
     config.optimizer = optim.default_optimizer_config()
     config.optimizer.learning_rate = 1e-4

@@ -21,7 +21,7 @@ def _config(tmp_path):
     config.eval_windows = 4
     config.eval_batch_size = 4
     config.kernels = ("softmax", "linear")
-    config.positions = ("rope_interpolation", "alibi", "learned")
+    config.positions = ("rope_interpolation", "alibi", "learned")  # tests narrow this
     config.model.update({"d_model": 32, "num_heads": 2, "d_ff": 64, "num_layers": 1})
     config.train.num_train_steps = 3
     config.train.batch_size = 4
@@ -53,25 +53,33 @@ def test_window_iterator_resumes_exactly_and_buckets():
     assert ablation.bucket_means(np.array([1.0, 3.0, 5.0, 7.0, 9.0]), 2) == [2.0, 6.0, 9.0]
 
 
+def test_learned_table_is_not_evaluated_beyond_its_rows(tmp_path):
+    config = _config(tmp_path)
+    cells = {c.name: c for c in ablation.grid(config)}
+    assert ablation.eval_model_dict(cells["softmax_learned"], 16, 16)["max_length"] == 16
+    assert ablation.eval_model_dict(cells["softmax_learned"], 16, 32) is None
+    interpolated = ablation.eval_model_dict(cells["softmax_rope_interpolation"], 16, 64)
+    assert interpolated["rope_scale"] == 0.25 and interpolated["max_length"] == 16
+
+
 def test_two_run_grid_writes_table_json_and_plots(tmp_path):
     config = _config(tmp_path)
     config.kernels = ("softmax",)
-    config.positions = ("rope", "rope_interpolation", "learned")
+    config.positions = ("rope", "rope_interpolation")
+    config.eval_multipliers = (1, 2)
     workdir = str(tmp_path / "ablation")
     results = ablation.run_ablation(config, workdir)
     runs = results["runs"]
-    # rope_interpolation shares the rope training run: 2 trainings for 3 rows.
-    assert sorted(os.listdir(os.path.join(workdir, "runs"))) == ["softmax_learned", "softmax_rope"]
+    # rope_interpolation shares the rope training run: 1 training for the 2 runs.
+    assert os.listdir(os.path.join(workdir, "runs")) == ["softmax_rope"]
     assert runs["softmax_rope_interpolation"]["trained_as"] == "softmax_rope"
-    rope, interpolated = (
-        runs["softmax_rope"]["lengths"],
-        runs["softmax_rope_interpolation"]["lengths"],
-    )
-    # Same weights and no scaling at the training length; different positions beyond it.
+    rope = runs["softmax_rope"]["lengths"]
+    interpolated = runs["softmax_rope_interpolation"]["lengths"]
+    # Same weights and no scaling at the training length; other positions beyond it.
     assert rope["16"]["mean_loss"] == interpolated["16"]["mean_loss"]
-    assert rope["64"]["mean_loss"] != interpolated["64"]["mean_loss"]
-    assert len(rope["64"]["position_losses"]) == 64 and len(rope["64"]["bucket_losses"]) == 16
-    assert "skipped" in runs["softmax_learned"]["lengths"]["32"]
+    assert rope["32"]["mean_loss"] != interpolated["32"]["mean_loss"]
+    assert len(rope["32"]["position_losses"]) == 32 and len(rope["32"]["bucket_losses"]) == 8
+    assert np.isclose(np.mean(rope["32"]["bucket_losses"]), rope["32"]["mean_loss"])
     with open(os.path.join(workdir, "ablation.json")) as f:
         assert json.load(f)["runs"].keys() == runs.keys()
     table = open(os.path.join(workdir, "ablation.md")).read()

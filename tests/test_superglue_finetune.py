@@ -53,10 +53,6 @@ def test_token_arrays_follow_the_batch_contract():
     np.testing.assert_array_equal(arrays["labels"], [[1, 0], [0, 1]])  # multiple choice: multi-hot
 
 
-# Decoding against the model's key/value cache; False re-runs the decoder per token.
-KV_CACHE = False
-
-
 def _write_task(root, task, rows_by_split):
     folder = root / task
     folder.mkdir(parents=True, exist_ok=True)
@@ -113,7 +109,6 @@ def _config(root, family):
     config.max_target_length = 6
     config.model.vocab_size = 260
     config.model.family = family
-    config.kv_cache = KV_CACHE
     if family == "encoder":
         # RoFormer-like, pre-RMSNorm: position "rope", token types, classification head.
         config.model.update(

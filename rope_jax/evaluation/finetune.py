@@ -180,77 +180,39 @@ class Predictor:
     """Jitted prediction functions of one fine-tuned model, shared by all its evaluators
     (validation, test, diagnostics): batches have a fixed shape, so each compiles once.
 
-    Encoder-decoders decode greedily with ``rope_jax.decoding.greedy``. With
-    ``config.kv_cache`` the step function feeds one token against the model's key/value
-    cache (``models.init_cache``); otherwise it re-runs the causal decoder over the tokens
-    so far and reads the logits at the current position (same result, quadratic cost; for
-    kernels or positions without a cache path).
+    Encoder-decoders decode with ``rope_jax.decoding.generate``: greedy by default, or beam
+    search (``config.decode_method="beam"``, ``beam_size``, length penalty ``alpha``), with the
+    key/value cache (``config.kv_cache``) or by re-running the decoder over the prefix.
     """
 
     def __init__(self, tm: TaskModel, config):
         self.tm, self.config = tm, config
         self._encoder_scores = jax.jit(self._encoder_scores_impl)
-        self._generate = jax.jit(self._generate_impl)
 
     def _encoder_scores_impl(self, params, batch):
         variables = _variables(params, self.tm.random_features)
         return _encoder_logits(self.tm.model, self.tm.cfg, variables, batch, deterministic=True)
 
-    def _generate_impl(self, params, batch):
+    def _generate(self, params, batch) -> np.ndarray:
+        """Generated target ids ``[N, max_target_length]`` (decoder start id dropped)."""
         from rope_jax import decoding
 
-        model = self.tm.model
-        variables = _variables(params, self.tm.random_features)
-        encoder_tokens = batch["encoder_input_tokens"]
-        encoded = model.apply(
-            variables,
-            encoder_tokens,
-            encoder_segment_ids=batch["encoder_segment_ids"],
-            encoder_positions=batch["encoder_positions"],
-            method="encode",
+        extra = {RANDOM_FEATURES: self.tm.random_features} if self.tm.random_features else None
+        out = decoding.generate(
+            self.tm.model,
+            params,
+            batch["encoder_input_tokens"],
+            max_length=self.config.max_target_length + 1,  # + the start id 0
+            method=self.config.decode_method,
+            beam_size=self.config.beam_size,
+            alpha=self.config.beam_alpha,
+            variables=extra,
+            use_cache=self.config.kv_cache,
         )
-        rows, source_length = encoder_tokens.shape
-        max_length = self.config.max_target_length + 1  # + the start id 0
-        state = {"encoded": encoded, "encoder_input_tokens": encoder_tokens}
-        if self.config.kv_cache:
-            from rope_jax.models import init_cache
-
-            state["cache"] = init_cache(model, rows, max_length, encoder_length=source_length)
-
-            def step_fn(token_ids_B, state):
-                logits, mutated = model.apply(
-                    {**variables, "cache": state["cache"]},
-                    state["encoded"],
-                    state["encoder_input_tokens"],
-                    token_ids_B[:, None],
-                    decode=True,
-                    mutable=["cache"],
-                    method="decode",
-                )
-                return logits[:, -1], {**state, "cache": mutated["cache"]}
-
-        else:
-            state["tokens"] = jnp.zeros((rows, max_length), jnp.int32)
-            state["index"] = jnp.zeros((), jnp.int32)
-
-            def step_fn(token_ids_B, state):
-                index = state["index"]
-                tokens = jax.lax.dynamic_update_slice(
-                    state["tokens"], token_ids_B[:, None], (jnp.int32(0), index)
-                )
-                logits = model.apply(
-                    variables,
-                    state["encoded"],
-                    state["encoder_input_tokens"],
-                    tokens,
-                    method="decode",
-                )
-                logits_BV = jax.lax.dynamic_index_in_dim(logits, index, axis=1, keepdims=False)
-                return logits_BV, {**state, "tokens": tokens, "index": index + 1}
-
-        prompt = jnp.zeros((rows, 1), jnp.int32)
-        out = decoding.greedy(step_fn, state, prompt, max_length=max_length, eos_id=1, pad_id=0)
-        return out.sequences[:, 1:]
+        sequences = np.asarray(out.sequences)
+        if sequences.ndim == 3:  # beam search: best beam first
+            sequences = sequences[:, 0]
+        return sequences[:, 1:]
 
     def predict_fn(self, task: str):
         """``predict_fn(params, records) -> canonical predictions`` for an evaluator."""
@@ -266,7 +228,7 @@ class Predictor:
                 padded = np.concatenate([rows, np.full(size - len(rows), rows[-1])])
                 batch = {k: jnp.asarray(v[padded]) for k, v in arrays.items() if k != "labels"}
                 if tm.text_to_text:
-                    sequences = np.asarray(self._generate(params, batch))[: len(rows)]
+                    sequences = self._generate(params, batch)[: len(rows)]
                     for row, ids in zip(rows, sequences, strict=True):
                         text = tm.codec.decode(ids.tolist())
                         record = records[examples[row].record]

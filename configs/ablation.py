@@ -47,18 +47,18 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.eval_batch_size = 8
     config.buckets_per_train_length = 4
     config.single_device = True
-    config.model = ml_collections.ConfigDict(
-        {
-            "vocab_size": 320,
-            "d_model": 64,
-            "num_heads": 4,
-            "head_dim": 16,
-            "d_ff": 128,
-            "num_layers": 2,
-            "dropout_rate": 0.0,
-            "num_features": 32,
-            "num_landmarks": 16,
-        }
+    # Every ModelConfig field (any can be overridden); attention, position, family and
+    # max_length are set per grid cell.
+    config.model = common.model_config(
+        vocab_size=320,
+        d_model=64,
+        num_heads=4,
+        head_dim=16,
+        d_ff=128,
+        num_layers=2,
+        dropout_rate=0.0,
+        num_features=32,
+        num_landmarks=16,
     )
     # The trainer's own config (every key it reads), shared by all cells.
     config.train = common.base_config()

@@ -14,6 +14,7 @@ Few-shot (FewGLUE): ``--config.train_data_dir=<fewglue> --config.data_dir=<super
 
 import ml_collections
 
+from configs import common
 from rope_jax.training import optim
 
 VARIANTS = ("base", "tiny")
@@ -58,17 +59,17 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
     config.optimizer.end_factor = 0.0
     # Used only for random init (empty init_checkpoint) and as the fallback model config of
     # a train.py workdir that did not save its own.
-    config.model = ml_collections.ConfigDict(
-        {
-            "family": "encoder_decoder",
-            "vocab_size": 32128,
-            "d_model": 512,
-            "num_heads": 8,
-            "head_dim": 64,
-            "d_ff": 1024,
-            "num_layers": 8,
-            "dropout_rate": 0.1,
-        }
+    # Every ModelConfig field, so any can be overridden. Used only for random init (empty
+    # init_checkpoint) and as the last fallback for the model of a train.py workdir.
+    config.model = common.model_config(
+        family="encoder_decoder",
+        vocab_size=32128,
+        d_model=512,
+        num_heads=8,
+        head_dim=64,
+        d_ff=1024,
+        num_layers=8,
+        dropout_rate=0.1,
     )
     if variant == "tiny":
         config.max_input_length = 64

@@ -147,3 +147,27 @@ def test_tiny_finetune_and_eval_end_to_end(tmp_path, family, task, capsys):
     else:
         assert "AX-b" in results and "mcc" in results["AX-b"]
         assert os.path.exists(os.path.join(workdir, "submission", "AX-b.jsonl"))
+
+
+def test_encoder_losses_against_float64_numpy():
+    from rope_jax.evaluation.finetune import encoder_loss
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 1, 4))
+    labels = np.array([0, 3, 2])
+    expected = np.mean(
+        [np.log(np.exp(logits[i, 0]).sum()) - logits[i, 0, labels[i]] for i in range(3)]
+    )
+    loss = encoder_loss(logits.astype(np.float32), {"labels": labels})
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    # Multiple choice: row 0 has two right candidates of 3 valid (the 4th is padding),
+    # row 1 one right of 2, row 2 none (unlabelled: excluded from the mean).
+    scores = rng.normal(size=(3, 4, 1))
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    gold = np.array([[1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]], np.float32)
+    s = scores[..., 0]
+    row0 = np.log(np.exp(s[0, :3]).sum()) - np.log(np.exp(s[0, [0, 2]]).sum())
+    row1 = np.log(np.exp(s[1, :2]).sum()) - s[1, 1]
+    batch = {"labels": gold, "choice_mask": mask}
+    loss = encoder_loss(scores.astype(np.float32), batch)
+    np.testing.assert_allclose(loss, (row0 + row1) / 2, rtol=1e-5)

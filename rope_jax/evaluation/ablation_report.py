@@ -50,10 +50,32 @@ def markdown(results: dict[str, Any]) -> str:
             + " | ".join(cells)
             + f" | {_fmt(beyond)} | {run['train_seconds']:.0f} |"
         )
+    lines += ["", *_range_table(results, longest)]
     if skipped:
         lines += ["", "Not run:"]
         lines += [f"- {', '.join(names)}: {reason}" for reason, names in skipped.items()]
     return "\n".join(lines) + "\n"
+
+
+def _range_table(results: dict[str, Any], longest: int) -> list[str]:
+    """Loss at the longest length per range of L positions: where extrapolation breaks."""
+    L = results["train_length"]
+    ranges = [(start, min(start + L, longest)) for start in range(0, longest, L)]
+    lines = [
+        f"Loss at length {longest} by position range (positions >= {L} were never trained):",
+        "",
+        "| kernel | position | " + " | ".join(f"{a}-{b - 1}" for a, b in ranges) + " |",
+        "|---|---|" + "---:|" * len(ranges),
+    ]
+    for run in results["runs"].values():
+        curve = run.get("lengths", {}).get(str(longest), {}).get("position_losses")
+        if curve is None:
+            continue
+        means = [sum(curve[a:b]) / (b - a) for a, b in ranges]
+        lines.append(
+            f"| {run['kernel']} | {run['position']} | " + " | ".join(_fmt(m) for m in means) + " |"
+        )
+    return lines
 
 
 def plot_run(run: dict[str, Any], name: str, train_length: int, directory: str) -> str:

@@ -171,3 +171,20 @@ def test_encoder_losses_against_float64_numpy():
     batch = {"labels": gold, "choice_mask": mask}
     loss = encoder_loss(scores.astype(np.float32), batch)
     np.testing.assert_allclose(loss, (row0 + row1) / 2, rtol=1e-5)
+
+
+def test_merge_params_keeps_new_head_and_checks_the_rest():
+    f32 = np.float32
+    fresh = {
+        "encoder": {"w": np.zeros((2, 3), f32)},
+        "classifier": {"kernel": np.ones((3, 2), f32)},
+    }
+    loaded = {"encoder": {"w": np.full((2, 3), 5.0, f32)}, "mlm_head": {"bias": np.ones(4, f32)}}
+    merged = pretrained.merge_params(fresh, loaded)
+    np.testing.assert_array_equal(merged["encoder"]["w"], 5.0)
+    np.testing.assert_array_equal(merged["classifier"]["kernel"], 1.0)
+    assert "mlm_head" not in merged
+    with pytest.raises(KeyError, match="encoder/w is missing"):
+        pretrained.merge_params(fresh, {"other": {"w": np.zeros(1)}})
+    with pytest.raises(ValueError, match=r"encoder/w: checkpoint shape \(3, 2\)"):
+        pretrained.merge_params(fresh, {"encoder": {"w": np.zeros((3, 2))}})

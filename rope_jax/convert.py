@@ -576,7 +576,9 @@ def from_hf(
 
     ``config_overrides`` replace :class:`ModelConfig` fields (``dtype="bfloat16"``,
     ``dropout_rate=0.0``, ``attention="performer"``, ...). ``strict`` makes unused checkpoint
-    tensors an error instead of a warning. Params are float32 numpy-backed jax arrays.
+    tensors an error instead of a warning. Params are float32 jax arrays. With
+    ``attention="performer"`` the model also needs its "random_features" collection, which no
+    checkpoint holds: take it from ``model.init(key, ...)["random_features"]``.
     """
     hf_config, tensors = load_hf_checkpoint(path)
     architecture = _architecture(hf_config)

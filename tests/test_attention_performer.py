@@ -87,9 +87,10 @@ def _mean_error(num_features, orthogonal, seeds, **qkv_args):
 
 def test_error_falls_as_features_grow():
     errors = [_mean_error(m, True, range(4), length=16, std=0.5) for m in (16, 256, 2048)]
-    # Monte-Carlo error ~ 1 / sqrt(m): 4x and 2.8x expected, demand 1.8x each.
-    assert errors[0] > 1.8 * errors[1], errors
-    assert errors[1] > 1.8 * errors[2], errors
+    # Monte-Carlo error ~ 1 / sqrt(m) once small (2048 vs 256: 2.8x expected, 3.3x seen);
+    # at m = 16 the ratio estimator is far from that regime (2x seen).
+    assert errors[0] > 1.5 * errors[1], errors
+    assert errors[1] > 2.0 * errors[2], errors
     assert errors[2] < 0.06, errors
 
 

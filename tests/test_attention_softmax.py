@@ -8,6 +8,7 @@ from attention_reference import random_qkv, rope_rotate
 from attention_reference import softmax_attention as reference_attention
 
 from rope_jax.attention import (
+    ATTENTION_FNS,
     causal_mask,
     combine_masks,
     get_attention_fn,
@@ -161,3 +162,19 @@ def test_registry_binds_hyperparameters_and_rejects_unknowns():
         get_attention_fn("flash")
     with pytest.raises(ValueError, match="does not take \\['num_landmarks'\\]"):
         get_attention_fn("performer", num_landmarks=4)
+
+
+def test_every_registered_kernel_keeps_bfloat16_and_stays_finite():
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in random_qkv(11, length=8, std=3.0))
+    hyperparameters = {
+        "performer": dict(projection=jax.random.normal(jax.random.PRNGKey(0), (16, 8))),
+        "nystrom": dict(num_landmarks=4),
+        "random_synthesizer": dict(logits=np.zeros((2, 8, 8), np.float32)),
+    }
+    mask = padding_mask(np.array([[1] * 8, [1] * 5 + [0] * 3]))
+    for name in ATTENTION_FNS:
+        fn = jax.jit(get_attention_fn(name, **hyperparameters.get(name, {})))
+        out = fn(q, k, v, mask=mask)
+        assert out.dtype == jnp.bfloat16, name
+        assert out.shape == q.shape, name
+        assert np.all(np.isfinite(np.asarray(out, np.float32))), name

@@ -449,3 +449,24 @@ def test_greedy_matches_hf_t5_generate(tmp_path):
     np.testing.assert_array_equal(sequences[:, : want.shape[1]], want)
     assert (sequences[:, want.shape[1] :] == 0).all()
     assert bool(got.finished[0]) and int(got.lengths[0]) <= 4
+
+
+def test_beam_search_rows_are_independent_with_ragged_prompts():
+    # A batch of prompts of different lengths gives each row what it gets decoded alone.
+    params = _toy_params(5, eos_bias=0.5)
+    prompts = np.array([[3, 4, 5], [6, 0, 0], [7, 8, 0]], np.int32)
+    lengths = np.array([3, 1, 2], np.int32)
+    kwargs = dict(beam_size=3, max_length=10, eos_id=EOS, alpha=0.6)
+    batch = decoding.beam_search(
+        _toy_step_fn(params), _toy_state(3), prompts, prompt_lengths_B=lengths, **kwargs
+    )
+    for row in range(3):
+        alone = decoding.beam_search(
+            _toy_step_fn(params), _toy_state(1), prompts[row : row + 1, : lengths[row]], **kwargs
+        )
+        np.testing.assert_array_equal(batch.sequences[row], alone.sequences[0])
+        np.testing.assert_allclose(batch.scores[row], alone.scores[0], rtol=1e-5)
+        np.testing.assert_array_equal(
+            batch.sequences[row, :, : lengths[row]],
+            np.broadcast_to(prompts[row, : lengths[row]], (3, lengths[row])),
+        )

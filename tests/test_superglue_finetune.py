@@ -3,6 +3,7 @@ head) and RTE with an encoder-decoder (text-to-text, greedy decoding), plus toke
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -122,31 +123,41 @@ def _config(root, family):
     return config
 
 
-@pytest.mark.parametrize("family,task", [("encoder", "CB"), ("encoder_decoder", "RTE")])
-def test_tiny_finetune_and_eval_end_to_end(tmp_path, family, task, capsys):
+@pytest.mark.parametrize("family,task", [("encoder", "CB"), ("encoder_decoder", "all")])
+def test_tiny_finetune_and_eval_end_to_end(tmp_path, family, task, monkeypatch, capsys):
     from rope_jax.evaluation import finetune
 
-    _fixture_data(tmp_path / "data")
-    config = _config(tmp_path / "data", family)
+    data = tmp_path / "data"
+    _fixture_data(data)
+    if task == "all":  # "all" = every task folder present: RTE, then AX-b with its model
+        shutil.rmtree(data / "CB")
+    config = _config(data, family)
     config.task = task
-    cfg = pretrained._model_config(config.model)
-    source = pretrained.Source(cfg, None, None, ByteCodec(), "random init")
+    source = pretrained.Source(
+        pretrained._model_config(config.model), None, None, ByteCodec(), "random init"
+    )
+    monkeypatch.setattr(pretrained, "load_source", lambda config: source)
     workdir = str(tmp_path / "run")
-    results = finetune.run_task(task, config, workdir, source=source)
-    val = results[task]
-    assert val["num_examples"] == (6 if task == "CB" else 4)
+    results = finetune.finetune_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        assert json.load(f) == results
+    trained = "CB" if task == "CB" else "RTE"
+    val = results[trained]
+    assert val["num_examples"] == (6 if trained == "CB" else 4)
     assert 0.0 <= val["accuracy"] <= 1.0 and np.isfinite(val["final_train_loss"])
-    lines = [json.loads(x) for x in open(os.path.join(workdir, "predictions", f"{task}_val.jsonl"))]
-    allowed = set(readers.LABEL_NAMES[task])
+    assert f"| {trained} | {int(val['num_examples'])} | score" in capsys.readouterr().out
+    with open(os.path.join(workdir, "predictions", f"{trained}_val.jsonl")) as f:
+        lines = [json.loads(x) for x in f]
     assert [x["idx"] for x in lines] == list(range(int(val["num_examples"])))
-    assert all(x["label"] in allowed for x in lines)
+    assert all(x["label"] in set(readers.LABEL_NAMES[trained]) for x in lines)
     if task == "CB":
         assert "f1" in val
         assert results["CB/test"]["num_examples"] == 3
         assert os.path.exists(os.path.join(workdir, "submission", "CB.jsonl"))
     else:
-        assert "AX-b" in results and "mcc" in results["AX-b"]
+        assert sorted(results) == ["AX-b", "RTE"] and "mcc" in results["AX-b"]
         assert os.path.exists(os.path.join(workdir, "submission", "AX-b.jsonl"))
+        assert "| RTE | 4 |" in open(os.path.join(workdir, "summary.md")).read()
 
 
 def test_encoder_losses_against_float64_numpy():

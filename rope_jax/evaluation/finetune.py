@@ -290,6 +290,9 @@ def finetune_and_evaluate(
         ]
         if not tasks:
             raise FileNotFoundError(f"no SuperGLUE task folders under {config.data_dir}")
+        present = readers.available_tasks(config.data_dir)
+        if "RTE" not in tasks and any(t in present for t in readers.DIAGNOSTIC_TASKS):
+            logging.warning("AX-b/AX-g are scored with the RTE model; no RTE folder, skipping")
     else:
         if config.task not in readers.TASKS or config.task in readers.DIAGNOSTIC_TASKS:
             trainable = [t for t in readers.TASKS if t not in readers.DIAGNOSTIC_TASKS]

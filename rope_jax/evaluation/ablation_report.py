@@ -79,7 +79,13 @@ def _range_table(results: dict[str, Any], longest: int) -> list[str]:
 
 
 def plot_run(run: dict[str, Any], name: str, train_length: int, directory: str) -> str:
-    """PNG of loss against position, one line per evaluated length, L marked."""
+    """PNG of loss against position: per-position loss at the longest length (light) and
+    bucket means at every evaluated length (lines with markers), training length marked.
+
+    In a causal model the loss at a position does not depend on how many tokens follow, so
+    the lengths coincide where they overlap unless the encoding depends on the evaluation
+    length (position interpolation); the markers keep each length visible.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,14 +93,31 @@ def plot_run(run: dict[str, Any], name: str, train_length: int, directory: str) 
 
     os.makedirs(directory, exist_ok=True)
     figure, axes = plt.subplots(figsize=(6, 3.5))
-    for length, entry in sorted(run["lengths"].items(), key=lambda kv: int(kv[0])):
-        if "position_losses" in entry:
-            axes.plot(entry["position_losses"], label=f"eval length {length}", linewidth=1)
+    evaluated = sorted(
+        ((int(n), e) for n, e in run["lengths"].items() if "position_losses" in e),
+        key=lambda item: item[0],
+    )
+    if evaluated:
+        longest, entry = evaluated[-1]
+        axes.plot(entry["position_losses"], color="0.8", linewidth=0.8, label="per position")
+    markers = "osd^v"
+    for i, (length, entry) in enumerate(evaluated):
+        buckets = entry["bucket_losses"]
+        width = length / len(buckets)
+        centres = [width * (k + 0.5) for k in range(len(buckets))]
+        axes.plot(
+            centres,
+            buckets,
+            marker=markers[i % len(markers)],
+            markersize=4,
+            linewidth=1.2,
+            label=f"length {length} (bucket means)",
+        )
     axes.axvline(train_length, color="gray", linestyle="--", linewidth=1, label="train length")
     axes.set_xlabel("position")
     axes.set_ylabel("next-token loss (nats)")
     axes.set_title(name)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=7)
     figure.tight_layout()
     path = os.path.join(directory, f"{name}.png")
     figure.savefig(path, dpi=100)

@@ -1,0 +1,81 @@
+"""Position encoding x attention kernel ablation (rope_jax.evaluation.ablation).
+
+Launch (the ``tiny`` grid targets < 30 minutes on 2 CPU cores)::
+
+  python eval.py --config=configs/ablation.py:tiny --workdir=runs/ablation
+
+Larger grids are config changes: ``--config.train_length=512 --config.train.num_train_steps=
+20000 --config.model.d_model=512 ...``; restrict the grid with
+``--config.kernels='("softmax",)' --config.positions='("rope", "alibi")'``.
+"""
+
+import ml_collections
+
+from configs import common
+
+VARIANTS = ("tiny", "small")
+POSITIONS = (
+    "none",
+    "sinusoidal",
+    "learned",
+    "learned_hierarchical",
+    "rope",
+    "rope_half",
+    "rope_interpolation",
+    "t5_bias",
+    "alibi",
+)
+KERNELS = ("softmax", "performer", "nystrom", "linear")
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    variant = arg or "tiny"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+    config = ml_collections.ConfigDict()
+    config.kind = "ablation"
+    config.positions = POSITIONS
+    config.kernels = KERNELS
+    config.seed = 0
+    # "" = the embedded default corpus; else a glob of text files.
+    config.corpus = ""
+    config.heldout_every = 10
+    config.tokenizer = "bytes"
+    config.train_length = 64
+    config.eval_multipliers = (1, 2, 4)
+    config.eval_windows = 64
+    config.eval_batch_size = 8
+    config.buckets_per_train_length = 4
+    config.single_device = True
+    # Every ModelConfig field (any can be overridden); attention, position, family and
+    # max_length are set per grid cell.
+    config.model = common.model_config(
+        vocab_size=320,
+        d_model=64,
+        num_heads=4,
+        head_dim=16,
+        d_ff=128,
+        num_layers=2,
+        dropout_rate=0.0,
+        num_features=32,
+        num_landmarks=16,
+    )
+    # The trainer's own config (every key it reads), shared by all cells.
+    config.train = common.base_config()
+    config.train.seed = 0
+    config.train.num_train_steps = 300
+    config.train.batch_size = 16
+    config.train.log_every_steps = 50
+    config.train.checkpoint_every_steps = 0
+    config.train.eval_every_steps = 0
+    config.train.eval_steps = 0
+    config.train.keep_checkpoints = 1
+    config.train.async_checkpointing = False
+    config.train.measure_matmul_peak = False
+    config.train.optimizer.learning_rate = 3e-3
+    config.train.optimizer.warmup_steps = 30
+    if variant == "small":
+        config.train_length = 128
+        config.train.num_train_steps = 2000
+        config.model.update({"d_model": 128, "d_ff": 256, "num_layers": 4})
+    return config

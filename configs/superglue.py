@@ -1,0 +1,94 @@
+"""SuperGLUE fine-tuning and evaluation (rope_jax.evaluation.finetune).
+
+Launch (``tiny`` runs on a laptop CPU; ``base`` is the T5-paper-like setting)::
+
+  python eval.py --config=configs/superglue.py:tiny --config.task=CB \
+      --config.data_dir=/data/super_glue --config.init_checkpoint=runs/t5_tiny --workdir=runs/cb
+
+``init_checkpoint``: a train.py workdir, a Hugging Face folder (T5/mT5/BERT/RoFormer) or
+"" (random init from ``config.model``, needs ``config.tokenizer``). ``task=all`` runs every
+task folder in ``data_dir`` (AX-b/AX-g with the RTE model) and writes ``summary.md``.
+Few-shot (FewGLUE): ``--config.train_data_dir=<fewglue> --config.data_dir=<super_glue>``, or
+``--config.data_dir=<fewglue> --config.eval_split=dev32``.
+"""
+
+import ml_collections
+
+from configs import common
+from rope_jax.training import optim
+
+VARIANTS = ("base", "tiny")
+
+
+def get_config(arg: str = "base") -> ml_collections.ConfigDict:
+    variant = arg or "base"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+    config = ml_collections.ConfigDict()
+    config.kind = "superglue"
+    config.task = "CB"
+    config.data_dir = ""
+    # Training files from another folder (FewGLUE's 32-example sets); "" = data_dir.
+    config.train_data_dir = ""
+    config.train_split = "train"
+    config.eval_split = "val"
+    config.test_split = "test"
+    config.init_checkpoint = ""
+    # The config train.py ran with ("configs/mt5.py:tiny"): gives the model of a workdir.
+    config.pretrain_config = ""
+    config.tokenizer = ""
+    config.seed = 0
+    config.max_input_length = 512
+    config.max_target_length = 16
+    config.batch_size = 32
+    config.eval_batch_size = 32
+    config.num_train_steps = 2000
+    config.log_every_steps = 50
+    # Fine-tuning dropout (-1 = keep the checkpoint's).
+    config.dropout_rate = 0.1
+    # Text-to-text decoding: "greedy" or "beam" (beam_size, length penalty alpha of Wu et al.).
+    config.decode_method = "greedy"
+    config.beam_size = 4
+    config.beam_alpha = 0.6
+    # Decode against the key/value cache (False: re-run the decoder over the prefix per token).
+    config.kv_cache = True
+    config.optimizer = optim.default_optimizer_config()
+    config.optimizer.learning_rate = 1e-4
+    config.optimizer.warmup_steps = 100
+    config.optimizer.schedule = "linear"
+    config.optimizer.end_factor = 0.0
+    # Used only for random init (empty init_checkpoint) and as the fallback model config of
+    # a train.py workdir that did not save its own.
+    # Every ModelConfig field, so any can be overridden. Used only for random init (empty
+    # init_checkpoint) and as the last fallback for the model of a train.py workdir.
+    config.model = common.model_config(
+        family="encoder_decoder",
+        vocab_size=32128,
+        d_model=512,
+        num_heads=8,
+        head_dim=64,
+        d_ff=1024,
+        num_layers=8,
+        dropout_rate=0.1,
+    )
+    if variant == "tiny":
+        config.max_input_length = 64
+        config.max_target_length = 8
+        config.batch_size = 8
+        config.eval_batch_size = 8
+        config.num_train_steps = 20
+        config.log_every_steps = 5
+        config.optimizer.learning_rate = 3e-3
+        config.optimizer.warmup_steps = 2
+        config.model.update(
+            {
+                "vocab_size": 512,
+                "d_model": 32,
+                "num_heads": 2,
+                "head_dim": 16,
+                "d_ff": 64,
+                "num_layers": 1,
+                "max_length": 64,
+            }
+        )
+    return config

@@ -1,0 +1,33 @@
+"""Evaluation entry point: SuperGLUE fine-tuning or the position x attention ablation.
+
+  python eval.py --config=configs/superglue.py:tiny --config.task=CB \
+      --config.data_dir=... --config.init_checkpoint=... --workdir=runs/cb
+  python eval.py --config=configs/ablation.py:tiny --workdir=runs/ablation
+"""
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.info("JAX devices: %s", jax.devices())
+    config = _CONFIG.value
+    if config.kind == "ablation":
+        from rope_jax.evaluation import ablation
+
+        ablation.run_ablation(config, _WORKDIR.value)
+    else:
+        from rope_jax.evaluation import finetune
+
+        finetune.finetune_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,243 @@
+"""Where fine-tuning starts: a pretraining workdir, a Hugging Face folder, or random init.
+
+``config.init_checkpoint`` may be
+
+* a ``train.py`` workdir (it has ``checkpoints/``): the params of its latest complete Orbax
+  step; the model config is, in this order, the workdir's ``config.json`` ``model`` entry,
+  the ``model`` of ``config.pretrain_config`` (the pretraining config as given to train.py,
+  e.g. ``configs/mt5.py:tiny,attention=performer``), or ``config.model``; the tokenizer is
+  the one train.py cached in ``<workdir>/tokenizer/spm.model``;
+* a Hugging Face model folder (it has ``config.json`` and weights): imported with
+  ``rope_jax.convert.from_hf``; its ``spiece.model`` (T5/mT5) or tokenizer files (BERT,
+  RoFormer) are used for text;
+* empty: ``config.model`` with random weights (smoke tests and from-scratch baselines).
+
+The tokenizer is ``config.tokenizer`` (a SentencePiece ``.model``) when set. For an encoder
+the classification head is new: its parameters are initialised and every other parameter
+is taken from the checkpoint; a parameter missing from the checkpoint is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from rope_jax.evaluation import formats
+from rope_jax.evaluation import inputs as inputs_lib
+
+RANDOM_FEATURES = "random_features"
+HEAD_PARAMS = ("pooler", "classifier")
+_SPM_NAMES = (
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.model",
+    "spm.model",
+    os.path.join("tokenizer", "spm.model"),
+)
+
+
+@dataclasses.dataclass
+class Source:
+    """A pretrained model as loaded: config, params (numpy or jax), random features, codec."""
+
+    cfg: Any
+    params: Any
+    random_features: Any
+    codec: Any
+    description: str
+
+
+def _sentencepiece_codec(path: str, vocab_size: int | None):
+    from rope_jax.data.tokenizer import Tokenizer
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer model not found: {path}")
+    tokenizer = Tokenizer.load(path, vocab_size=vocab_size) if vocab_size else Tokenizer.load(path)
+    return inputs_lib.SentencePieceCodec(tokenizer)
+
+
+def _find_spm(folder: str) -> str | None:
+    for name in _SPM_NAMES:
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def _codec(config, cfg, folder: str | None):
+    # The model's vocabulary when the tokenizer fits in it (train.py's layout); else the
+    # tokenizer's own (a HF T5 pads its embedding to 32128 beyond 32000 + 100 extra ids).
+    vocab_size = None
+    if config.tokenizer:
+        return _sentencepiece_codec(config.tokenizer, vocab_size)
+    spm_path = _find_spm(folder) if folder else None
+    if spm_path:
+        return _sentencepiece_codec(spm_path, vocab_size)
+    if folder and os.path.exists(os.path.join(folder, "vocab.txt")):
+        return inputs_lib.HFCodec(folder)
+    raise FileNotFoundError(
+        f"no tokenizer: set config.tokenizer to a SentencePiece .model file (nothing usable in "
+        f"{folder or 'the config'})"
+    )
+
+
+def _check_vocabulary(codec, cfg) -> None:
+    tokenizer = getattr(codec, "tokenizer", None)
+    pieces = getattr(tokenizer, "piece_size", None) or getattr(tokenizer, "vocab_size", None)
+    if pieces is not None and pieces > cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {pieces} pieces but the model only {cfg.vocab_size} ids; "
+            "use the tokenizer the model was pretrained with"
+        )
+
+
+def _model_config(model_dict):
+    from rope_jax.model_config import model_config_from_dict
+
+    return model_config_from_dict(model_dict)
+
+
+def _pretrain_model_dict(spec: str):
+    """``config.model`` of a config file given as ``path/to/config.py[:arg]``."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"pretrain_config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location("pretrain_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None).model
+
+
+def _restore_params(workdir: str) -> tuple[Any, Any, str]:
+    """Params and random features of the latest complete step of ``<workdir>/checkpoints``."""
+    import orbax.checkpoint as ocp
+
+    from rope_jax.training import checkpoint as checkpoint_lib
+
+    directory = os.path.join(workdir, "checkpoints")
+    checkpointer = checkpoint_lib.Checkpointer(directory, async_save=False)
+    try:
+        step = checkpointer.latest_step()
+    finally:
+        checkpointer.close()
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    path = os.path.join(directory, str(step), checkpoint_lib.STATE)
+    restorer = ocp.StandardCheckpointer()
+    metadata = restorer.metadata(path)
+    tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
+    tree = getattr(tree, "tree", tree)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree
+    )
+    state = restorer.restore(path, target)
+    restorer.close()
+    return state["params"], state.get(RANDOM_FEATURES) or {}, f"{directory}/{step}"
+
+
+def load_source(config) -> Source:
+    path = config.init_checkpoint
+    if not path:
+        cfg = _model_config(config.model)
+        codec = _codec(config, cfg, None)
+        _check_vocabulary(codec, cfg)
+        return Source(cfg, None, None, codec, "random init")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"init_checkpoint {path} is not a directory")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        model_dict = config.model
+        saved = os.path.join(path, "config.json")
+        if os.path.exists(saved):
+            with open(saved) as f:
+                model_dict = json.load(f).get("model", model_dict)
+        elif config.pretrain_config:
+            model_dict = _pretrain_model_dict(config.pretrain_config)
+        cfg = _model_config(model_dict)
+        params, random_features, where = _restore_params(path)
+        codec = _codec(config, cfg, path)
+        _check_vocabulary(codec, cfg)
+        return Source(cfg, params, random_features, codec, where)
+    if os.path.exists(os.path.join(path, "config.json")):
+        from rope_jax import convert
+
+        model, params = convert.from_hf(path)
+        cfg = model.config
+        codec = _codec(config, cfg, path)
+        _check_vocabulary(codec, cfg)
+        return Source(cfg, params, {}, codec, f"Hugging Face {path}")
+    raise FileNotFoundError(
+        f"init_checkpoint {path} is neither a train.py workdir (no checkpoints/) nor a Hugging "
+        "Face folder (no config.json)"
+    )
+
+
+def _init_variables(model, cfg, key):
+    tokens = jnp.ones((1, 8), jnp.int32)
+    rngs = {"params": key, "dropout": key, RANDOM_FEATURES: key}
+    if cfg.family == "encoder_decoder":
+        return model.init(rngs, tokens, tokens)
+    extra = {"token_type_ids": jnp.zeros_like(tokens)} if cfg.type_vocab_size else {}
+    return model.init(rngs, tokens, **extra)
+
+
+def merge_params(fresh, pretrained, *, new_prefixes=HEAD_PARAMS) -> Any:
+    """``fresh`` with every leaf replaced by the pretrained one, except new heads (kept).
+
+    A non-head parameter absent from ``pretrained`` or with another shape is an error.
+    """
+    fresh_flat = traverse_util.flatten_dict(fresh, sep="/")
+    pretrained_flat = traverse_util.flatten_dict(pretrained, sep="/")
+    merged = {}
+    for name, value in fresh_flat.items():
+        if name.split("/")[0] in new_prefixes:
+            merged[name] = value
+            continue
+        if name not in pretrained_flat:
+            raise KeyError(f"parameter {name} is missing from the checkpoint")
+        loaded = pretrained_flat[name]
+        if tuple(np.shape(loaded)) != tuple(np.shape(value)):
+            raise ValueError(
+                f"parameter {name}: checkpoint shape {np.shape(loaded)} != model {np.shape(value)}"
+            )
+        merged[name] = jnp.asarray(loaded, dtype=value.dtype)
+    return traverse_util.unflatten_dict(merged, sep="/")
+
+
+def load_for_task(task: str, config, *, source: Source | None = None):
+    """The :class:`finetune.TaskModel` of ``task`` from a loaded source."""
+    import flax.linen as nn
+
+    from rope_jax.evaluation.finetune import TaskModel
+    from rope_jax.models import build_model
+
+    source = source or load_source(config)
+    cfg = source.cfg
+    if cfg.family == "encoder":
+        cfg = dataclasses.replace(cfg, num_labels=formats.num_classes(task))
+    elif cfg.family != "encoder_decoder":
+        raise ValueError(
+            f"SuperGLUE fine-tuning needs an encoder or an encoder_decoder, not a {cfg.family} "
+            "model (casts exist for these two families only)"
+        )
+    if config.dropout_rate >= 0:
+        cfg = dataclasses.replace(cfg, dropout_rate=config.dropout_rate)
+    model = build_model(cfg)
+    # Jitted: an eager init runs op by op and costs seconds even for a tiny model.
+    init = jax.jit(lambda key: nn.unbox(_init_variables(model, cfg, key)))
+    variables = init(jax.random.key(config.seed))
+    params = variables["params"]
+    random_features = variables.get(RANDOM_FEATURES, {})
+    if source.params is not None:
+        params = merge_params(params, source.params)
+        if source.random_features:
+            random_features = merge_params(random_features, source.random_features)
+    return TaskModel(model, cfg, params, random_features, source.codec)

@@ -1,0 +1,201 @@
+"""End-to-end fine-tune + evaluation on tiny fixtures: CB with an encoder (classification
+head) and RTE with an encoder-decoder (text-to-text, greedy decoding), plus token arrays."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from rope_jax.evaluation import formats, inputs, pretrained, readers
+
+
+class ByteCodec:
+    """UTF-8 bytes shifted past the T5 specials (pad 0, EOS 1, unk 2): a tokenizer that
+    needs no training, with the SentencePieceCodec pairing rules."""
+
+    eos_id = 1
+
+    def encode(self, text):
+        return [b + 3 for b in text.encode()]
+
+    def decode(self, ids):
+        ids = list(ids)
+        ids = ids[: ids.index(1)] if 1 in ids else ids
+        return bytes(i - 3 for i in ids if 3 <= i < 259).decode(errors="replace")
+
+    pair = inputs.SentencePieceCodec.pair
+
+
+def test_token_arrays_follow_the_batch_contract():
+    codec = ByteCodec()
+    examples = [formats.TextExample("abcdef", "xy", 0), formats.TextExample("a", "", 1)]
+    arrays = inputs.seq2seq_arrays(examples, codec, max_input_length=4, max_target_length=4)
+    np.testing.assert_array_equal(
+        arrays["encoder_input_tokens"], [[100, 101, 102, 1], [100, 1, 0, 0]]
+    )
+    np.testing.assert_array_equal(arrays["decoder_target_tokens"], [[123, 124, 1, 0], [1, 0, 0, 0]])
+    np.testing.assert_array_equal(arrays["decoder_input_tokens"], [[0, 123, 124, 1], [0, 1, 0, 0]])
+    np.testing.assert_array_equal(arrays["decoder_loss_weights"], [[1, 1, 1, 0], [1, 0, 0, 0]])
+    np.testing.assert_array_equal(arrays["encoder_positions"], [[0, 1, 2, 3], [0, 1, 0, 0]])
+    # Longest-first truncation keeps the short hypothesis of a pair.
+    enc = [formats.EncoderExample((("aaaaaaaa", "bb"),), 2, 0)]
+    arrays = inputs.encoder_arrays(enc, codec, max_length=8)
+    np.testing.assert_array_equal(arrays["input_tokens"][0, 0], [100] * 4 + [1, 101, 101, 1])
+    np.testing.assert_array_equal(arrays["token_type_ids"][0, 0], [0] * 5 + [1] * 3)
+    np.testing.assert_array_equal(arrays["labels"], [2])
+    enc = [
+        formats.EncoderExample((("c", "d"),), (0,), 0),
+        formats.EncoderExample((("c", "d"), ("e", "")), (1,), 1),
+    ]
+    arrays = inputs.encoder_arrays(enc, codec, max_length=8)
+    np.testing.assert_array_equal(arrays["choice_mask"], [[1, 0], [1, 1]])
+    np.testing.assert_array_equal(arrays["labels"], [[1, 0], [0, 1]])  # multiple choice: multi-hot
+
+
+def _write_task(root, task, rows_by_split):
+    folder = root / task
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in rows_by_split.items():
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _fixture_data(root):
+    words = ["red", "blue", "green", "dark"]
+    cb, rte = [], []
+    for i in range(12):
+        label = ("entailment", "contradiction", "neutral")[i % 3]
+        cb.append(
+            {
+                "premise": f"the sky is {words[i % 4]}.",
+                "hypothesis": f"{label[:3]} {i}",
+                "label": label,
+                "idx": i,
+            }
+        )
+        rte_label = ("entailment", "not_entailment")[i % 2]
+        rte.append(
+            {
+                "premise": f"p {words[i % 4]}",
+                "hypothesis": f"{rte_label[:2]}",
+                "label": rte_label,
+                "idx": i,
+            }
+        )
+    _write_task(
+        root, "CB", {"train": cb, "val": cb[:6], "test": [dict(r, label=None) for r in cb[:3]]}
+    )
+    _write_task(root, "RTE", {"train": rte, "val": rte[:4]})
+    axb = root / "AX-b"
+    axb.mkdir()
+    (axb / "AX-b.jsonl").write_text(
+        json.dumps({"sentence1": "a", "sentence2": "b", "idx": 0, "label": "entailment"}) + "\n"
+    )
+    # Test records have no label field at all.
+    (root / "CB" / "test.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "label"}) + "\n" for r in cb[:3])
+    )
+
+
+def _config(root, family):
+    from configs import superglue
+
+    config = superglue.get_config("tiny")
+    config.data_dir = str(root)
+    config.num_train_steps = 6
+    config.batch_size = 4
+    config.eval_batch_size = 4
+    config.max_input_length = 32
+    config.max_target_length = 6
+    config.model.vocab_size = 260
+    config.model.family = family
+    if family == "encoder":
+        # RoFormer-like, pre-RMSNorm: position "rope", token types, classification head.
+        config.model.update(
+            {
+                "position": "rope",
+                "type_vocab_size": 2,
+                "mlp_activation": "gelu",
+                "scale_queries": True,
+            }
+        )
+    return config
+
+
+@pytest.mark.parametrize("family,task", [("encoder", "CB"), ("encoder_decoder", "all")])
+def test_tiny_finetune_and_eval_end_to_end(tmp_path, family, task, monkeypatch, capsys):
+    from rope_jax.evaluation import finetune
+
+    data = tmp_path / "data"
+    _fixture_data(data)
+    if task == "all":  # "all" = every task folder present: RTE, then AX-b with its model
+        shutil.rmtree(data / "CB")
+    config = _config(data, family)
+    config.task = task
+    source = pretrained.Source(
+        pretrained._model_config(config.model), None, None, ByteCodec(), "random init"
+    )
+    monkeypatch.setattr(pretrained, "load_source", lambda config: source)
+    workdir = str(tmp_path / "run")
+    results = finetune.finetune_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        assert json.load(f) == results
+    trained = "CB" if task == "CB" else "RTE"
+    val = results[trained]
+    assert val["num_examples"] == (6 if trained == "CB" else 4)
+    assert 0.0 <= val["accuracy"] <= 1.0 and np.isfinite(val["final_train_loss"])
+    assert f"| {trained} | {int(val['num_examples'])} | score" in capsys.readouterr().out
+    with open(os.path.join(workdir, "predictions", f"{trained}_val.jsonl")) as f:
+        lines = [json.loads(x) for x in f]
+    assert [x["idx"] for x in lines] == list(range(int(val["num_examples"])))
+    assert all(x["label"] in set(readers.LABEL_NAMES[trained]) for x in lines)
+    if task == "CB":
+        assert "f1" in val
+        assert results["CB/test"]["num_examples"] == 3
+        assert os.path.exists(os.path.join(workdir, "submission", "CB.jsonl"))
+    else:
+        assert sorted(results) == ["AX-b", "RTE"] and "mcc" in results["AX-b"]
+        assert os.path.exists(os.path.join(workdir, "submission", "AX-b.jsonl"))
+        assert "| RTE | 4 |" in open(os.path.join(workdir, "summary.md")).read()
+
+
+def test_encoder_losses_against_float64_numpy():
+    from rope_jax.evaluation.finetune import encoder_loss
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 1, 4))
+    labels = np.array([0, 3, 2])
+    expected = np.mean(
+        [np.log(np.exp(logits[i, 0]).sum()) - logits[i, 0, labels[i]] for i in range(3)]
+    )
+    loss = encoder_loss(logits.astype(np.float32), {"labels": labels})
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    # Multiple choice: row 0 has two right candidates of 3 valid (the 4th is padding),
+    # row 1 one right of 2, row 2 none (unlabelled: excluded from the mean).
+    scores = rng.normal(size=(3, 4, 1))
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    gold = np.array([[1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]], np.float32)
+    s = scores[..., 0]
+    row0 = np.log(np.exp(s[0, :3]).sum()) - np.log(np.exp(s[0, [0, 2]]).sum())
+    row1 = np.log(np.exp(s[1, :2]).sum()) - s[1, 1]
+    batch = {"labels": gold, "choice_mask": mask}
+    loss = encoder_loss(scores.astype(np.float32), batch)
+    np.testing.assert_allclose(loss, (row0 + row1) / 2, rtol=1e-5)
+
+
+def test_merge_params_keeps_new_head_and_checks_the_rest():
+    f32 = np.float32
+    fresh = {
+        "encoder": {"w": np.zeros((2, 3), f32)},
+        "classifier": {"kernel": np.ones((3, 2), f32)},
+    }
+    loaded = {"encoder": {"w": np.full((2, 3), 5.0, f32)}, "mlm_head": {"bias": np.ones(4, f32)}}
+    merged = pretrained.merge_params(fresh, loaded)
+    np.testing.assert_array_equal(merged["encoder"]["w"], 5.0)
+    np.testing.assert_array_equal(merged["classifier"]["kernel"], 1.0)
+    assert "mlm_head" not in merged
+    with pytest.raises(KeyError, match="encoder/w is missing"):
+        pretrained.merge_params(fresh, {"other": {"w": np.zeros(1)}})
+    with pytest.raises(ValueError, match=r"encoder/w: checkpoint shape \(3, 2\)"):
+        pretrained.merge_params(fresh, {"encoder": {"w": np.zeros((3, 2))}})

@@ -1,0 +1,129 @@
+"""Official SuperGLUE metrics against values computed by hand (in the comments)."""
+
+import math
+
+import pytest
+
+from rope_jax.evaluation import metrics
+
+
+def test_accuracy():
+    assert metrics.accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == 0.5
+    with pytest.raises(ValueError, match="3 predictions for 2"):
+        metrics.accuracy([1, 0, 1], [1, 0])
+
+
+def test_cb_macro_f1_over_three_classes():
+    labels = ["entailment", "entailment", "contradiction", "neutral", "neutral", "neutral"]
+    preds = ["entailment", "contradiction", "contradiction", "neutral", "entailment", "neutral"]
+    # entailment tp1 fp1 fn1 -> 1/2; contradiction tp1 fp1 fn0 -> 2/3; neutral tp2 fp0 fn1 -> 4/5
+    expected = (1 / 2 + 2 / 3 + 4 / 5) / 3
+    result = metrics.task_metrics("CB", [{"label": g} for g in labels], preds)
+    assert result["f1"] == pytest.approx(expected)
+    assert result["accuracy"] == pytest.approx(4 / 6)
+    assert result["score"] == pytest.approx((expected + 4 / 6) / 2)
+    # A class absent from gold and predictions still counts (F1 0), as with all 3 labels given.
+    assert metrics.macro_f1(
+        ["neutral"] * 2, ["neutral"] * 2, ("entailment", "contradiction", "neutral")
+    ) == pytest.approx(1 / 3)
+
+
+def test_multirc_f1a_and_question_em():
+    # paragraph 0: q0 [T F T] vs [T F F]; q1 [F T] vs [F T]; paragraph 1: q0 [T] vs [F]
+    # (same question idx in another paragraph must be a separate question).
+    gold = [True, False, True, False, True, True]
+    pred = [True, False, False, False, True, False]
+    ids = [(0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 1, 3), (0, 1, 4), (1, 0, 5)]
+    records = [
+        {"idx": {"paragraph": p, "question": q, "answer": a}, "label": g}
+        for (p, q, a), g in zip(ids, gold, strict=True)
+    ]
+    result = metrics.task_metrics("MultiRC", records, pred)
+    # pooled tp 2, fp 0, fn 2 -> F1a = 4 / 6; EM: only (0, 1) all right -> 1 / 3
+    assert result["f1a"] == pytest.approx(2 / 3)
+    assert result["em"] == pytest.approx(1 / 3)
+    # An unparsable prediction is wrong even when gold is False.
+    none_pred = [True, None, True, False, True, True]
+    assert metrics.task_metrics("MultiRC", records, none_pred)["em"] == pytest.approx(2 / 3)
+
+
+def test_squad_normalisation_and_record_max_over_answers():
+    assert metrics.squad_normalize("  An apple, a DAY; the end!") == "apple day end"
+    records = [{"answers": ["Eiffel Tower", "tower"]}, {"answers": ["Paris", "Lyon"]}]
+    result = metrics.task_metrics("ReCoRD", records, ["The Eiffel Tower!", "Paris France"])
+    # query 1: EM 1, F1 1; query 2 vs "Paris": precision 1/2, recall 1 -> F1 2/3, EM 0
+    assert result["f1"] == pytest.approx((1 + 2 / 3) / 2)
+    assert result["em"] == pytest.approx(1 / 2)
+    assert metrics.token_f1("x y y z", "y y w") == pytest.approx(
+        2 * (2 / 4) * (2 / 3) / (2 / 4 + 2 / 3)
+    )
+
+
+def test_axb_matthews_correlation():
+    labels = ["entailment"] * 4 + ["not_entailment"] * 3
+    preds = ["entailment"] * 3 + ["not_entailment"] + ["entailment"] + ["not_entailment"] * 2
+    # tp 3, fn 1, fp 1, tn 2 -> (6 - 1) / sqrt(4 * 4 * 3 * 3) = 5 / 12
+    result = metrics.task_metrics("AX-b", [{"label": g} for g in labels], preds)
+    assert result["mcc"] == pytest.approx(5 / 12)
+    assert metrics.matthews_corrcoef(["entailment"] * 3, labels[:3], "entailment") == 0.0
+    perfect = metrics.matthews_corrcoef(labels, labels, "entailment")
+    assert perfect == pytest.approx(1.0) and not math.isnan(perfect)
+
+
+def test_axg_gender_parity_and_accuracy():
+    records = [
+        {"pair_id": 1, "label": "entailment"},
+        {"pair_id": 1, "label": "entailment"},
+        {"pair_id": 2, "label": "not_entailment"},
+        {"pair_id": 2, "label": "not_entailment"},
+        {"pair_id": 3, "label": "entailment"},
+        {"pair_id": 3, "label": "entailment"},
+    ]
+    preds = [
+        "entailment",
+        "entailment",
+        "entailment",
+        "not_entailment",
+        "not_entailment",
+        "not_entailment",
+    ]
+    result = metrics.task_metrics("AX-g", records, preds)
+    assert result["gender_parity"] == pytest.approx(2 / 3)  # pairs 1 and 3 agree
+    assert result["accuracy"] == pytest.approx(3 / 6)
+
+
+def test_unlabelled_records_are_not_scored():
+    with pytest.raises(ValueError, match="without labels"):
+        metrics.task_metrics("RTE", [{"label": None}], ["entailment"])
+
+
+def test_evaluator_plugins_yield_metrics_and_write_files(tmp_path):
+    from rope_jax.evaluation import evaluators
+
+    records = [
+        {"idx": 0, "premise": "p", "hypothesis": "h", "label": "entailment"},
+        {"idx": 1, "premise": "p", "hypothesis": "h", "label": "neutral"},
+    ]
+
+    def predict(params, recs):
+        assert params == "params"
+        return ["entailment", None]
+
+    evaluator = evaluators.create_evaluator(
+        predict, task="CB", records=records, workdir=str(tmp_path)
+    )
+    assert isinstance(evaluator, evaluators.LabelEvaluator)
+    result = dict(evaluator.run("params"))
+    assert result["accuracy"] == 0.5 and result["invalid_fraction"] == 0.5
+    assert result["f1"] == pytest.approx(1 / 3)  # entailment F1 1, the others 0
+    assert (tmp_path / "predictions" / "CB_val.jsonl").read_text().splitlines()[1] == (
+        '{"idx": 1, "label": "entailment"}'
+    )
+    unlabelled = [dict(r, label=None) for r in records]
+    test_eval = evaluators.create_evaluator(
+        predict, task="CB", records=unlabelled, split="test", workdir=str(tmp_path)
+    )
+    assert set(dict(test_eval.run("params"))) == {"num_examples", "invalid_fraction"}
+    assert (tmp_path / "submission" / "CB.jsonl").exists()
+    with pytest.raises(ValueError, match="not 'MultiRC'"):
+        evaluators.LabelEvaluator(predict, task="MultiRC", records=[])

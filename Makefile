@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-WORKDIR ?= runs/demo
+# A new workdir per demo run: train.py resumes an existing one, and a finished run does nothing.
+WORKDIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: demo test lint bench clean
 
@@ -13,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/python benchmarks/attention.py --quick
+	$(BIN)/python train.py --config=configs/decoder.py:tiny --workdir=$(WORKDIR)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
@@ -24,6 +25,10 @@ test: lint
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/attention.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/forward.py
+	$(BIN)/python benchmarks/decoding.py
+	$(BIN)/python benchmarks/data.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,5 +1,6 @@
 """Tokenizer, corpora, packing and the checkpointable pipeline on tiny fixtures."""
 
+import concurrent.futures
 import json
 import os
 import pickle
@@ -114,6 +115,18 @@ def test_text_blocks_lines_globs_and_sharding(tmp_path):
     assert len(orders) == 2  # two files: both file orders occur, each deterministic
     with pytest.raises(FileNotFoundError):
         corpora.expand_paths(str(tmp_path / "missing*.txt"))
+
+
+def test_document_index_reads_from_many_threads(tmp_path):
+    # grain's prefetch threads (num_threads > 0) read one shared index concurrently.
+    path = tmp_path / "docs.jsonl"
+    texts = [f"document {i} " + "word " * (i % 50) for i in range(400)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    index = corpora.DocumentIndex(str(path), format="jsonl")
+    order = np.random.default_rng(0).integers(0, len(texts), size=20_000).tolist()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(index.__getitem__, order, chunksize=1))
+    assert got == [texts[i].strip() for i in order]
 
 
 # ------------------------------------------------------------------------------- packing

@@ -179,7 +179,7 @@ class DocumentIndex:
 
     ``len(index)`` documents; ``index[i]`` returns the text of document ``i`` (file order =
     sorted paths, then position in file). ``index.stats`` holds the counts of the scan.
-    Picklable (grain worker processes reopen files lazily).
+    Picklable (grain worker processes reopen files lazily); safe to read from many threads.
     """
 
     def __init__(
@@ -215,9 +215,10 @@ class DocumentIndex:
         file_id = int(self._file_ids[index])
         handle = self._handles.get(file_id)
         if handle is None:
-            handle = self._handles[file_id] = open(self.paths[file_id], "rb")
-        handle.seek(int(self._offsets[index]))
-        raw = handle.read(int(self._lengths[index]))
+            handle = self._handles.setdefault(file_id, open(self.paths[file_id], "rb"))
+        # Positional read: grain's prefetch threads share this index, and seek + read on a
+        # shared handle would let one thread move another's file position.
+        raw = os.pread(handle.fileno(), int(self._lengths[index]), int(self._offsets[index]))
         # The scan validated this record; a changed file is an error, not a skip.
         text = _parse_record(raw, self.format, self.text_field, CorpusStats())
         if text is None:

@@ -314,8 +314,9 @@ def gap_sentences(
     scores ``sentence_units`` (default: the token ids themselves; the pipeline passes
     ``rouge_units`` of the sentence text, i.e. words as in the paper). In ``inputs`` each
     selected sentence becomes one ``mask1_id``; ``targets`` are the selected sentences in
-    document order. With ``mlm_rate > 0`` the remaining tokens get BERT masking with
-    ``mask2_id`` (80/10/10). Both outputs end with EOS.
+    document order. With ``mlm_rate > 0``, ``round(mlm_rate * m)`` (at least one) of the
+    ``m`` remaining tokens get BERT masking with ``mask2_id`` (80/10/10). Both outputs end
+    with EOS.
     """
     sentences = [_as_tokens(s) for s in sentences]
     if not sentences:
@@ -332,15 +333,15 @@ def gap_sentences(
     if mlm_rate > 0:
         if mask2_id is None or random_token_range is None:
             raise ValueError("mlm_rate > 0 needs mask2_id and random_token_range")
+        # ``mlm_rate`` of the tokens left in the input (the MASK1 tokens are not candidates).
         maskable = inputs != mask1_id
         if maskable.any():
-            inputs, _, _ = mlm(
-                inputs,
+            inputs[maskable], _, _ = mlm(
+                inputs[maskable],
                 rng=rng,
                 mask_id=mask2_id,
                 random_token_range=random_token_range,
-                mask_rate=mlm_rate * maskable.size / maskable.sum(),
-                maskable=maskable,
+                mask_rate=mlm_rate,
             )
     targets = np.concatenate([sentences[i] for i in selected])
     return _append_eos(inputs, eos_id), _append_eos(targets, eos_id)

@@ -151,6 +151,24 @@ def test_gap_sentences_tokens():
     assert (inputs == 8).sum() > 0 and inputs.size == 7 * 20 + 3 + 1
 
 
+def test_gap_sentences_mlm_masks_fifteen_percent_of_the_unselected_tokens():
+    rng = np.random.default_rng(11)
+    # 10 sentences of 2 distinct tokens: 3 become MASK1, 14 tokens remain; round(0.15 * 14) = 2
+    # of them are selected for MLM. Random replacements come from ids disjoint from the text,
+    # so a selected token changes unless it is kept (10%).
+    sentences = [np.array([10 + 2 * i, 11 + 2 * i]) for i in range(10)]
+    unmasked, _ = obj.gap_sentences(sentences, rng=rng, mask1_id=7)
+    changed = []
+    for _ in range(400):
+        inputs, _ = obj.gap_sentences(
+            sentences, rng=rng, mask1_id=7, mask2_id=8, mlm_rate=0.15, random_token_range=(50, 60)
+        )
+        np.testing.assert_array_equal(inputs == 7, unmasked == 7)
+        changed.append(int((inputs != unmasked).sum()))
+    assert max(changed) == 2
+    assert abs(np.mean(changed) - 0.9 * 2) < 0.1
+
+
 def _lcs_dp(a, b):
     table = np.zeros((len(a) + 1, len(b) + 1), int)
     for i, ca in enumerate(a):

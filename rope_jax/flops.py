@@ -38,6 +38,9 @@ def attention_forward_flops(cfg: ModelConfig, kernel: str, q_len: int, kv_len: i
     if kernel == "softmax":
         # q k^T and weights v.
         return 4.0 * q_len * kv_len * heads * head_dim
+    if kernel == "random_synthesizer":
+        # Only the weights-times-values product: its logits are a parameter, not q k^T.
+        return 2.0 * q_len * kv_len * heads * head_dim
     if kernel == "performer":
         m = cfg.num_features
         # Feature projections of q and k, phi(K)^T V and phi(Q) (phi(K)^T V).

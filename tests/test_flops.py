@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from rope_jax.flops import count_params, flops_per_token, training_flops, training_flops_per_example
-from rope_jax.model_config import ModelConfig
+from rope_jax.model_config import KERNEL_TRAITS, ModelConfig
 from rope_jax.models import build_model
 
 TINY = dict(vocab_size=40, d_model=32, num_heads=2, head_dim=16, d_ff=48, num_layers=1)
@@ -68,3 +68,20 @@ def test_linear_kernels_scale_linearly():
     cfg = ModelConfig(family="decoder", position="rope", attention="linear", **TINY)
     attention = [training_flops(cfg, n).attention for n in (64, 128)]
     assert attention[1] == 2 * attention[0]
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNEL_TRAITS))
+def test_every_kernel_has_a_flop_count(kernel):
+    """The trainer logs FLOPs and MFU for whatever kernel the config picks."""
+    family = "encoder" if kernel == "nystrom" else "decoder"
+    position = "none" if kernel == "random_synthesizer" else "rope"
+    cfg = ModelConfig(family=family, position=position, attention=kernel, **TINY)
+    assert training_flops(cfg, 16).attention > 0
+
+
+def test_random_synthesizer_attention_flops_by_hand():
+    cfg = ModelConfig(
+        family="decoder", position="none", attention="random_synthesizer", max_length=8, **TINY
+    )
+    # Only softmax(R) V: 2 * T * S * H * D forward, x3 for training.
+    assert training_flops(cfg, 8).attention == 3 * 2 * 8 * 8 * 2 * 16

@@ -4,6 +4,7 @@ at its tiny variant on the embedded corpus (the path ``train.py`` takes)."""
 import importlib
 import json
 import os
+import shlex
 import shutil
 
 import jax
@@ -82,10 +83,10 @@ def test_overrides_resolve_and_errors_name_the_key():
         load("mt5", "huge")
 
 
-def _parse_flags(*args):
+def _parse_flags(*args, config="roformer.py:tiny"):
     """What train.py does with its command line, on a private FlagValues."""
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "roformer.py")
-    argv = ["train.py", f"--config={path}:tiny", *args]
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", config)
+    argv = ["train.py", f"--config={path}", *args]
     values = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config", None, "", flag_values=values, lock_config=True, sys_argv=argv
@@ -103,6 +104,20 @@ def test_flags_reject_unknown_key_and_wrong_type():
         with pytest.raises(Exception, match=name):
             _parse_flags(bad)
     assert _parse_flags("--config.model.num_layers=3").model.num_layers == 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_docstring_launch_commands_start(family):
+    """Every launch command in a config's docstring parses and passes the model checks."""
+    doc = importlib.import_module(f"configs.{family}").__doc__.replace("\\\n", " ")
+    lines = [line for line in doc.splitlines() if "python train.py" in line]
+    assert lines
+    for line in lines:
+        argv = shlex.split(line.strip())
+        config_arg = next(a for a in argv if a.startswith("--config=configs/"))
+        overrides = [a for a in argv if a.startswith("--config.")]
+        config = _parse_flags(*overrides, config=config_arg.removeprefix("--config=configs/"))
+        trainer.build_model(config)
 
 
 def _run(family, arg, workdir, tokenizer_dir):

@@ -168,8 +168,16 @@ def test_packing_segments_positions_and_content():
             )
         assert row["encoder_segment_ids"].max() == row["decoder_segment_ids"].max()
         for s in range(1, row["encoder_segment_ids"].max() + 1):
-            recovered.append(row["encoder_input_tokens"][row["encoder_segment_ids"] == s].tolist())
-    assert recovered == [e["encoder_input_tokens"].tolist() for e in examples]
+            recovered.append(
+                (
+                    row["encoder_input_tokens"][row["encoder_segment_ids"] == s].tolist(),
+                    row["decoder_target_tokens"][row["decoder_segment_ids"] == s].tolist(),
+                )
+            )
+    expected = [
+        (e["encoder_input_tokens"].tolist(), e["decoder_target_tokens"].tolist()) for e in examples
+    ]
+    assert recovered == expected
 
 
 def test_packing_truncation_and_no_packing():

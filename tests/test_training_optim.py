@@ -1,7 +1,8 @@
 """Optimizer pieces against hand formulas: schedules, clipping, decay mask, AdamW's decoupled
-decay, and gradient accumulation equal to the big-batch gradient."""
+decay, gradient accumulation equal to the big-batch gradient, and the MFU denominator."""
 
 import math
+import types
 
 import flax.linen as nn
 import jax
@@ -12,7 +13,7 @@ import pytest
 from training_toys import ToyEncoder, ToyMLMIterator
 
 from configs import common
-from rope_jax.training import losses, optim, sharding, step
+from rope_jax.training import losses, metrics, optim, sharding, step
 
 
 def _schedule(name, **kw):
@@ -184,3 +185,20 @@ def test_mesh_shape_fills_and_checks():
         sharding.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
     with pytest.raises(ValueError, match="unknown axes"):
         sharding.mesh_shape({"data": -1, "model": 2}, 8)
+
+
+def test_mfu_peak_counts_every_accelerator_and_each_cpu_host_once():
+    def devices(platform, per_process, processes):
+        return [
+            types.SimpleNamespace(platform=platform, process_index=p)
+            for p in range(processes)
+            for _ in range(per_process)
+        ]
+
+    # The step's FLOPs are the global batch's: 8 GPUs on 2 hosts compute 8x one GPU's rate.
+    assert metrics.total_matmul_peak(100.0, devices("gpu", 4, 2)) == 800.0
+    assert metrics.total_matmul_peak(100.0, devices("tpu", 4, 1)) == 400.0
+    # Simulated CPU devices share one host's cores: once per process.
+    assert metrics.total_matmul_peak(100.0, devices("cpu", 8, 1)) == 100.0
+    assert metrics.total_matmul_peak(100.0, devices("cpu", 2, 3)) == 300.0
+    assert metrics.total_matmul_peak(100.0, jax.devices()) == 100.0

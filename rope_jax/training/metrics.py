@@ -38,6 +38,19 @@ def measure_matmul_peak(size: int = 1024, repeats: int = 5, dtype=jnp.float32) -
     return 2.0 * size**3 / best
 
 
+def total_matmul_peak(per_device_peak: float, devices) -> float:
+    """The matmul rate of all ``devices`` together, from the rate measured on one of them.
+
+    Accelerators (GPU, TPU) each compute at the measured rate. The CPU backend's devices
+    are slices of one host sharing its cores (a single device's GEMM already uses them
+    all), so CPU devices count once per process.
+    """
+    devices = list(devices)
+    if all(device.platform == "cpu" for device in devices):
+        return per_device_peak * len({device.process_index for device in devices})
+    return per_device_peak * len(devices)
+
+
 class MetricWriter:
     """Writes scalars to TensorBoard event files and one JSON object per line.
 

@@ -287,7 +287,9 @@ def train_and_evaluate(
     )
 
     writer = metrics.MetricWriter(workdir)
-    peak = metrics.measure_matmul_peak() if config.measure_matmul_peak else 0.0
+    # The step's FLOPs are those of the global batch, so MFU divides by the whole mesh's rate.
+    device_peak = metrics.measure_matmul_peak() if config.measure_matmul_peak else 0.0
+    peak = metrics.total_matmul_peak(device_peak, mesh.devices.flat)
     flops_per_step = 0.0
     if model_cfg is not None:
         flops_per_step = model_flops_per_step(model_cfg, first_host_batch, config.batch_size)
@@ -295,10 +297,12 @@ def train_and_evaluate(
     if jax.process_index() == 0:
         num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract_state.params))
         logging.info(
-            "%.2fM params; %.2f GFLOP and %d tokens per step; float32 matmul peak %.1f GFLOP/s",
+            "%.2fM params; %.2f GFLOP and %d tokens per step; float32 matmul peak %.1f GFLOP/s "
+            "on one device, %.1f for the mesh",
             num_params / 1e6,
             flops_per_step / 1e9,
             tokens_per_step,
+            device_peak / 1e9,
             peak / 1e9,
         )
 

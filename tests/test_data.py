@@ -4,6 +4,7 @@ import concurrent.futures
 import json
 import os
 import pickle
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -127,6 +128,21 @@ def test_document_index_reads_from_many_threads(tmp_path):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         got = list(pool.map(index.__getitem__, order, chunksize=1))
     assert got == [texts[i].strip() for i in order]
+
+
+def test_document_index_keeps_about_twenty_bytes_per_document(tmp_path):
+    path = tmp_path / "many.jsonl"
+    num_documents = 50_000
+    path.write_text("".join(f'{{"text": "doc {i}"}}\n' for i in range(num_documents)))
+    tracemalloc.start()
+    try:
+        index = corpora.DocumentIndex(str(path), format="jsonl")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(index) == num_documents
+    # int32 file id + int64 offset + int64 length, also at the peak of the scan.
+    assert peak / num_documents < 30
 
 
 # ------------------------------------------------------------------------------- packing

@@ -19,6 +19,7 @@ non-string field -- are skipped and counted in a ``CorpusStats``; nothing raises
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import glob
 import json
@@ -194,15 +195,16 @@ class DocumentIndex:
         self.paths = expand_paths(patterns)
         self.format, self.text_mode, self.text_field = format, text_mode, text_field
         self.stats = CorpusStats()
-        file_ids, offsets, lengths = [], [], []
+        # Typed arrays, not lists of Python ints (~4x the memory while scanning 10^8 documents).
+        file_ids, offsets, lengths = array.array("i"), array.array("q"), array.array("q")
         for file_id, path in enumerate(self.paths):
             for offset, length, _ in _scan_file(path, format, text_mode, text_field, self.stats):
                 file_ids.append(file_id)
                 offsets.append(offset)
                 lengths.append(length)
-        self._file_ids = np.asarray(file_ids, np.int32)
-        self._offsets = np.asarray(offsets, np.int64)
-        self._lengths = np.asarray(lengths, np.int64)
+        self._file_ids = np.frombuffer(file_ids, np.int32)
+        self._offsets = np.frombuffer(offsets, np.int64)
+        self._lengths = np.frombuffer(lengths, np.int64)
         self._handles: dict[int, object] = {}
         self.stats.log(f"corpus {','.join(self.paths)}")
         if not len(self._offsets):

@@ -189,6 +189,10 @@ def test_wsc_spans_marked_and_referent_matching(data_dir):
     assert formats.parse_text_prediction("WSC", "cat.", first) is True
     assert formats.parse_text_prediction("WSC", "the dog", first) is False
     assert formats.parse_text_prediction("WSC", "the cat's", first) is False
+    # An empty answer is invalid (wrong whatever the label), not a "False" that scores on
+    # every negative record.
+    assert formats.parse_text_prediction("WSC", " ", first) is None
+    assert formats.parse_text_prediction("WSC", "the.", first) is None
 
 
 def test_t5_formats_and_label_words(data_dir):
@@ -226,6 +230,8 @@ def test_leaderboard_label_conventions(data_dir):
 
     assert line("BoolQ", True) == {"idx": 0, "label": "true"}
     assert line("WiC", None) == {"idx": 2, "label": "false"}  # unparsable -> first label
+    assert line("WSC", True) == {"idx": 4, "label": "True"}  # WSC alone is capitalised
+    assert line("WSC", None) == {"idx": 4, "label": "False"}
     assert line("COPA", 1) == {"idx": 7, "label": 1}
     assert line("CB", "contradiction") == {"idx": 3, "label": "contradiction"}
     assert line("AX-b", "not_entailment")["label"] == "not_entailment"

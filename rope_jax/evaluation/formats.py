@@ -178,6 +178,10 @@ def parse_text_prediction(task: str, prediction: str, record: dict) -> Any:
     if task == "ReCoRD":
         return prediction
     if task == "WSC":
+        # No words left after dropping determiners names no referent: invalid, so it counts
+        # as wrong even on a False record (T5's wsc_simple returns -1 here).
+        if not _referent_words(prediction)[1]:
+            return None
         return wsc_referent_matches(prediction, record["span1_text"])
     words = TEXT_LABELS[task]
     if prediction not in words:

@@ -4,7 +4,8 @@ One JSON object per line, ``{"idx": ..., "label": ...}`` in the order of the inp
 with the label spelled as the leaderboard expects (the conventions of the benchmark's
 reference toolkit, jiant, used to produce the sample submissions):
 
-* BoolQ, WiC, WSC: ``"true"`` / ``"false"``;
+* BoolQ, WiC: ``"true"`` / ``"false"``; WSC: ``"True"`` / ``"False"`` (capitalised, as
+  both jiant and T5's ``prepare_submission`` write it);
 * CB: ``"entailment"`` / ``"contradiction"`` / ``"neutral"``; RTE, AX-b, AX-g:
   ``"entailment"`` / ``"not_entailment"``;
 * COPA: the chosen alternative as an int, 0 or 1;
@@ -26,7 +27,7 @@ from typing import Any
 
 from rope_jax.evaluation.readers import LABEL_NAMES
 
-_TRUE_FALSE_TASKS = ("BoolQ", "WiC", "WSC")
+_TRUE_FALSE_TASKS = ("BoolQ", "WiC")
 
 
 def leaderboard_label(task: str, prediction: Any) -> Any:
@@ -40,6 +41,8 @@ def leaderboard_label(task: str, prediction: Any) -> Any:
         raise ValueError(f"{prediction!r} is not a {task} label {list(LABEL_NAMES[task])}")
     if task in _TRUE_FALSE_TASKS:
         return "true" if prediction else "false"
+    if task == "WSC":
+        return "True" if prediction else "False"
     if task == "MultiRC":
         return int(prediction)
     if task == "COPA":

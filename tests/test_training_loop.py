@@ -122,6 +122,32 @@ def test_damaged_checkpoint_gives_clear_error(tmp_path):
     ckpt.close()
 
 
+def test_each_process_resumes_its_own_input_position(tmp_path, monkeypatch):
+    """Orbax writes the JSON data item from the primary host only; every process's iterator
+    state must still come back to that process (they read different document shards)."""
+    assert checkpoint.gather_data_states({"index": 3, "open": [1, 2]}) == [
+        {"index": 3, "open": [1, 2]}
+    ]
+    per_process = [{"index": 5, "open": [7, 8]}, {"index": 6, "open": []}]
+    monkeypatch.setattr(checkpoint, "gather_data_states", lambda state: per_process)
+    monkeypatch.setattr(checkpoint, "_process_index_and_count", lambda: (0, 2))
+    ckpt = checkpoint.Checkpointer(tmp_path, async_save=False)
+    state = {"w": jax.numpy.arange(4.0)}
+    ckpt.save(1, state, per_process[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    for index in (0, 1):
+        monkeypatch.setattr(checkpoint, "_process_index_and_count", lambda i=index: (i, 2))
+        restored, data_state = ckpt.restore(1, abstract)
+        assert data_state == per_process[index]
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4.0))
+    # Another number of processes reads other shards: no saved position applies.
+    monkeypatch.setattr(checkpoint, "_process_index_and_count", lambda: (0, 1))
+    assert ckpt.restore(1, abstract)[1] is None
+    ckpt.close()
+
+
 class _SigtermAfter(ToyMLMIterator):
     """Delivers SIGTERM to this process when batch ``at`` is fetched (a preemption notice)."""
 

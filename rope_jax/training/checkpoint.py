@@ -2,9 +2,14 @@
 
 Each step directory holds two items written in one commit: ``state`` (params, optimizer
 state, step, RNG key data, random features; sharded arrays, OCDBT) and ``data`` (the
-iterator state as JSON). Orbax writes into ``<step>.orbax-checkpoint-tmp-*`` and renames the
-directory only after a ``commit_success.txt`` marker is written, so a process killed during a
-save leaves a temporary directory, never a step directory. On top of that, this module only
+iterator state as JSON). Orbax writes a JSON item from the primary host only, while every
+process reads its own shard of the documents and is at its own position in it; a
+multi-process run therefore gathers all processes' iterator states into that one item, and
+each process restores its own entry.
+
+Orbax writes into ``<step>.orbax-checkpoint-tmp-*`` and renames the directory only after a
+``commit_success.txt`` marker is written, so a process killed during a save leaves a
+temporary directory, never a step directory. On top of that, this module only
 treats a step as restorable when its commit markers and metadata files are all present, so a
 step directory damaged afterwards (e.g. a copy that stopped half way) is skipped with a
 warning instead of being restored.
@@ -17,6 +22,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -24,6 +30,8 @@ from etils import epath
 STATE = "state"
 DATA = "data"
 _COMMIT_FILE = "commit_success.txt"
+# The data item of a multi-process run: {PER_PROCESS: [state of process 0, 1, ...]}.
+PER_PROCESS = "iterator_state_per_process"
 
 
 class CheckpointError(RuntimeError):
@@ -41,6 +49,45 @@ def is_complete(step_dir: epath.Path) -> bool:
         step_dir / DATA / "metadata",
     )
     return all(path.exists() for path in required)
+
+
+def _process_index_and_count() -> tuple[int, int]:
+    return jax.process_index(), jax.process_count()
+
+
+def gather_data_states(data_state: Any) -> list:
+    """Every process's JSON-serialisable iterator state, in process order (a collective:
+    all processes must call it)."""
+    from jax.experimental import multihost_utils
+
+    encoded = np.frombuffer(json.dumps(data_state).encode("utf-8"), np.uint8)
+    lengths = multihost_utils.process_allgather(np.int32(encoded.size)).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: encoded.size] = encoded
+    rows = multihost_utils.process_allgather(padded).reshape(len(lengths), -1)
+    return [
+        json.loads(bytes(row[:length]).decode("utf-8"))
+        for row, length in zip(rows, lengths, strict=True)
+    ]
+
+
+def select_data_state(saved: Any, process_index: int, process_count: int) -> Any:
+    """This process's iterator state from a restored data item, or ``None`` (with a warning)
+    when the checkpoint was written by a different number of processes: each process then
+    reads a different shard of the documents, so no saved position applies."""
+    if isinstance(saved, dict) and PER_PROCESS in saved:
+        states = saved[PER_PROCESS]
+    else:
+        states = [saved]
+    if len(states) != process_count:
+        logging.warning(
+            "The checkpoint's input position was saved by %d process(es), this run has %d; "
+            "the model and optimizer resume, the input starts again from the beginning.",
+            len(states),
+            process_count,
+        )
+        return None
+    return states[process_index]
 
 
 class Checkpointer:
@@ -118,6 +165,8 @@ class Checkpointer:
             raise CheckpointError(f"data-iterator state is not JSON-serialisable: {err}") from err
         if step in self._manager.all_steps():
             return False
+        if _process_index_and_count()[1] > 1:
+            data_state = {PER_PROCESS: gather_data_states(data_state)}
         return self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -126,8 +175,11 @@ class Checkpointer:
             force=force,
         )
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
         """Restores ``step`` into the shapes, dtypes and shardings of ``abstract_state``.
+
+        Returns ``(state, data_state)``: this process's iterator state, or ``None`` when the
+        checkpoint was written by a different number of processes (see ``select_data_state``).
 
         Raises ``CheckpointError`` naming the directory when the step is missing, incomplete
         or unreadable (shape/structure mismatch with the current config, damaged files).
@@ -160,7 +212,7 @@ class Checkpointer:
                 "If the config changed since it was written (model size, optimizer, prng_impl), "
                 "use a new workdir; if the files are damaged, move this step directory aside."
             ) from err
-        return restored[STATE], restored[DATA]
+        return restored[STATE], select_data_state(restored[DATA], *_process_index_and_count())
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -255,8 +255,9 @@ def train_and_evaluate(
     else:
         abstract = checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings)
         state, data_state = checkpointer.restore(latest, abstract)
-        inputs.train.set_state(data_state)
-        first_host_batch = next(inputs.train)
+        if data_state is not None:
+            inputs.train.set_state(data_state)
+            first_host_batch = next(inputs.train)
         # The run's key comes from the checkpoint (a changed seed does not fork a resumed run).
         base_key = jax.random.wrap_key_data(np.asarray(jax.device_get(state.rng)))
         logging.info("Resumed from %s at step %d.", checkpointer.directory / str(latest), latest)

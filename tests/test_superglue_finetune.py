@@ -199,3 +199,18 @@ def test_merge_params_keeps_new_head_and_checks_the_rest():
         pretrained.merge_params(fresh, {"other": {"w": np.zeros(1)}})
     with pytest.raises(ValueError, match=r"encoder/w: checkpoint shape \(3, 2\)"):
         pretrained.merge_params(fresh, {"encoder": {"w": np.zeros((3, 2))}})
+
+
+def test_hf_encoder_folder_tokenizer_without_vocab_txt(tmp_path):
+    """A BERT folder saved by transformers 5 has tokenizer.json and no vocab.txt."""
+    transformers = pytest.importorskip("transformers")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "sky", "is", "blue"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    folder = tmp_path / "bert"
+    transformers.BertTokenizerFast(str(tmp_path / "vocab.txt")).save_pretrained(folder)
+    (folder / "vocab.txt").unlink(missing_ok=True)
+    config = _config(tmp_path, "encoder")
+    codec = pretrained._codec(config, None, str(folder))
+    assert isinstance(codec, inputs.HFCodec)
+    tokens, types = codec.pair(codec.encode("the sky"), codec.encode("is blue"), 16)
+    assert tokens == [2, 5, 6, 3, 7, 8, 3] and types == [0, 0, 0, 0, 1, 1, 1]

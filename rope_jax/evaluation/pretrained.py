@@ -41,6 +41,7 @@ _SPM_NAMES = (
     "spm.model",
     os.path.join("tokenizer", "spm.model"),
 )
+_HF_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json")
 
 
 @dataclasses.dataclass
@@ -79,7 +80,9 @@ def _codec(config, cfg, folder: str | None):
     spm_path = _find_spm(folder) if folder else None
     if spm_path:
         return _sentencepiece_codec(spm_path, vocab_size)
-    if folder and os.path.exists(os.path.join(folder, "vocab.txt")):
+    # Hub BERT/RoFormer folders ship vocab.txt; transformers 5 save_pretrained writes only
+    # tokenizer.json.
+    if folder and any(os.path.exists(os.path.join(folder, n)) for n in _HF_TOKENIZER_FILES):
         return inputs_lib.HFCodec(folder)
     raise FileNotFoundError(
         f"no tokenizer: set config.tokenizer to a SentencePiece .model file (nothing usable in "

@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.num_train_steps = 1000
+    # Periods in steps; 0 = only at the end (logging, checkpoints) or never (evaluation).
     config.log_every_steps = 50
     config.checkpoint_every_steps = 500
     config.eval_every_steps = 500

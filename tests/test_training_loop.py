@@ -85,6 +85,15 @@ def test_exact_resume_and_outputs(tmp_path):
     assert checkpoint.Checkpointer(tmp_path / "full" / "checkpoints").complete_steps() == [2, 4]
 
 
+def test_zero_periods_log_and_save_only_at_the_end(tmp_path):
+    config = toy_config(num_train_steps=3, log_every_steps=0, checkpoint_every_steps=0)
+    result = run(tmp_path, config)
+    assert sorted(result.history) == [1, 2, 3]
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [3]
+    assert checkpoint.Checkpointer(tmp_path / "checkpoints").complete_steps() == [3]
+
+
 def test_interrupted_saves_are_never_restored(tmp_path):
     workdir = tmp_path / "run"
     run(workdir, toy_config())

@@ -356,7 +356,8 @@ def train_and_evaluate(
             window_start = time.perf_counter()
         else:
             timed_steps += 1
-        if step_number % config.log_every_steps == 0 or step_number == num_steps:
+        log_every = config.log_every_steps  # 0 = only the last step, like the other periods
+        if (log_every > 0 and step_number % log_every == 0) or step_number == num_steps:
             elapsed = time.perf_counter() - window_start
             seconds_per_step = elapsed / max(timed_steps, 1)
             scalars = metrics.mean_of_step_metrics(window)

@@ -57,8 +57,6 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
     config.optimizer.warmup_steps = 100
     config.optimizer.schedule = "linear"
     config.optimizer.end_factor = 0.0
-    # Used only for random init (empty init_checkpoint) and as the fallback model config of
-    # a train.py workdir that did not save its own.
     # Every ModelConfig field, so any can be overridden. Used only for random init (empty
     # init_checkpoint) and as the last fallback for the model of a train.py workdir.
     config.model = common.model_config(

@@ -28,11 +28,12 @@ SHRINK = (
 # Held-out evaluation compiles a third program; two families (one per model call) cover it.
 WITH_EVAL = ("roformer", "mt5")
 # Gap sentences and pseudo-summaries default to targets of half the input length.
-# The decoder run also covers mixed precision (bfloat16 compute, float32 params) and remat.
+# The decoder run also covers mixed precision (bfloat16 compute, float32 params), remat and
+# the MFU column (against the matmul rate measured at start-up).
 EXTRA = {
     "pegasus": "targets_length=8",
     "t5_pegasus": "targets_length=8",
-    "decoder": "dtype=bfloat16,remat=True",
+    "decoder": "dtype=bfloat16,remat=True,measure_matmul_peak=True",
 }
 
 
@@ -138,6 +139,11 @@ def test_two_steps_on_the_embedded_corpus(family, tmp_path, tokenizer_dir):
     assert all(np.isfinite(m["loss"]) and m["loss"] > 0 for m in result.history.values())
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert {r["step"] for r in records} == {1, 2}
+    if "measure_matmul_peak=True" in arg:
+        # Step 1 compiles: its window has no timing, so no throughput (not a bogus one).
+        step_1, step_2 = sorted((r for r in records if "loss" in r), key=lambda r: r["step"])
+        assert "tokens_per_sec" not in step_1 and "mfu" not in step_1
+        assert step_2["tokens_per_sec"] > 0 and 0 < step_2["mfu"] < 1
     if family in WITH_EVAL:
         assert sorted(result.eval_history) == [2] and np.isfinite(result.eval_history[2]["loss"])
         assert any("eval_loss" in r for r in records)

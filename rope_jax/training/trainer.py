@@ -358,15 +358,17 @@ def train_and_evaluate(
             timed_steps += 1
         log_every = config.log_every_steps  # 0 = only the last step, like the other periods
         if (log_every > 0 and step_number % log_every == 0) or step_number == num_steps:
-            elapsed = time.perf_counter() - window_start
-            seconds_per_step = elapsed / max(timed_steps, 1)
             scalars = metrics.mean_of_step_metrics(window)
             scalars.pop("finite", None)
             scalars["learning_rate"] = host["learning_rate"]
-            scalars["steps_per_sec"] = 1.0 / max(seconds_per_step, 1e-9)
-            scalars["tokens_per_sec"] = tokens_per_step / max(seconds_per_step, 1e-9)
-            if peak > 0 and flops_per_step > 0:
-                scalars["mfu"] = flops_per_step / max(seconds_per_step, 1e-9) / peak
+            # A window holding only the compiling step has no timing: no throughput, ETA "?".
+            seconds_per_step = float("nan")
+            if timed_steps > 0:
+                seconds_per_step = (time.perf_counter() - window_start) / timed_steps
+                scalars["steps_per_sec"] = 1.0 / max(seconds_per_step, 1e-9)
+                scalars["tokens_per_sec"] = tokens_per_step / max(seconds_per_step, 1e-9)
+                if peak > 0 and flops_per_step > 0:
+                    scalars["mfu"] = flops_per_step / max(seconds_per_step, 1e-9) / peak
             writer.write_scalars(step_number, scalars)
             if jax.process_index() == 0:
                 logging.info(

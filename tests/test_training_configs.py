@@ -152,6 +152,23 @@ def test_two_steps_on_the_embedded_corpus(family, tmp_path, tokenizer_dir):
     assert all(p.dtype == jnp.float32 for p in params), "params are stored in float32"
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.schedule=cosin", "optimizer.schedule"),
+        ("optimizer.name=adam", "optimizer.name"),
+        ("mesh.tensor=3", "mesh"),
+        ("batch_size=6,mesh.data=4", "batch_size=6"),
+    ],
+)
+def test_config_errors_come_before_the_corpus_is_read(tmp_path, override, message):
+    """A bad optimizer or mesh setting stops the job before a tokenizer is trained on (here:
+    a missing) corpus, which can take minutes on a real one."""
+    config = load("decoder", f"tiny,paths={tmp_path}/missing/*.txt,{override}")
+    with pytest.raises(ValueError, match=message):
+        trainer.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:4])
+
+
 def test_performer_features_are_redrawn(tmp_path, tokenizer_dir):
     arg = "tiny,attention=performer,pack=False,num_features=16,redraw_features_every=1,eval_steps=0"
     result = _run("roformer", arg + ",checkpoint_every_steps=1", tmp_path, tokenizer_dir)

@@ -175,7 +175,7 @@ def model_flops_per_step(model_cfg, batch: dict[str, np.ndarray], global_batch: 
     return float(per_token) * global_batch * losses.input_length(batch)
 
 
-def _check_batch(batch, global_batch: int, grad_accum_steps: int, mesh) -> None:
+def _check_batch_size(global_batch: int, grad_accum_steps: int, mesh) -> None:
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch % data_parallel:
         raise ValueError(
@@ -186,6 +186,9 @@ def _check_batch(batch, global_batch: int, grad_accum_steps: int, mesh) -> None:
             f"batch_size={global_batch} must split into grad_accum_steps={grad_accum_steps} "
             f"microbatches that are each divisible by data x fsdp = {data_parallel}."
         )
+
+
+def _check_batch_rows(batch, global_batch: int) -> None:
     rows = {name: np.shape(value)[0] for name, value in batch.items()}
     expected = global_batch // jax.process_count()
     if any(r != expected for r in rows.values()):
@@ -213,6 +216,11 @@ def train_and_evaluate(
     os.makedirs(workdir, exist_ok=True)
     if model is None:
         model, model_cfg = build_model(config)
+    # Config errors surface before the tokenizer is trained and the corpus is read.
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = sharding.rules_from_config(config.logical_axis_rules)
+    tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
+    _check_batch_size(config.batch_size, config.optimizer.grad_accum_steps, mesh)
     if inputs is None:
         inputs = build_inputs(config, workdir)
 
@@ -229,13 +237,10 @@ def train_and_evaluate(
         config.num_train_steps,
         os.path.join(workdir, "config.json"),
     )
-    mesh = sharding.make_mesh(config.mesh, devices)
-    rules = sharding.rules_from_config(config.logical_axis_rules)
     logging.info("mesh: %s over %d devices", sharding.describe(mesh), mesh.size)
 
-    tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
     first_host_batch = next(inputs.train)
-    _check_batch(first_host_batch, config.batch_size, config.optimizer.grad_accum_steps, mesh)
+    _check_batch_rows(first_host_batch, config.batch_size)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     base_key = jax.random.key(config.seed)
 

@@ -61,7 +61,8 @@ class TrainResult:
 
 
 class _StopSignal:
-    """Records SIGTERM/SIGINT so the loop can checkpoint and exit between steps."""
+    """Records SIGTERM so the loop can checkpoint and exit between steps (Ctrl-C still
+    interrupts at once, without a save)."""
 
     def __init__(self):
         self.received: int | None = None

@@ -63,8 +63,8 @@ class BeamOutput:
 
     sequences: int32 ``[B, K, max_length]``; scores: float32 ``[B, K]`` (length-penalised
     log-probabilities); log_probs: float32 ``[B, K]`` (raw sums over generated tokens);
-    finished: bool ``[B, K]`` (ended with EOS; unfinished beams are only returned for rows where
-    no beam finished within ``max_length``).
+    finished: bool ``[B, K]`` (ended with EOS). Finished hypotheses come first; when a row has
+    fewer than ``K`` of them, the remaining slots hold its best unfinished beams.
     """
 
     sequences: jax.Array
@@ -276,10 +276,15 @@ def beam_search(
 
     Keeps ``beam_size`` alive hypotheses and ``beam_size`` finished ones per row. Each step
     extends every alive beam by every token, takes the ``2 * beam_size`` best extensions (so
-    that at least ``beam_size`` of them do not end in EOS), moves those ending in EOS to the
-    finished set with score ``log_prob / length_penalty(generated_length, alpha)`` and keeps the
-    best ``beam_size`` others alive. The search stops early once the best alive beam, even at
-    the largest length penalty, cannot beat the worst finished one (tensor2tensor's rule).
+    that at least ``beam_size`` of them do not end in EOS), moves those ending in EOS that rank
+    among the best ``beam_size`` extensions to the finished set with score
+    ``log_prob / length_penalty(generated_length, alpha)`` and keeps the best ``beam_size``
+    extensions not ending in EOS alive. The search stops early once the best alive beam, even
+    at the largest length penalty, cannot beat the worst finished one (tensor2tensor's rule).
+    Admitting EOS only from the top ``beam_size`` ranks follows fairseq and Hugging Face
+    (tensor2tensor admits all ``2 * beam_size``); with it ``beam_size=1, alpha=0`` is exactly
+    greedy decoding, whereas admitting lower-ranked EOS lets a size-1 beam end on a token
+    greedy decoding would not pick.
     ``generated_length`` counts generated tokens including EOS, prompt excluded.
     ``state`` is given for ``B`` rows and repeated to ``B * beam_size`` rows here;
     ``start_position`` as in :func:`sample`.
@@ -347,8 +352,9 @@ def beam_search(
 
         # Finished: merge the new EOS hypotheses with the old ones, keep the best K.
         generated_length_B = next_position + 1 - prompt_lengths_B
+        finishes_BJ = ends_BJ & (jnp.arange(2 * K) < K)[None, :]
         new_scores_BJ = jnp.where(
-            ends_BJ,
+            finishes_BJ,
             top_log_probs_BJ / length_penalty(generated_length_B, alpha)[:, None],
             NEG_INF,
         )
@@ -386,18 +392,19 @@ def beam_search(
     position, alive_BKL, alive_log_probs_BK, finished_BKL, finished_scores_BK, finished_lp_BK, _ = (
         carry
     )
-    # Rows where nothing finished return their alive beams, scored at the length reached.
-    any_finished_B = jnp.any(finished_scores_BK > NEG_INF, axis=1)
+    # Slots without a finished hypothesis (all of them in rows where nothing finished) take
+    # the best alive beams, in order, scored at the length reached.
+    finished = finished_scores_BK > NEG_INF
+    num_finished_B = jnp.sum(finished, axis=1)
+    alive_slot_BK = jnp.clip(jnp.arange(K)[None, :] - num_finished_B[:, None], 0, K - 1)
     alive_scores_BK = (
         alive_log_probs_BK / length_penalty(position + 1 - prompt_lengths_B, alpha)[:, None]
     )
-    use_finished_B = any_finished_B[:, None]
-    sequences = jnp.where(use_finished_B[..., None], finished_BKL, alive_BKL)
+    sequences = jnp.where(finished[..., None], finished_BKL, gather_BK(alive_BKL, alive_slot_BK))
     # Tokens past EOS (finished) or past the last position reached (alive) are padding.
     sequences = jnp.where(jnp.arange(max_length) <= position, sequences, pad_id)
-    scores = jnp.where(use_finished_B, finished_scores_BK, alive_scores_BK)
-    log_probs = jnp.where(use_finished_B, finished_lp_BK, alive_log_probs_BK)
-    finished = use_finished_B & (finished_scores_BK > NEG_INF)
+    scores = jnp.where(finished, finished_scores_BK, gather_BK(alive_scores_BK, alive_slot_BK))
+    log_probs = jnp.where(finished, finished_lp_BK, gather_BK(alive_log_probs_BK, alive_slot_BK))
     return BeamOutput(sequences, scores, log_probs, finished)
 
 

@@ -169,9 +169,12 @@ def test_greedy_with_state_equals_recomputation():
         )
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_beam_size_one_equals_greedy(seed):
-    params = _toy_params(seed, eos_bias=0.5)
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("eos_bias", [0.5, 2.0])
+def test_beam_size_one_equals_greedy(seed, eos_bias):
+    # Several of these rows have EOS as the second-best token somewhere: a size-1 beam must
+    # not finish there, since greedy decoding would not.
+    params = _toy_params(seed, eos_bias=eos_bias)
     prompt = np.zeros((2, 1), np.int32)
     greedy = _toy_greedy(params, prompt, max_length=10)
     beam = _toy_beam(params, prompt, max_length=10, beam_size=1, alpha=0.0)
@@ -209,8 +212,13 @@ def test_beam_search_scores_at_least_greedy(alpha):
                 float(beam.log_probs[row, 0]) / float(decoding.length_penalty(end - 2, alpha)),
                 rel=1e-5,
             )
-        scores = np.asarray(beam.scores)
-        assert np.all(scores[:, :-1] >= scores[:, 1:])
+        # Finished hypotheses first, then unfinished beams in the slots left; best first in
+        # each group, and no slot left empty.
+        scores, finished = np.asarray(beam.scores), np.asarray(beam.finished)
+        assert np.all(finished[:, :-1] >= finished[:, 1:]) and np.all(np.isfinite(scores))
+        for row in range(2):
+            for group in (finished[row], ~finished[row]):
+                assert np.all(np.diff(scores[row][group]) <= 0)
     # Beam search is not a no-op: it beats greedy somewhere.
     assert compared >= 4 and improved > 0
 
@@ -398,6 +406,11 @@ def test_beam_search_on_model_scores_at_least_greedy():
     for row in range(2):
         if bool(greedy.finished[row]) or not bool(beam.finished[row, 0]):
             assert float(beam.scores[row, 0]) >= float(greedy.log_probs[row]) - 1e-5
+    # A beam of one that reorders the key/value cache is greedy decoding.
+    single = decoding.generate(
+        model, params, inputs, method="beam", beam_size=1, alpha=0.0, **kwargs
+    )
+    np.testing.assert_array_equal(single.sequences[:, 0], greedy.sequences)
 
 
 def test_greedy_matches_hf_t5_generate(tmp_path):

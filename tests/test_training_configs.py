@@ -194,3 +194,17 @@ def test_performer_features_are_redrawn(tmp_path, tokenizer_dir):
 def test_common_defaults_are_complete():
     config = common.base_config()
     assert config.optimizer.name == "adamw" and config.mesh.data == -1
+
+
+def test_loaded_tokenizer_keeps_its_extra_ids_in_a_padded_vocabulary(tmp_path, tokenizer_dir):
+    """mT5's layout: spiece.model + 100 extra ids, embedding padded beyond (250100 in 250112).
+    Sentinels count down from the tokenizer's end, not the model's padded vocabulary."""
+    spm_path = str(tokenizer_dir / "spm.model")
+    config = load("mt5", "tiny,vocab_size=2060")
+    config.tokenizer.path = spm_path
+    tokenizer = trainer.build_tokenizer(config, str(tmp_path))
+    assert tokenizer.vocab_size == 2048 and tokenizer.sentinel_id(0) == 2047
+    config = load("mt5", "tiny,vocab_size=2000")
+    config.tokenizer.path = spm_path
+    with pytest.raises(ValueError, match="model.vocab_size=2000"):
+        trainer.build_tokenizer(config, str(tmp_path))

@@ -118,14 +118,22 @@ def data_settings(config: ml_collections.ConfigDict) -> dict:
 
 
 def build_tokenizer(config: ml_collections.ConfigDict, workdir: str):
-    """The configured SentencePiece model, or one trained on the training corpus (cached)."""
+    """The configured SentencePiece model, or one trained on the training corpus (cached).
+
+    A loaded model keeps ``tokenizer.num_extra_ids`` extra ids after its pieces, whatever the
+    model's vocabulary: mT5's ``spiece.model`` (250000 pieces + 100) puts ``<extra_id_0>`` at
+    250099 while the mT5 embedding has 250112 rows. ``model.vocab_size`` must be at least
+    the tokenizer's; a trained tokenizer fills it exactly.
+    """
     from rope_jax.data import embedded
     from rope_jax.data.corpora import DocumentIndex
     from rope_jax.data.tokenizer import Tokenizer
 
     vocab_size = config.model.vocab_size
     if config.tokenizer.path:
-        tokenizer = Tokenizer.load(config.tokenizer.path, vocab_size=vocab_size)
+        tokenizer = Tokenizer.load(
+            config.tokenizer.path, num_extra_ids=config.tokenizer.num_extra_ids
+        )
     elif config.data.paths:
         documents = DocumentIndex(
             config.data.paths,
@@ -144,10 +152,11 @@ def build_tokenizer(config: ml_collections.ConfigDict, workdir: str):
         tokenizer = embedded.load_or_train_tokenizer(
             workdir, vocab_size=vocab_size, num_extra_ids=config.tokenizer.num_extra_ids
         )
-    if tokenizer.vocab_size != vocab_size:
+    if tokenizer.vocab_size > vocab_size:
         raise ValueError(
-            f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size={vocab_size}; set "
-            f"--config.model.vocab_size={tokenizer.vocab_size}."
+            f"tokenizer has {tokenizer.vocab_size} ids ({tokenizer.piece_size} pieces + "
+            f"{tokenizer.num_extra_ids} extra ids) but model.vocab_size={vocab_size}; set "
+            f"--config.model.vocab_size={tokenizer.vocab_size} or more."
         )
     return tokenizer
 

@@ -476,13 +476,35 @@ class MultiHeadAttention(nn.Module):
                 out_BTHD = self._cached_decode(q_BTHD, k_BSHD, v_BSHD, mask, kv_valid_BS, bias)
             return self.out(out_BTHD)
 
+        q_offset = self._cross_query_offset(q_BTHD.shape[1]) if decode and self.cross else 0
         out_BTHD = self._attend(
-            q_BTHD, k_BSHD, v_BSHD, mask, kv_valid_BS, bias, q_positions, kv_positions
+            q_BTHD, k_BSHD, v_BSHD, mask, kv_valid_BS, bias, q_positions, kv_positions, q_offset
         )
         return self.out(out_BTHD)
 
-    def _attend(self, q_BTHD, k_BSHD, v_BSHD, mask, kv_valid_BS, bias, q_positions, kv_positions):
-        kwargs = self._kernel_kwargs(q_positions, kv_positions, q_BTHD.shape[1], k_BSHD.shape[1])
+    def _cross_query_offset(self, length):
+        """Decoder slot of the first new query, for kernels whose weights depend on it.
+
+        The random synthesizer's logits are a ``[H, T, S]`` table indexed by the query's slot,
+        so incremental cross-attention must count the decoder tokens it has seen; other
+        kernels need no count (and get no cache entry).
+        """
+        if self.kernel_name != "random_synthesizer":
+            return 0
+        initialized = self.has_variable("cache", "cross_query_index")
+        index = self.variable("cache", "cross_query_index", lambda: jnp.zeros((), jnp.int32))
+        if not initialized:
+            return 0
+        offset = index.value
+        index.value = offset + length
+        return offset
+
+    def _attend(
+        self, q_BTHD, k_BSHD, v_BSHD, mask, kv_valid_BS, bias, q_positions, kv_positions, q_offset=0
+    ):
+        kwargs = self._kernel_kwargs(
+            q_positions, kv_positions, q_BTHD.shape[1], k_BSHD.shape[1], q_offset=q_offset
+        )
         if self.traits.full_mask:
             return self.attention_fn(q_BTHD, k_BSHD, v_BSHD, mask=mask, bias=bias, **kwargs)
         key_mask = None if kv_valid_BS is None else masks.padding_mask(kv_valid_BS)

@@ -576,8 +576,11 @@ def test_cached_prefix_lm_decoding_matches_full_forward():
     np.testing.assert_allclose(got, full, atol=1e-4, rtol=1e-4)
 
 
-def test_encoder_decoder_cached_decoding_matches_full_forward():
-    model = build_model(tiny())
+# The random synthesizer's cross-attention logits are indexed by the decoder slot, which
+# incremental decoding has to track.
+@pytest.mark.parametrize("overrides", [{}, dict(cross_attention="random_synthesizer")])
+def test_encoder_decoder_cached_decoding_matches_full_forward(overrides):
+    model = build_model(tiny(**overrides))
     enc = tokens(2, 6).at[1, 4:].set(0)
     dec = tokens(2, 5, seed=1).at[:, 0].set(0)
     variables = init(model, enc, dec)

@@ -214,3 +214,16 @@ def test_hf_encoder_folder_tokenizer_without_vocab_txt(tmp_path):
     assert isinstance(codec, inputs.HFCodec)
     tokens, types = codec.pair(codec.encode("the sky"), codec.encode("is blue"), 16)
     assert tokens == [2, 5, 6, 3, 7, 8, 3] and types == [0, 0, 0, 0, 1, 1, 1]
+
+
+def test_workdir_tokenizer_keeps_the_vocabulary_it_was_trained_for(tmp_path):
+    """SentencePiece stops short of the pieces asked for on a small corpus; train.py then
+    gives the rest of the vocabulary to extra ids, and fine-tuning must use the same ids."""
+    from rope_jax.data import embedded
+
+    documents = ["the sky is blue and the sea is green"] * 50
+    trained = embedded.load_or_train_tokenizer(tmp_path, vocab_size=1000, documents=documents)
+    assert trained.num_extra_ids > 100, "the corpus is too rich to show the case"
+    codec = pretrained._codec(_config(tmp_path, "encoder_decoder"), None, str(tmp_path))
+    assert codec.tokenizer.vocab_size == 1000
+    assert codec.tokenizer.sentinel_id(0) == trained.sentinel_id(0) == 999

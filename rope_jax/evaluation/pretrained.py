@@ -55,13 +55,21 @@ class Source:
     description: str
 
 
-def _sentencepiece_codec(path: str, vocab_size: int | None):
+def _sentencepiece_codec(path: str):
     from rope_jax.data.tokenizer import Tokenizer
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer model not found: {path}")
-    tokenizer = Tokenizer.load(path, vocab_size=vocab_size) if vocab_size else Tokenizer.load(path)
-    return inputs_lib.SentencePieceCodec(tokenizer)
+    # train.py records the vocabulary its tokenizer was trained to fill beside the model
+    # (``spm.json``); SentencePiece may stop short of the piece count asked for, and the
+    # extra ids (sentinels, masks) then grow beyond 100. Without the record: T5's 100.
+    meta_path = os.path.splitext(path)[0] + ".json"
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            return inputs_lib.SentencePieceCodec(
+                Tokenizer.load(path, vocab_size=int(json.load(f)["vocab_size"]))
+            )
+    return inputs_lib.SentencePieceCodec(Tokenizer.load(path))
 
 
 def _find_spm(folder: str) -> str | None:
@@ -72,14 +80,13 @@ def _find_spm(folder: str) -> str | None:
 
 
 def _codec(config, cfg, folder: str | None):
-    # The model's vocabulary when the tokenizer fits in it (train.py's layout); else the
-    # tokenizer's own (a HF T5 pads its embedding to 32128 beyond 32000 + 100 extra ids).
-    vocab_size = None
+    # A HF T5 pads its embedding to 32128 beyond 32000 pieces + 100 extra ids, so the
+    # tokenizer's vocabulary is its own, never the model's.
     if config.tokenizer:
-        return _sentencepiece_codec(config.tokenizer, vocab_size)
+        return _sentencepiece_codec(config.tokenizer)
     spm_path = _find_spm(folder) if folder else None
     if spm_path:
-        return _sentencepiece_codec(spm_path, vocab_size)
+        return _sentencepiece_codec(spm_path)
     # Hub BERT/RoFormer folders ship vocab.txt; transformers 5 save_pretrained writes only
     # tokenizer.json.
     if folder and any(os.path.exists(os.path.join(folder, n)) for n in _HF_TOKENIZER_FILES):

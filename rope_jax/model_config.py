@@ -338,6 +338,13 @@ def validate_model_config(
                     f"examples in one row would attend to each other. Turn packing off for "
                     f"this kernel (pad each example to its own row) or use softmax attention."
                 )
+            if kernels[role] == "random_synthesizer":
+                raise ValueError(
+                    f"{role}='random_synthesizer' learns one logit per (query slot, key slot) "
+                    f"of a row, so a packed example that starts mid-row would get other "
+                    f"attention weights than on its own. Turn packing off (pad each example to "
+                    f"its own row) or use softmax attention."
+                )
 
     if cfg.family == "encoder":
         if cfg.num_labels < 0:

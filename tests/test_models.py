@@ -259,6 +259,12 @@ def test_packing_with_padding_only_kernels_is_rejected():
     with pytest.raises(ValueError, match="packed examples"):
         validate_model_config(cfg, packed_inputs=True)
     validate_model_config(dataclasses.replace(cfg, attention="softmax"), packed_inputs=True)
+    # Packed or not, the synthesizer's masks work, but its logits are per row slot: an
+    # example starting mid-row would be weighted differently than on its own.
+    synthesizer = dataclasses.replace(cfg, attention="random_synthesizer", position="none")
+    validate_model_config(synthesizer)
+    with pytest.raises(ValueError, match="random_synthesizer.*Turn packing off"):
+        validate_model_config(synthesizer, packed_inputs=True)
 
 
 def test_learned_positions_beyond_table():

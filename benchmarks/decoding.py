@@ -6,9 +6,11 @@
 For each model (a T5-style encoder-decoder, a RoPE decoder with softmax attention, and one
 with causal linear attention, which decodes with its running-sum state) it times
 ``rope_jax.decoding.generate`` with ``use_cache=True`` (one token per step against the
-cache) and ``use_cache=False`` (the decoder recomputed over the whole prefix at every step),
-after a warm-up call that compiles. EOS is disabled so every row decodes ``max_length``
-tokens. Reported: generated tokens per second (batch x new tokens / wall time).
+cache) and ``use_cache=False`` (the decoder recomputed at every step over the whole
+``[batch, max_length]`` token buffer, a fixed shape so that it compiles once: the cost of a
+step does not shrink with the prefix), after a warm-up call that compiles. EOS is disabled
+so every row decodes ``max_length`` tokens. Reported: generated tokens per second
+(batch x new tokens / wall time).
 """
 
 from __future__ import annotations

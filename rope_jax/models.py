@@ -639,13 +639,20 @@ class Decoder(nn.Module):
 MODEL_CLASSES = {"encoder": Encoder, "encoder_decoder": EncoderDecoder, "decoder": Decoder}
 
 
-def build_model(cfg: ModelConfig, *, packed_inputs: bool = False) -> nn.Module:
-    """Validates the config and returns the flax module of its family."""
+def build_model(
+    cfg: ModelConfig, *, packed_inputs: bool = False, max_sequence_length: int = 0
+) -> nn.Module:
+    """Validates the config and returns the flax module of its family.
+
+    ``packed_inputs`` and ``max_sequence_length`` (the longest row the data will give, 0 =
+    unknown) let ``validate_model_config`` reject what the batches would break before any
+    tracing: kernels that cannot keep packed examples apart, learned tables too short.
+    """
     if not isinstance(cfg, ModelConfig):
         raise TypeError(
             f"build_model expects a ModelConfig (use model_config_from_dict), got {type(cfg)}."
         )
-    validate_model_config(cfg, packed_inputs=packed_inputs)
+    validate_model_config(cfg, packed_inputs=packed_inputs, max_sequence_length=max_sequence_length)
     return MODEL_CLASSES[cfg.family](cfg)
 
 

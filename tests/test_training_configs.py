@@ -159,6 +159,7 @@ def test_two_steps_on_the_embedded_corpus(family, tmp_path, tokenizer_dir):
         ("optimizer.name=adam", "optimizer.name"),
         ("mesh.tensor=3", "mesh"),
         ("batch_size=6,mesh.data=4", "batch_size=6"),
+        ("position=learned,max_length=64", "learned"),
     ],
 )
 def test_config_errors_come_before_the_corpus_is_read(tmp_path, override, message):

@@ -94,13 +94,15 @@ def set_prng_impl(name: str) -> None:
 
 def build_model(config: ml_collections.ConfigDict):
     """(flax module, frozen model config) from ``config.model``; packing from ``config.data``
-    decides which attention kernels are allowed (packed rows need full masks)."""
+    decides which attention kernels are allowed (packed rows need full masks), and its row
+    lengths how long a learned position table must be."""
     from rope_jax.model_config import model_config_from_dict
     from rope_jax.models import build_model as build
 
     try:
         cfg = model_config_from_dict(config.model)
-        return build(cfg, packed_inputs=bool(config.data.pack)), cfg
+        longest = max(config.data.inputs_length, config.data.targets_length)
+        return build(cfg, packed_inputs=bool(config.data.pack), max_sequence_length=longest), cfg
     except ValueError as err:
         raise ValueError(
             f"config.model: {err} (model keys are --config.model.<key>; packing is "

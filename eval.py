@@ -9,6 +9,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from rope_jax.training.metrics import quiet_library_logs
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -17,6 +19,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    quiet_library_logs()
     logging.info("JAX devices: %s", jax.devices())
     config = _CONFIG.value
     if config.kind == "ablation":

@@ -13,13 +13,11 @@ Restarting with the same ``--workdir`` resumes from its latest complete checkpoi
 Everything else lives in ``rope_jax.training.trainer.train_and_evaluate``.
 """
 
-import logging as std_logging
-
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rope_jax.training import sharding, trainer
+from rope_jax.training import metrics, sharding, trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/roformer.py:tiny.", lock_config=True
@@ -28,17 +26,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and Tensor
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(std_logging.Filter):
-    """Orbax logs every file it writes at INFO; keep its warnings, drop the chatter."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    metrics.quiet_library_logs()
     # Before any device query: multi-host jobs join the cluster first.
     sharding.maybe_initialize_distributed(_CONFIG.value)
     logging.info("JAX %s, process %d/%d", jax.__version__, jax.process_index(), jax.process_count())

@@ -8,6 +8,7 @@ absolute, because the rate halves when the machine is shared).
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import math
 import os
 import time
@@ -17,6 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Orbax logs every file it writes at INFO; keep its warnings, drop the chatter."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+    """Keep the progress lines readable: drop Orbax's INFO records from absl's handler."""
+    logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
 def measure_matmul_peak(size: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:

@@ -285,6 +285,13 @@ class MultiHeadAttention(nn.Module):
     append the new keys/values at ``cache_index`` and attend to every filled slot
     (softmax-family kernels), or advance the kernel's recurrent state token by token
     (causal linear-family kernels). Keys are stored already rotated.
+
+    Attention dropout (T5, BERT): with ``deterministic=False`` and ``dropout_rate > 0``,
+    kernels that take ``dropout_rng`` (softmax) drop attention weights after the softmax at
+    the config's ``dropout_rate``, with a key from the "dropout" rng stream. Kernels
+    without that argument (performer, linear, taylor, nystrom, random_synthesizer) apply
+    none; the first four never form the ``[T, S]`` weight matrix. Decoding
+    (``decode=True``) is always deterministic.
     """
 
     config: ModelConfig
@@ -449,10 +456,11 @@ class MultiHeadAttention(nn.Module):
           kv_valid_BS: key validity ``[B, S]`` for kernels that only take key padding.
           bias: additive ``[B|1, H, T, S]`` (T5 relative bias, ALiBi).
           q_positions, kv_positions: ``[B|1, T]`` / ``[B|1, S]`` positions for RoPE.
-          deterministic: unused here (no dropout on attention weights), kept for symmetry.
-          decode: incremental decoding with the "cache" collection.
+          deterministic: no attention dropout; when False, kernels that take
+            ``dropout_rng`` drop attention weights at ``config.dropout_rate`` (needs a
+            "dropout" rng).
+          decode: incremental decoding with the "cache" collection (never drops weights).
         """
-        del deterministic
         cfg = self.config
         q_BTHD = self.query(x_q_BTE) * self._query_multiplier()
         if self.cross:
@@ -478,9 +486,25 @@ class MultiHeadAttention(nn.Module):
 
         q_offset = self._cross_query_offset(q_BTHD.shape[1]) if decode and self.cross else 0
         out_BTHD = self._attend(
-            q_BTHD, k_BSHD, v_BSHD, mask, kv_valid_BS, bias, q_positions, kv_positions, q_offset
+            q_BTHD,
+            k_BSHD,
+            v_BSHD,
+            mask,
+            kv_valid_BS,
+            bias,
+            q_positions,
+            kv_positions,
+            q_offset,
+            dropout_kwargs=self._dropout_kwargs(deterministic or decode),
         )
         return self.out(out_BTHD)
+
+    def _dropout_kwargs(self, deterministic: bool) -> dict:
+        """Attention-weight dropout arguments for kernels that take them (T5, BERT)."""
+        rate = self.config.dropout_rate
+        if deterministic or rate == 0.0 or not _accepts(self.attention_fn, "dropout_rng"):
+            return {}
+        return {"dropout_rate": rate, "dropout_rng": self.make_rng("dropout")}
 
     def _cross_query_offset(self, length):
         """Decoder slot of the first new query, for kernels whose weights depend on it.
@@ -500,11 +524,22 @@ class MultiHeadAttention(nn.Module):
         return offset
 
     def _attend(
-        self, q_BTHD, k_BSHD, v_BSHD, mask, kv_valid_BS, bias, q_positions, kv_positions, q_offset=0
+        self,
+        q_BTHD,
+        k_BSHD,
+        v_BSHD,
+        mask,
+        kv_valid_BS,
+        bias,
+        q_positions,
+        kv_positions,
+        q_offset=0,
+        dropout_kwargs=None,
     ):
         kwargs = self._kernel_kwargs(
             q_positions, kv_positions, q_BTHD.shape[1], k_BSHD.shape[1], q_offset=q_offset
         )
+        kwargs.update(dropout_kwargs or {})
         if self.traits.full_mask:
             return self.attention_fn(q_BTHD, k_BSHD, v_BSHD, mask=mask, bias=bias, **kwargs)
         key_mask = None if kv_valid_BS is None else masks.padding_mask(kv_valid_BS)

@@ -148,6 +148,106 @@ def test_rope_rotates_q_and_k_before_the_product():
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
+def _padded_causal_mask_and_bias(length):
+    mask = combine_masks(
+        padding_mask(np.array([[1] * length, [1] * (length - 2) + [0] * 2])),
+        causal_mask(length, length),
+    )
+    bias = np.random.default_rng(12).normal(size=(1, 2, length, length)).astype(np.float32)
+    return np.asarray(mask), bias
+
+
+def _reference_weights(q, k, mask, bias):
+    """Float64 softmax weights [B, H, T, S], rows with no allowed key all zero."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    logits = np.einsum("bthd,bshd->bhts", q, k) * q.shape[-1] ** -0.5 + bias
+    logits = np.where(np.broadcast_to(mask, logits.shape), logits, -np.inf)
+    row_max = logits.max(-1, keepdims=True)
+    weights = np.exp(logits - np.where(np.isfinite(row_max), row_max, 0.0))
+    total = weights.sum(-1, keepdims=True)
+    return weights / np.where(total > 0, total, 1.0)
+
+
+def test_dropout_matches_float64_reference_with_documented_keep_mask():
+    q, k, v = random_qkv(13, length=6)
+    mask, bias = _padded_causal_mask_and_bias(6)
+    rate, key = 0.4, jax.random.key(3)
+    out = eager_softmax_attention(q, k, v, mask=mask, bias=bias, dropout_rate=rate, dropout_rng=key)
+    # The documented rule, drawn here independently of the kernel.
+    keep = np.asarray(jax.random.bernoulli(key, 1.0 - rate, (2, 2, 6, 6)))
+    weights = _reference_weights(q, k, mask, bias)
+    assert keep[weights > 0].any() and not keep[weights > 0].all()
+    v64 = np.asarray(v, np.float64)
+    expected = np.einsum("bhts,bshd->bthd", weights * keep / (1.0 - rate), v64)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    # The comparison tells apart a missing rescale and a different keep mask.
+    unscaled = np.einsum("bhts,bshd->bthd", weights * keep, v64)
+    other_mask = np.einsum("bhts,bshd->bthd", weights * ~keep / rate, v64)
+    for wrong in (unscaled, other_mask):
+        assert np.abs(np.asarray(out) - wrong).max() > 0.1
+
+
+def test_dropout_mean_over_keys_approaches_plain_attention():
+    # Inverted dropout keeps the expectation: E[keep / (1 - rate)] = 1.
+    q, k, v = random_qkv(14, batch=1, length=4)
+    rate, num_keys = 0.5, 4000
+    keys = jax.random.split(jax.random.key(4), num_keys)
+    samples = jax.jit(
+        jax.vmap(lambda key: eager_softmax_attention(q, k, v, dropout_rate=rate, dropout_rng=key))
+    )(keys)
+    plain = reference_attention(q, k, v)
+    # One sample is far from the mean (standard deviation ~0.5 per entry) ...
+    assert np.abs(np.asarray(samples[0]) - plain).max() > 0.2
+    # ... the mean of 4000 is within ~6 standard errors (~0.008 each).
+    np.testing.assert_allclose(np.asarray(samples).mean(0), plain, atol=0.05)
+
+
+def test_dropout_rate_zero_or_no_key_is_bit_identical_to_plain():
+    # Eager: under jit each variant would compile a program of its own.
+    q, k, v = random_qkv(15, length=5)
+    mask, bias = _padded_causal_mask_and_bias(5)
+    plain = eager_softmax_attention(q, k, v, mask=mask, bias=bias)
+    key = jax.random.key(5)
+    no_rate = eager_softmax_attention(
+        q, k, v, mask=mask, bias=bias, dropout_rate=0.0, dropout_rng=key
+    )
+    no_key = eager_softmax_attention(q, k, v, mask=mask, bias=bias, dropout_rate=0.3)
+    np.testing.assert_array_equal(no_rate, plain)
+    np.testing.assert_array_equal(no_key, plain)
+    q16, k16, v16 = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+    np.testing.assert_array_equal(
+        eager_softmax_attention(q16, k16, v16, mask=mask, dropout_rate=0.0, dropout_rng=key),
+        eager_softmax_attention(q16, k16, v16, mask=mask),
+    )
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5])
+def test_dropout_rate_outside_unit_interval_is_rejected(rate):
+    q, k, v = random_qkv(16, length=3)
+    with pytest.raises(ValueError, match=r"dropout_rate must be in \[0, 1\)"):
+        eager_softmax_attention(q, k, v, dropout_rate=rate, dropout_rng=jax.random.key(0))
+
+
+def test_fully_masked_rows_stay_zero_with_dropout():
+    q, k, v = random_qkv(17, length=4)
+    mask = np.ones((2, 1, 4, 4), bool)
+    mask[0, :, 1, :] = False
+    mask[1] = False
+    key = jax.random.key(6)
+
+    def loss(q, k, v):
+        out = eager_softmax_attention(q, k, v, mask=mask, dropout_rate=0.5, dropout_rng=key)
+        return jnp.sum(out**2), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    np.testing.assert_array_equal(out[0, 1], 0.0)
+    np.testing.assert_array_equal(out[1], 0.0)
+    assert np.all(np.isfinite(out))
+    for grad in grads:
+        assert np.all(np.isfinite(grad))
+    np.testing.assert_array_equal(grads[0][1], 0.0)
+
+
 def test_random_synthesizer_matches_numpy():
     q, k, v = random_qkv(8, length=5)
     logits = np.random.default_rng(9).normal(size=(2, 5, 5)).astype(np.float32)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rope_jax.layers import MultiHeadAttention
 from rope_jax.model_config import (
     KERNEL_TRAITS,
     POSITIONS,
@@ -513,6 +514,51 @@ def test_dropout_needs_rng_and_changes_output():
     b = run(model, variables, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
     assert not np.allclose(a, b)
     np.testing.assert_array_equal(run(model, variables, x), run(model, variables, x))
+
+
+def test_attention_dropout_in_training_only_and_only_for_softmax():
+    cfg = tiny(dropout_rate=0.5)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 5, 32)), jnp.float32)
+    layer = MultiHeadAttention(cfg, "softmax", causal=True)
+    variables = init(layer, x)
+    train = jax.jit(
+        lambda key: layer.apply(variables, x, deterministic=False, rngs={"dropout": key})
+    )
+    assert not np.allclose(train(jax.random.key(1)), train(jax.random.key(2)))
+    plain_cfg = dataclasses.replace(cfg, dropout_rate=0.0)
+    no_dropout = MultiHeadAttention(plain_cfg, "softmax", causal=True)
+    np.testing.assert_array_equal(
+        layer.apply(variables, x, deterministic=True),
+        no_dropout.apply(variables, x, deterministic=False),
+    )
+    # A kernel that takes no dropout rng ignores training mode.
+    synthesizer = MultiHeadAttention(cfg, "random_synthesizer", causal=True)
+    synthesizer_variables = init(synthesizer, x)
+    np.testing.assert_array_equal(
+        synthesizer.apply(synthesizer_variables, x, deterministic=False),
+        synthesizer.apply(synthesizer_variables, x),
+    )
+    # Decoding never drops weights (and needs no dropout rng), in self- and cross-attention.
+    cross = MultiHeadAttention(cfg, "softmax", cross=True)
+
+    def decode_step(module, deterministic):
+        args = (x[:, :2],) if module is layer else (x[:, :2], x)
+        cache = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, decode=True))
+        cache = jax.tree_util.tree_map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), cache)
+        return module.apply(
+            {**variables, "cache": cache["cache"]},
+            *args,
+            decode=True,
+            deterministic=deterministic,
+            mutable=["cache"],
+        )[0]
+
+    decode_steps = jax.jit(
+        lambda deterministic: [decode_step(m, deterministic) for m in (layer, cross)],
+        static_argnums=0,
+    )
+    for trained, evaluated in zip(decode_steps(False), decode_steps(True), strict=True):
+        np.testing.assert_array_equal(trained, evaluated)
 
 
 def test_performer_projection_is_a_non_trainable_collection():

@@ -1,4 +1,5 @@
-"""Exact scaled dot-product attention (Vaswani et al. 2017, eq. (1))."""
+"""Exact scaled dot-product attention (Vaswani et al. 2017, eq. (1)), with optional dropout
+on the attention weights as in T5 and BERT."""
 
 from __future__ import annotations
 
@@ -55,8 +56,10 @@ def softmax_attention(
     q_positions=None,
     kv_positions=None,
     rope=None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
 ):
-    """``softmax(scale * q k^T + bias) v`` with boolean masking.
+    """``softmax(scale * q k^T + bias) v`` with boolean masking and attention dropout.
 
     Args:
       q_BTHD, k_BSHD, v_BSHD: queries, keys, values ``[B, L, H, D]``.
@@ -68,11 +71,27 @@ def softmax_attention(
       q_positions, kv_positions: int ``[B|1, T]`` / ``[B|1, S]``, used only with ``rope``;
         default ``0..L-1``.
       rope: ``RopeSpec`` or None; when given, q and k are rotated before the dot product.
+      dropout_rate: probability of dropping each attention weight, a Python float in
+        ``[0, 1)``. T5 (Raffel et al. 2020) and BERT (Devlin et al. 2019) drop attention
+        probabilities after the softmax during training (both at 0.1, the rate of their
+        other dropout layers).
+      dropout_rng: PRNG key; dropout applies only when it is given and ``dropout_rate > 0``
+        (otherwise the result is exactly that of plain attention, as for evaluation).
+        The keep mask is ``jax.random.bernoulli(dropout_rng, 1 - dropout_rate, [B, H, T,
+        S])`` and kept weights are scaled by ``1 / (1 - dropout_rate)`` (inverted dropout),
+        in float32, before the weighted sum of values. Each batch row and head draws its
+        own mask, as in BERT and the Hugging Face T5; Flax's ``dot_product_attention``
+        defaults instead to one mask shared across batch and heads.
 
     Returns:
       ``[B, T, H, D]`` in q's dtype. Logits and softmax run in float32; a query whose keys
-      are all masked gets a zero output (and zero gradients), never NaN.
+      are all masked gets a zero output (and zero gradients), never NaN, with or without
+      dropout.
     """
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(
+            f"softmax_attention: dropout_rate must be in [0, 1), got {dropout_rate!r}."
+        )
     _inputs.check_qkv("softmax_attention", q_BTHD, k_BSHD, v_BSHD)
     if rope is not None:
         q_BTHD = _inputs.rotate(q_BTHD, q_positions, rope)
@@ -88,5 +107,10 @@ def softmax_attention(
     if bias is not None:
         logits_BHTS = logits_BHTS + jnp.asarray(bias).astype(jnp.float32)
     weights_BHTS = masked_softmax(logits_BHTS, mask)
+    if dropout_rng is not None and dropout_rate > 0.0:
+        keep_prob = 1.0 - dropout_rate
+        keep_BHTS = jax.random.bernoulli(dropout_rng, keep_prob, weights_BHTS.shape)
+        # Masked weights are exactly 0 and stay 0 whether kept or dropped.
+        weights_BHTS = jnp.where(keep_BHTS, weights_BHTS / jnp.float32(keep_prob), 0.0)
     out_BTHD = jnp.einsum("BHTS,BSHD->BTHD", weights_BHTS.astype(v_BSHD.dtype), v_BSHD)
     return out_BTHD.astype(q_BTHD.dtype)

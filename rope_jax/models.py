@@ -139,6 +139,7 @@ class TransformerLayer(nn.Module):
                 bias=self_bias,
                 q_positions=positions_BL,
                 kv_positions=kv_positions_BS,
+                deterministic=deterministic,
                 decode=decode,
             ),
         )
@@ -150,7 +151,12 @@ class TransformerLayer(nn.Module):
                 x_BLE,
                 "cross_attention_norm",
                 lambda h: cross(
-                    h, encoded_BSE, mask=cross_mask, kv_valid_BS=cross_kv_valid, decode=decode
+                    h,
+                    encoded_BSE,
+                    mask=cross_mask,
+                    kv_valid_BS=cross_kv_valid,
+                    deterministic=deterministic,
+                    decode=decode,
                 ),
             )
         mlp = MLP(cfg, name="mlp")

@@ -655,3 +655,27 @@ def test_encoder_decoder_cached_decoding_matches_full_forward(overrides):
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-4, rtol=1e-4)
     for leaf in jax.tree_util.tree_leaves(cache):
         assert leaf.ndim == 0 or leaf.shape[0] == 2  # batch-major: beams can reorder it
+
+
+@pytest.mark.parametrize("family", ["encoder", "encoder_decoder"])
+def test_training_mode_reaches_every_attention_layer(family):
+    """Attention dropout needs ``deterministic=False`` to reach self- and cross-attention."""
+    cfg = tiny(family=family, position="rope", dropout_rate=0.1)
+    model = build_model(cfg)
+    x = tokens(1, 6)
+    args = (x, x) if family == "encoder_decoder" else (x,)
+    variables = init(model, *args)
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, MultiHeadAttention) and context.method_name == "__call__":
+            seen.append((context.module.name, kwargs.get("deterministic", True)))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        model.apply(variables, *args, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    names = {name for name, _ in seen}
+    assert names == (
+        {"attention", "cross_attention"} if family == "encoder_decoder" else {"attention"}
+    )
+    assert all(flag is False for _, flag in seen), seen

@@ -1,12 +1,20 @@
 """Position encoding x attention kernel ablation (rope_jax.evaluation.ablation).
 
-Launch (the ``tiny`` grid targets < 30 minutes on 2 CPU cores)::
+Launch (the ``tiny`` grid: both tracks, about 11 minutes on 2 CPU cores)::
 
   python eval.py --config=configs/ablation.py:tiny --workdir=runs/ablation
 
+The grid (every kernel x every position) runs once per track in ``config.tracks``:
+``causal_lm`` (decoder-only causal LM, next-token loss; Nystrom is skipped, it has no causal
+form) and ``mlm`` (bidirectional encoder with BERT's MLM head and masking, masked-token loss;
+every kernel including Nystrom, t5_bias with bidirectional buckets, symmetric alibi). Both
+tracks train for the same steps and batch and are evaluated on the same held-out windows.
+Run one track with ``--config.tracks='("mlm",)'``.
+
 Larger grids are config changes: ``--config.train_length=512 --config.train.num_train_steps=
-20000 --config.model.d_model=512 ...``; restrict the grid with
-``--config.kernels='("softmax",)' --config.positions='("rope", "alibi")'``.
+20000 --config.model.d_model=512 ...`` (keep ``model.num_landmarks`` <= ``train_length``);
+restrict the grid with ``--config.kernels='("softmax",)' --config.positions='("rope",
+"alibi")'``, or one track's grid with ``--config.mlm.kernels='("nystrom",)'``.
 """
 
 import ml_collections
@@ -26,6 +34,7 @@ POSITIONS = (
     "alibi",
 )
 KERNELS = ("softmax", "performer", "nystrom", "linear")
+TRACKS = ("causal_lm", "mlm")
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -34,8 +43,16 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
     config = ml_collections.ConfigDict()
     config.kind = "ablation"
+    config.tracks = TRACKS
     config.positions = POSITIONS
     config.kernels = KERNELS
+    # Per track: kernels and positions replace the shared grid above when not empty. mlm:
+    # BERT masking of training batches, and the seed of the held-out masks (drawn once on
+    # the longest windows, whose prefixes are the shorter lengths; the same for every cell).
+    config.causal_lm = ml_collections.ConfigDict({"kernels": (), "positions": ()})
+    config.mlm = ml_collections.ConfigDict(
+        {"kernels": (), "positions": (), "mask_rate": 0.15, "eval_mask_seed": 0}
+    )
     config.seed = 0
     # "" = the embedded default corpus; else a glob of text files.
     config.corpus = ""
@@ -58,6 +75,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         num_layers=2,
         dropout_rate=0.0,
         num_features=32,
+        # 16 divides 64, 128 and 256: Nystrom segments of 4, 8 and 16 tokens at 1x, 2x, 4x L.
         num_landmarks=16,
     )
     # The trainer's own config (every key it reads), shared by all cells.

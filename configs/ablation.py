@@ -1,6 +1,7 @@
 """Position encoding x attention kernel ablation (rope_jax.evaluation.ablation).
 
-Launch (the ``tiny`` grid: both tracks, about 11 minutes on 2 CPU cores)::
+Launch (the ``tiny`` grid: both tracks, 8.5 minutes on 2 quiet CPU cores, about 11 under
+load)::
 
   python eval.py --config=configs/ablation.py:tiny --workdir=runs/ablation
 

@@ -103,7 +103,9 @@ def _range_table(section: dict[str, Any], L: int, longest: int) -> list[str]:
     ranges = [(start, min(start + L, longest)) for start in range(0, longest, L)]
     lines = [
         f"{section['loss'].capitalize()} at length {longest} by position range (positions "
-        f">= {L} were never trained):",
+        f">= {L} were never trained). A column holds the same targets for every cell, so a "
+        f"difference down a column (e.g. from `none`) is the model's; along a row the targets "
+        f"change too.",
         "",
         "| kernel | position | " + " | ".join(f"{a}-{b - 1}" for a, b in ranges) + " |",
         "|---|---|" + "---:|" * len(ranges),

@@ -52,9 +52,7 @@ def performer_projection(key, num_features, head_dim, *, orthogonal=True):
 
     def orthonormal_rows(block_key):
         gaussian_DD = jax.random.normal(block_key, (head_dim, head_dim), jnp.float32)
-        q_DD, r_DD = jnp.linalg.qr(gaussian_DD)
-        signs_D = jnp.where(jnp.diagonal(r_DD) < 0, -1.0, 1.0)
-        return (q_DD * signs_D[None, :]).T
+        return orthonormal_columns(gaussian_DD).T
 
     blocks = jax.vmap(orthonormal_rows)(jax.random.split(block_key, num_blocks))
     directions_MD = blocks.reshape(num_blocks * head_dim, head_dim)[:num_features]
@@ -62,6 +60,27 @@ def performer_projection(key, num_features, head_dim, *, orthogonal=True):
         jax.random.normal(norm_key, (num_features, head_dim), jnp.float32), axis=-1
     )
     return directions_MD * norms_M[:, None]
+
+
+def orthonormal_columns(matrix_DD):
+    """Q of the QR factorisation with R's diagonal positive (the Haar-distributed orthogonal
+    matrix when ``matrix_DD`` is Gaussian; Mezzadri 2007), by classical Gram-Schmidt run twice
+    per column ("twice is enough", Giraud et al. 2005), so ``Q^T Q = I`` to float32 rounding.
+
+    Matmuls only, no LAPACK call: on CPU, several QR custom calls running at once in one
+    program (one per Performer layer at init, or at a redraw inside the train step) can
+    deadlock jaxlib 0.10 on a 2-core machine.
+    """
+    size = matrix_DD.shape[-1]
+
+    def add_column(j, q_DD):
+        column_D = matrix_DD[:, j]
+        earlier_D = jnp.arange(size) < j
+        for _ in range(2):
+            column_D = column_D - q_DD @ jnp.where(earlier_D, q_DD.T @ column_D, 0.0)
+        return q_DD.at[:, j].set(column_D / jnp.linalg.norm(column_D))
+
+    return jax.lax.fori_loop(0, size, add_column, jnp.zeros_like(matrix_DD))
 
 
 def _check_projection(projection_MD, head_dim):

@@ -96,6 +96,15 @@ def test_zero_periods_log_and_save_only_at_the_end(tmp_path):
     assert checkpoint.Checkpointer(tmp_path / "checkpoints").complete_steps() == [3]
 
 
+def test_relative_workdir_saves_and_resumes(tmp_path, monkeypatch):
+    """``make demo`` passes ``runs/demo-<time>``; Orbax only takes absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    first = run("runs/relative", toy_config(num_train_steps=2))
+    assert checkpoint.Checkpointer(tmp_path / "runs/relative/checkpoints").complete_steps() == [2]
+    resumed = run("runs/relative", toy_config())
+    assert sorted(resumed.history) == [3, 4] and sorted(first.history) == [1, 2]
+
+
 def test_interrupted_saves_are_never_restored(tmp_path):
     workdir = tmp_path / "run"
     run(workdir, toy_config())

@@ -132,7 +132,7 @@ def _restore_params(workdir: str) -> tuple[Any, Any, str]:
 
     from rope_jax.training import checkpoint as checkpoint_lib
 
-    directory = os.path.join(workdir, "checkpoints")
+    directory = checkpoint_lib.absolute_path(os.path.join(workdir, "checkpoints"))
     checkpointer = checkpoint_lib.Checkpointer(directory, async_save=False)
     try:
         step = checkpointer.latest_step()

@@ -90,6 +90,13 @@ def select_data_state(saved: Any, process_index: int, process_count: int) -> Any
     return states[process_index]
 
 
+def absolute_path(path: str | os.PathLike) -> str:
+    """``path`` made absolute when it is local (Orbax refuses relative paths: a workdir like
+    ``runs/demo`` failed at the first save); ``gs://...`` and other URLs pass unchanged."""
+    path = os.fspath(path)
+    return path if "://" in path else os.path.abspath(path)
+
+
 class Checkpointer:
     """Thin wrapper over ``ocp.CheckpointManager`` for (train state, iterator state) pairs.
 
@@ -102,7 +109,7 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
         if keep < 1:
             raise ValueError(f"checkpoint keep must be >= 1, got {keep}.")
-        self.directory = epath.Path(directory)
+        self.directory = epath.Path(absolute_path(directory))
         self._set_aside_incomplete_steps()
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),

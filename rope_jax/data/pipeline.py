@@ -94,7 +94,7 @@ class DataConfig:
     batch_size: int = 8
     seed: int = 0
     paths: str = ""
-    format: str = "text"
+    format: str = "auto"
     text_mode: str = "blocks"
     text_field: str = "text"
     pack: bool = True

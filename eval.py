@@ -3,12 +3,18 @@
   python eval.py --config=configs/superglue.py:tiny --config.task=CB \
       --config.data_dir=... --config.init_checkpoint=... --workdir=runs/cb
   python eval.py --config=configs/ablation.py:tiny --workdir=runs/ablation
+
+A pretraining config (``configs/mt5.py`` ...) belongs to train.py and is refused at start;
+a mistyped override names the key and its close matches. Errors end the output with
+``eval.py: error: ...`` and exit 1.
 """
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from rope_jax import cli
+from rope_jax.training import preflight
 from rope_jax.training.metrics import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -18,10 +24,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        cli.fail(f"unexpected arguments: {argv[1:]}")
+    config = cli.config_value(_CONFIG)
+    with cli.reported_errors((preflight.ConfigError,)):
+        preflight.check_kind(config, "eval.py", cli.config_name())
     quiet_library_logs()
     logging.info("JAX devices: %s", jax.devices())
-    config = _CONFIG.value
     if config.kind == "ablation":
         from rope_jax.evaluation import ablation
 
@@ -33,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

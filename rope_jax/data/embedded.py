@@ -73,7 +73,6 @@ def load_or_train_tokenizer(
     """
     directory = os.path.join(os.fspath(workdir), "tokenizer")
     model_path = os.path.join(directory, "spm.model")
-    meta_path = os.path.join(directory, "spm.json")
     wanted = {"vocab_size": vocab_size, "num_extra_ids": num_extra_ids, "corpus": corpus_name}
     if os.path.exists(directory):
         return _load_cached(directory, wanted, reuse_for_other_corpus)

@@ -51,6 +51,20 @@ def is_complete(step_dir: epath.Path) -> bool:
     return all(path.exists() for path in required)
 
 
+def complete_steps_on_disk(directory: str | os.PathLike) -> list[int]:
+    """Committed steps in ``directory``, oldest first, found without opening a manager: a
+    ``Checkpointer`` cleans up temporary and damaged step directories when it starts, and a
+    restart that is refused must leave the work directory as it was."""
+    directory = epath.Path(absolute_path(directory))
+    if not directory.is_dir():
+        return []
+    return sorted(
+        int(step_dir.name)
+        for step_dir in directory.iterdir()
+        if step_dir.name.isdigit() and step_dir.is_dir() and is_complete(step_dir)
+    )
+
+
 def _process_index_and_count() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 

@@ -14,7 +14,8 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from rope_jax import cli
-from rope_jax.training import preflight
+from rope_jax.data.embedded import TokenizerCacheError
+from rope_jax.training import checkpoint, interrupts, preflight
 from rope_jax.training.metrics import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -33,11 +34,20 @@ def main(argv):
     if config.kind == "ablation":
         from rope_jax.evaluation import ablation
 
-        ablation.run_ablation(config, _WORKDIR.value)
+        # Each grid cell is a pretraining run in <workdir>/runs/...: its restart checks,
+        # signals and errors are the trainer's.
+        errors = (preflight.ConfigError, TokenizerCacheError, checkpoint.CheckpointError)
+        try:
+            with cli.reported_errors(errors):
+                ablation.run_ablation(config, _WORKDIR.value)
+        except interrupts.StoppedBySignal as stopped:
+            logging.info("Ablation %s; run the same command to resume.", stopped)
+            return interrupts.exit_code(stopped.signum)
     else:
         from rope_jax.evaluation import finetune
 
         finetune.finetune_and_evaluate(config, _WORKDIR.value)
+    return 0
 
 
 if __name__ == "__main__":

@@ -299,11 +299,15 @@ def test_held_out_split_too_small_fails_before_the_tokenizer(tmp_path):
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"document {i} has words\n\n" for i in range(5)))
-    config = _pretraining_config("decoder", f"tiny,paths={corpus},eval_every_steps=200")
+    config = _pretraining_config(
+        "decoder",
+        f"tiny,paths={corpus},num_train_steps=2,eval_every_steps=2,batch_size=2,"
+        "inputs_length=16,num_layers=1,measure_matmul_peak=False",
+    )
     with pytest.raises(preflight.ConfigError) as failed:
         trainer.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
     message = str(failed.value)
-    assert "0 of 5" in message and "at step 200" in message
+    assert "0 of 5" in message and "at step 2 " in message
     assert "--config.data.eval_every=5" in message and "--config.eval_steps=0" in message
     assert not (tmp_path / "run").exists()
     # Each suggested fix passes the check.
@@ -322,3 +326,20 @@ def _pretraining_config(family, arg):
     import importlib
 
     return importlib.import_module(f"configs.{family}").get_config(arg)
+
+
+def test_a_cell_stopped_by_a_signal_stops_the_ablation_grid(monkeypatch, tmp_path):
+    """eval.py's ablation trains one cell after another; a Ctrl-C that saved one cell must
+    not let the grid go on to the next."""
+    from configs import ablation as ablation_config
+    from rope_jax.evaluation import ablation
+    from rope_jax.training import interrupts, trainer
+
+    config = ablation_config.get_config("tiny")
+    cell = next(c for c in ablation.grid(config) if not c.skip_reason)
+    stopped = trainer.TrainResult(None, {}, {}, str(tmp_path), stop_signal=signal.SIGINT)
+    monkeypatch.setattr(trainer, "train_and_evaluate", lambda *args, **kwargs: stopped)
+    tokens = np.arange(4096, dtype=np.int32) % 200
+    with pytest.raises(interrupts.StoppedBySignal) as raised:
+        ablation._train(cell, config, str(tmp_path), ablation.Track(), tokens)
+    assert interrupts.exit_code(raised.value.signum) == 130

@@ -36,6 +36,15 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
+class StoppedBySignal(Exception):
+    """Raised by callers that run several trainings (the ablation grid) when one of them
+    stopped on a signal after saving: the rest of the work stops too."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal_name(signum)} (checkpoint saved)")
+        self.signum = signum
+
+
 class StopRequest:
     """Context manager that turns SIGINT/SIGTERM into a stop request (see module doc).
 

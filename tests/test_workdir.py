@@ -265,8 +265,9 @@ def test_start_checks_fail_before_anything_is_written(tmp_path):
     assert not path.exists()
 
 
-def test_objective_must_match_the_model_family():
+def test_objective_must_match_the_model_family(tmp_path):
     from configs import common
+    from rope_jax.training import trainer
 
     config = common.base_config()
     config.model.family, config.data.objective = "encoder_decoder", "mlm"
@@ -277,6 +278,11 @@ def test_objective_must_match_the_model_family():
     config.data.objective = "causal_lm"
     with pytest.raises(preflight.ConfigError, match="configs/decoder.py"):
         preflight.check_objective_matches_family(config)
+    # Through the trainer: refused at start (it used to fail inside EncoderDecoder.__call__).
+    mt5 = _pretraining_config("mt5", "tiny,objective=mlm")
+    with pytest.raises(preflight.ConfigError, match="model.family='encoder_decoder'"):
+        trainer.train_and_evaluate(mt5, str(tmp_path / "run"), devices=jax.devices()[:1])
+    assert not (tmp_path / "run").exists()
 
 
 def test_config_kind_belongs_to_the_entry_point():

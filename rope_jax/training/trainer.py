@@ -266,9 +266,9 @@ def train_and_evaluate(
         tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
         _check_batch_size(config.batch_size, config.optimizer.grad_accum_steps, mesh)
     if inputs is None:
-        reuse = workdir_lib.classify("data.paths") != "restart_safe" and any(
-            name in ("*", "data", "data.paths") for name in resume.accepted
-        )
+        # An accepted change of corpus keeps the cached tokenizer (the vocabulary of the
+        # checkpoints); otherwise a cached tokenizer of another corpus is an error.
+        reuse = workdir_lib.accepts(resume.accepted, "data.paths")
         inputs = build_inputs(config, workdir, reuse_tokenizer=reuse)
     os.makedirs(workdir, exist_ok=True)
 

@@ -103,6 +103,11 @@ def _under(key: str, names: Iterable[str]) -> bool:
     return any(name == "*" or key == name or key.startswith(f"{name}.") for name in names)
 
 
+def accepts(accepted: Iterable[str], key: str) -> bool:
+    """True when ``accept_changes`` names ``key``, a section holding it, or ``*``."""
+    return _under(key, accepted)
+
+
 def classify(key: str) -> str:
     """``"restart_safe"``, ``"hyperparameter"`` or ``"experiment"`` for a dotted key."""
     if _under(key, RESTART_SAFE):
@@ -211,7 +216,7 @@ def plan_resume(config, workdir: str | os.PathLike) -> Resume:
     recorded = recorded_config(workdir) if os.path.isdir(workdir) else None
     resume = Resume(workdir, step, new, {}, accepted, recorded is not None, recorded)
     if recorded is None:
-        if step is not None and not _under("*", accepted):
+        if step is not None and "*" not in accepted:
             raise ResumeError(
                 f"{workdir} has a checkpoint (step {step}) but no {CONFIG_FILE}, so there is "
                 "no way to check that this config is the one it was trained with. Nothing "

@@ -43,6 +43,7 @@ __all__ = [
     "prefix_lm",
     "pseudo_summary",
     "pseudo_summary_indices",
+    "random_spans_counts",
     "random_spans_noise_mask",
     "rouge1_f1",
     "rouge_units",
@@ -86,6 +87,32 @@ def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Gener
     return np.bincount(segment_id, minlength=num_segments)
 
 
+def random_spans_counts(
+    length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0
+) -> tuple[int, int]:
+    """``(num_noise_tokens, num_noise_spans)`` of ``random_spans_noise_mask`` at ``length``.
+
+    T5's arithmetic (t5/data/preprocessors.py): lengths below 2 count as 2;
+    ``num_noise_tokens = round(float32(length) * noise_density)``, the product in float32 and
+    half-to-even rounding as ``tf.round`` (190 * 0.15 is 28.5 in float64, so 28, but
+    28.500002 in float32, so 29), clipped to [1, length - 1]; ``num_noise_spans =
+    max(1, round(float32(num_noise_tokens) / mean_noise_span_length))``. Deliberate
+    difference: the spans are capped at the non-noise tokens, where T5 fails (a
+    segmentation into more non-empty parts than items; only at very high densities, e.g.
+    0.9 of 10 tokens). ``noise_density == 0`` gives ``(0, 0)``: no noise at all.
+    """
+    if noise_density == 0.0:
+        return 0, 0
+    length = max(length, 2)
+    num_noise_tokens = int(np.round(np.float32(length) * np.float32(noise_density)))
+    num_noise_tokens = min(max(num_noise_tokens, 1), length - 1)
+    num_noise_spans = int(
+        np.round(np.float32(num_noise_tokens) / np.float32(mean_noise_span_length))
+    )
+    num_noise_spans = max(num_noise_spans, 1)
+    return num_noise_tokens, min(num_noise_spans, length - num_noise_tokens)
+
+
 def random_spans_noise_mask(
     length: int,
     *,
@@ -95,22 +122,21 @@ def random_spans_noise_mask(
 ) -> np.ndarray:
     """Boolean noise mask following T5's ``random_spans_noise_mask``.
 
-    ``num_noise_tokens = round(length * noise_density)`` (clipped to [1, length - 1]),
-    ``num_noise_spans = max(1, round(num_noise_tokens / mean_noise_span_length))``; noise and
-    non-noise lengths are independent random segmentations, interleaved starting with a
-    non-noise span and ending with a noise span. Lengths below 2 are computed at length 2 and
-    truncated, as T5 does. Rounding is half-to-even, as ``tf.round``.
+    Counts from ``random_spans_counts`` (``noise_density == 0`` corrupts nothing, as in T5);
+    noise and non-noise span lengths are independent uniformly random segmentations
+    (``_random_segmentation``), interleaved starting with a non-noise span and ending with a
+    noise span, so that all masks with these counts are equally likely. Lengths below 2 are
+    computed at length 2 and truncated, as T5 does.
     """
+    if noise_density == 0.0:
+        return np.zeros(length, bool)
     orig_length = length
     length = max(length, 2)
-    num_noise_tokens = int(round(length * noise_density))
-    num_noise_tokens = min(max(num_noise_tokens, 1), length - 1)
-    num_noise_spans = max(int(round(num_noise_tokens / mean_noise_span_length)), 1)
-    num_nonnoise_tokens = length - num_noise_tokens
-    # A non-noise segmentation needs at least one token per span.
-    num_noise_spans = min(num_noise_spans, num_nonnoise_tokens)
+    num_noise_tokens, num_noise_spans = random_spans_counts(
+        length, noise_density, mean_noise_span_length
+    )
     noise_span_lengths = _random_segmentation(num_noise_tokens, num_noise_spans, rng)
-    nonnoise_span_lengths = _random_segmentation(num_nonnoise_tokens, num_noise_spans, rng)
+    nonnoise_span_lengths = _random_segmentation(length - num_noise_tokens, num_noise_spans, rng)
     interleaved = np.stack([nonnoise_span_lengths, noise_span_lengths], axis=1).reshape(-1)
     span_index = np.repeat(np.arange(interleaved.size), interleaved)
     is_noise = span_index % 2 == 1
@@ -164,6 +190,11 @@ def t5_span_corruption_lengths(
 
     The largest raw length whose corrupted inputs (non-noise tokens + one sentinel per span
     + EOS) still fit ``inputs_length``; 512 -> (568, 114) at density 0.15, mean span 3.
+    Like T5's helper this counts in float64 (Python ``round``), while the mask counts in
+    float32 (``random_spans_counts``); at the few lengths where the two round differently,
+    T5's examples come out longer than the helper says, and so do these (172 inputs: 190 raw
+    tokens, 29 noise tokens instead of 28, 40 targets instead of 38); the packer cuts them
+    as T5 trims them. 512 at density 0.15 is not such a length.
     """
 
     def corrupted_lengths(raw_length: int) -> tuple[int, int]:

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import tracemalloc
+import types
 
 import numpy as np
 import pytest
@@ -355,3 +356,12 @@ def test_config_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match="num_workers"):
         pipeline.DataConfig(num_workers=-1)
     assert pipeline.DataConfig(inputs_length=512).decoder_length() == 114
+
+
+def test_sentinel_check_counts_spans_as_the_noise_mask_does():
+    # 172 inputs take 190 raw tokens; the mask's float32 count gives 29 noise tokens in 10
+    # spans there (float64 would say 28 in 9), so 9 sentinels are one short.
+    config = pipeline.DataConfig(objective="span_corruption", inputs_length=172)
+    with pytest.raises(ValueError, match="needs 10 sentinels, the tokenizer has 9"):
+        pipeline._check_sentinels(config, types.SimpleNamespace(num_sentinels=9))
+    pipeline._check_sentinels(config, types.SimpleNamespace(num_sentinels=10))

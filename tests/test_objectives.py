@@ -1,5 +1,7 @@
 """Objectives against published properties, hand computations and brute-force references."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -56,6 +58,47 @@ def test_span_lengths_are_random_segmentations():
     other = obj.random_spans_noise_mask(568, rng=np.random.default_rng(2))
     np.testing.assert_array_equal(mask, again)
     assert (mask != other).any()
+
+
+def test_noise_counts_round_a_float32_product_as_t5():
+    # T5: tf.round(tf.cast(length, tf.float32) * noise_density), half to even. 190 * 0.15 is
+    # 28.5 in float64 (28 after rounding) but 28.500002 in float32 (29); likewise 350 and 390.
+    # Spans: round(float32(noise) / 3): 29 / 3 -> 10, 53 / 3 -> 18, 59 / 3 -> 20.
+    rng = np.random.default_rng(12)
+    for length, noise, spans in [(190, 29, 10), (350, 53, 18), (390, 59, 20), (568, 85, 28)]:
+        mask = obj.random_spans_noise_mask(length, rng=rng)
+        span_starts = mask & ~np.concatenate([[False], mask[:-1]])
+        assert (int(mask.sum()), int(span_starts.sum())) == (noise, spans)
+        assert obj.random_spans_counts(length) == (noise, spans)
+    # At least one noise and one non-noise token; short lengths are computed at length 2.
+    assert obj.random_spans_counts(3, 0.01) == (1, 1)
+    assert obj.random_spans_counts(4, 0.99) == (3, 1)
+    assert obj.random_spans_counts(0) == obj.random_spans_counts(1) == (1, 1)
+
+
+def test_noise_density_zero_corrupts_nothing():
+    rng = np.random.default_rng(13)
+    assert not obj.random_spans_noise_mask(10, rng=rng, noise_density=0.0).any()
+    tokens = np.arange(3, 13)
+    inputs, targets = obj.span_corruption(tokens, rng=rng, vocab_size=VOCAB, noise_density=0.0)
+    # As T5: the inputs are the tokens; the targets one sentinel for the one non-noise span.
+    np.testing.assert_array_equal(inputs, [*tokens, 1])
+    np.testing.assert_array_equal(targets, [VOCAB - 1, 1])
+    assert obj.random_spans_counts(10, 0.0) == (0, 0)
+
+
+def test_all_masks_with_the_counts_are_equally_likely():
+    # T5's docstring: "Subject to the above restrictions, all masks are equally likely."
+    # Length 12 at density 0.5: 6 noise tokens in 2 spans, 6 non-noise tokens in 2 spans,
+    # so 5 x 5 = 25 masks, each with probability 1/25.
+    rng = np.random.default_rng(14)
+    draws = 5000
+    counts = Counter(
+        obj.random_spans_noise_mask(12, rng=rng, noise_density=0.5).tobytes() for _ in range(draws)
+    )
+    assert len(counts) == 25
+    expected = draws / 25  # binomial standard deviation ~14
+    assert max(abs(c - expected) for c in counts.values()) < 60, counts.values()
 
 
 def test_t5_length_arithmetic():

@@ -324,7 +324,9 @@ def _check_sentinels(config: DataConfig, tokenizer: Tokenizer) -> None:
     raw, _ = objectives.t5_span_corruption_lengths(
         config.inputs_length, config.noise_density, config.mean_noise_span_length
     )
-    num_spans = max(1, round(round(raw * config.noise_density) / config.mean_noise_span_length))
+    _, num_spans = objectives.random_spans_counts(
+        raw, config.noise_density, config.mean_noise_span_length
+    )
     if num_spans > tokenizer.num_sentinels:
         raise ValueError(
             f"span corruption of {raw} raw tokens needs {num_spans} sentinels, the tokenizer "

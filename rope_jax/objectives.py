@@ -40,6 +40,7 @@ __all__ = [
     "join_sentences",
     "lcs_length",
     "mlm",
+    "num_gap_sentences",
     "prefix_lm",
     "pseudo_summary",
     "pseudo_summary_indices",
@@ -275,24 +276,37 @@ def mlm(
 
 # ------------------------------------------------------------------------------ gap sentences
 
-_WORD_RE = re.compile(r"[0-9a-z]+|[^\x00-\x7f\s]", re.UNICODE)
+_WORD_RE = re.compile(r"[0-9a-z]+|[^\x00-\x7f\s]")
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def rouge_units(text: str) -> list[str]:
-    """Scoring units for ROUGE: lower-cased alphanumeric words; each non-ASCII character alone.
+    """Scoring units for ROUGE: ASCII-lower-cased alphanumeric words; each non-ASCII character.
 
-    Latin text follows the ROUGE scorer's default tokenisation (lower case, non-alphanumerics
-    as separators); CJK text has no spaces, so characters are the units (as Chinese ROUGE is
-    usually computed).
+    ASCII text gets PEGASUS's tokenisation (``RougeDistance::PrecomputeSentenceData``:
+    ``AsciiStrToLower``, then ``[^a-z0-9]+`` as separators). Deliberate difference: PEGASUS
+    drops every non-ASCII byte, so Chinese text would have no units at all; here each
+    non-ASCII character is a unit of its own (as Chinese ROUGE is usually computed), which
+    also splits accented words ("café" -> "caf", "é", where PEGASUS keeps "caf").
+    PEGASUS-large's stopword list (``parser_rouge_stopwords_filename``) is not applied: the
+    paper's Ind-Orig selection scores every word.
     """
-    return _WORD_RE.findall(text.lower())
+    return _WORD_RE.findall(text.translate(_ASCII_LOWER))
 
 
-def rouge1_f1(candidate: Sequence[Hashable], reference: Sequence[Hashable]) -> float:
-    """ROUGE-1 F1 with unigrams counted with repeats (clipped overlap)."""
-    if not candidate or not reference:
-        return 0.0
+def rouge1_f1(candidate: Sequence[Hashable], reference: Sequence[Hashable]) -> np.float32:
+    """ROUGE-1 F1 as PEGASUS computes it (float32; unigrams counted with repeats, clipped)."""
     return _rouge1_f1_counts(Counter(candidate), Counter(reference))
+
+
+def num_gap_sentences(num_sentences: int, gap_ratio: float) -> int:
+    """PEGASUS ``GetNumMaskedSentences``: ``min(int(max(float32(n) * ratio, 1)), n)``.
+
+    Truncation of a float32 product: 50 sentences at ratio 0.58 give 29 (the float64
+    product, 28.999999999999996, would give 28); at least one sentence, at most all of them.
+    """
+    product = np.float32(num_sentences) * np.float32(gap_ratio)
+    return min(int(max(product, np.float32(1.0))), num_sentences)
 
 
 def select_gap_sentences(
@@ -300,31 +314,36 @@ def select_gap_sentences(
 ) -> tuple[np.ndarray, np.ndarray]:
     """PEGASUS "Ind-Orig" selection: returns ``(selected_indices sorted, scores)``.
 
-    Each sentence is scored independently by ROUGE-1 F1 against the rest of the document
-    (all other sentences concatenated); the top ``max(1, round(gap_ratio * n))`` (at most
-    n - 1 when n > 1) are selected, ties broken by document order.
+    As PEGASUS's ``GetSentenceIndicesByRouge`` (pegasus/ops/sentence_selection.cc, strategy
+    "rouge"): each sentence is scored independently by ROUGE-1 F1 against the rest of the
+    document (the document's unigram counts minus the sentence's), in float32 as its
+    ``ComputeRougeFromCandidateCounts``; the ``(score, index)`` pairs are sorted in
+    descending order, so equal scores go to the LATER sentence; the first
+    ``num_gap_sentences(n, gap_ratio)`` indices are returned in document order. Not
+    implemented: PEGASUS-large's "dynamic_rouge" (a randomly shrunk ratio and Gaussian noise
+    on the scores).
     """
     n = len(sentence_units)
     total = Counter()
     for units in sentence_units:
         total.update(units)
-    scores = np.zeros(n)
+    scores = np.zeros(n, np.float32)
     for i, units in enumerate(sentence_units):
-        rest = total - Counter(units)
-        scores[i] = _rouge1_f1_counts(Counter(units), rest)
-    num_gaps = max(1, int(round(gap_ratio * n)))
-    if n > 1:
-        num_gaps = min(num_gaps, n - 1)
-    order = np.argsort(-scores, kind="stable")
-    return np.sort(order[:num_gaps]), scores
+        candidate = Counter(units)
+        scores[i] = _rouge1_f1_counts(candidate, total - candidate)
+    ranked = sorted(range(n), key=lambda i: (scores[i], i), reverse=True)
+    return np.sort(np.asarray(ranked[: num_gap_sentences(n, gap_ratio)], np.int64)), scores
 
 
-def _rouge1_f1_counts(candidate: Counter, reference: Counter) -> float:
-    # 2PR / (P + R) with P = o / |c|, R = o / |r| equals 2o / (|c| + |r|); this form is exact
-    # for equal integer counts, so ties stay ties.
+def _rouge1_f1_counts(candidate: Counter, reference: Counter) -> np.float32:
+    """PEGASUS's float32 arithmetic: P and R are float32 of double ratios (denominators at
+    least 1), ``F = 2 P R / (P + R)`` in float32, 0 unless both are positive."""
     overlap = sum((candidate & reference).values())
-    total = sum(candidate.values()) + sum(reference.values())
-    return 2 * overlap / total if total else 0.0
+    recall = np.float32(overlap / max(1, sum(reference.values())))
+    precision = np.float32(overlap / max(1, sum(candidate.values())))
+    if precision > 0 and recall > 0:
+        return np.float32(2) * precision * recall / (precision + recall)
+    return np.float32(0.0)
 
 
 def gap_sentences(
@@ -345,9 +364,15 @@ def gap_sentences(
     scores ``sentence_units`` (default: the token ids themselves; the pipeline passes
     ``rouge_units`` of the sentence text, i.e. words as in the paper). In ``inputs`` each
     selected sentence becomes one ``mask1_id``; ``targets`` are the selected sentences in
-    document order. With ``mlm_rate > 0``, ``round(mlm_rate * m)`` (at least one) of the
-    ``m`` remaining tokens get BERT masking with ``mask2_id`` (80/10/10). Both outputs end
-    with EOS.
+    document order. Both outputs end with EOS. This is PEGASUS's ``GetInputAndTarget`` with
+    ``mask_sentence_options_prob = [1, 0, 0, 0]`` (the paper's MASK1 always; the released
+    PEGASUS-large config leaves 10 % of the selected sentences intact).
+
+    With ``mlm_rate > 0``, ``round(mlm_rate * m)`` (at least one) of the ``m`` remaining
+    tokens get BERT masking with ``mask2_id`` (80/10/10). Deliberate differences from
+    PEGASUS's ``GetMLM``: it masks ``int(max(words * ratio, 1))`` whole words, and it also
+    returns their ids as encoder-side MLM targets, which this function does not (only the
+    corrupted input; the paper's final models use no MLM).
     """
     sentences = [_as_tokens(s) for s in sentences]
     if not sentences:

@@ -165,27 +165,106 @@ def test_rouge1_and_gap_sentence_selection_hand_example():
         "A dog sat on a log.",  # a x2, dog, sat, on, log (6)
         "Birds sing.",  # birds, sing (2)
     ]
-    # F1 = 2 * overlap / (len(sentence) + len(rest)), counts clipped with repeats:
-    # s0: rest has the 1, cat 1, sat 1, on 1 -> overlap 4, rest 11 units -> 8/17
-    # s1: rest has the 2, cat 1           -> overlap 2, rest 14 units -> 4/17
-    # s2: rest has sat 1, on 1            -> overlap 2, rest 11 units -> 4/17
+    # F1 = 2PR / (P + R), counts clipped with repeats:
+    # s0: rest has the 1, cat 1, sat 1, on 1 -> overlap 4, P 4/6, R 4/11 -> 8/17
+    # s1: rest has the 2, cat 1           -> overlap 2, P 2/3, R 2/14 -> 4/17
+    # s2: rest has sat 1, on 1            -> overlap 2, P 2/6, R 2/11 -> 4/17
     # s3: nothing                          -> 0
     units = [obj.rouge_units(s) for s in sentences]
     selected, scores = obj.select_gap_sentences(units, gap_ratio=0.3)
-    np.testing.assert_allclose(scores, [8 / 17, 4 / 17, 4 / 17, 0.0])
-    np.testing.assert_array_equal(selected, [0])  # round(0.3 * 4) = 1
+    np.testing.assert_allclose(scores, [8 / 17, 4 / 17, 4 / 17, 0.0], rtol=1e-6)
+    np.testing.assert_array_equal(selected, [0])  # int(4 * 0.3) = 1
     selected, _ = obj.select_gap_sentences(units, gap_ratio=0.5)
-    np.testing.assert_array_equal(selected, [0, 1])  # tie s1/s2 goes to document order
+    # s1 and s2 tie (the same float32 value): PEGASUS sorts (score, index) pairs in
+    # descending order, so the later sentence wins.
+    assert scores[1] == scores[2]
+    np.testing.assert_array_equal(selected, [0, 2])
     assert obj.rouge1_f1(units[0], units[1] + units[2] + units[3]) == pytest.approx(8 / 17)
+
+
+def test_rouge_units_are_pegasus_words_plus_non_ascii_characters():
+    # PEGASUS: ASCII lower case, [^a-z0-9]+ separates. Non-ASCII characters (which PEGASUS
+    # drops) are units of their own; the Kelvin sign is not lower-cased into an ASCII "k".
+    assert obj.rouge_units("Hello, WORLD-2! café 猫吃鱼\u212a") == [
+        *["hello", "world", "2", "caf", "é"],
+        *["猫", "吃", "鱼", "\u212a"],
+    ]
+
+
+def test_number_of_gap_sentences_is_pegasus_floor_capped_at_n():
+    # GetNumMaskedSentences: min(int(max(float32(n) * ratio, 1.0f)), n).
+    cases = {(1, 0.3): 1, (3, 0.3): 1, (5, 0.3): 1, (9, 0.3): 2, (10, 0.3): 3, (3, 0.5): 1}
+    cases.update({(2, 1.0): 2, (4, 0.9): 3, (7, 1.0): 7})
+    # 50 * 0.58 is 28.999999999999996 in float64 but exactly 29 in float32.
+    cases[(50, 0.58)] = 29
+    for (n, ratio), expected in cases.items():
+        units = [[f"w{i}"] for i in range(n)]
+        assert obj.select_gap_sentences(units, gap_ratio=ratio)[0].size == expected, (n, ratio)
+        assert obj.num_gap_sentences(n, ratio) == expected
+    # Every sentence may go: the input is then MASK1 only.
+    inputs, targets = obj.gap_sentences(
+        [np.array([10, 11]), np.array([12])], rng=np.random.default_rng(0), mask1_id=7, gap_ratio=1
+    )
+    np.testing.assert_array_equal(inputs, [7, 7, 1])
+    np.testing.assert_array_equal(targets, [10, 11, 12, 1])
+
+
+def test_tied_scores_select_the_later_sentences_as_pegasus():
+    # PEGASUS's own test document: every sentence scores the same (one shared word), so its
+    # descending sort of (score, index) pairs takes the last int(10 * 0.3) = 3 sentences.
+    text = " ".join(f"sentence {i}." for i in range(10))
+    sentences = obj.split_sentences(text)
+    assert len(sentences) == 10
+    selected, scores = obj.select_gap_sentences([obj.rouge_units(s) for s in sentences])
+    assert len(set(scores.tolist())) == 1
+    np.testing.assert_array_equal(selected, [7, 8, 9])
+
+
+def _pegasus_rouge_selection(sentence_units, ratio):
+    """PEGASUS GetSentenceIndicesByRouge restated: float32 P, R, F from clipped counts,
+    std::sort of (score, index) pairs with std::greater, the first n indices re-sorted."""
+    f32 = np.float32
+    document = {}
+    for units in sentence_units:
+        for unit in units:
+            document[unit] = document.get(unit, 0) + 1
+    pairs = []
+    for i, units in enumerate(sentence_units):
+        sentence = {}
+        for unit in units:
+            sentence[unit] = sentence.get(unit, 0) + 1
+        rest = {u: c - sentence.get(u, 0) for u, c in document.items()}
+        overlap = sum(min(c, sentence.get(u, 0)) for u, c in rest.items())
+        recall = f32(overlap / max(1.0, float(sum(rest.values()))))
+        precision = f32(overlap / max(1.0, float(len(units))))
+        f1 = f32(0)
+        if precision > 0 and recall > 0:
+            f1 = (f32(2) * precision * recall) / (precision + recall)
+        pairs.append((f1, i))
+    pairs.sort(reverse=True)
+    count = min(int(max(f32(len(sentence_units)) * f32(ratio), f32(1))), len(sentence_units))
+    return sorted(i for _, i in pairs[:count])
+
+
+def test_gap_sentence_selection_matches_the_pegasus_restatement():
+    rng = np.random.default_rng(15)
+    for _ in range(300):
+        n = int(rng.integers(1, 12))
+        vocabulary = [f"w{i}" for i in range(int(rng.integers(1, 6)))]
+        units = [list(rng.choice(vocabulary, size=rng.integers(0, 6))) for _ in range(n)]
+        ratio = float(rng.choice([0.15, 0.3, 0.45, 0.58, 1.0]))
+        selected, _ = obj.select_gap_sentences(units, gap_ratio=ratio)
+        assert selected.tolist() == _pegasus_rouge_selection(units, ratio)
 
 
 def test_gap_sentences_tokens():
     rng = np.random.default_rng(6)
     sentences = [np.array([10, 11, 12]), np.array([10, 11, 13]), np.array([20, 21])]
-    # token-id units: s0 vs rest {10,11,13,20,21}: overlap 2 -> 4/8; s1 same 4/8; s2 0.
+    # token-id units: s0 vs rest {10,11,13,20,21}: overlap 2 -> F 1/2; s1 the same, and the
+    # tie goes to the later sentence; s2 0. int(3 * 0.3) -> max(., 1) = 1 sentence.
     inputs, targets = obj.gap_sentences(sentences, rng=rng, mask1_id=7, gap_ratio=0.3)
-    np.testing.assert_array_equal(inputs, [7, 10, 11, 13, 20, 21, 1])
-    np.testing.assert_array_equal(targets, [10, 11, 12, 1])
+    np.testing.assert_array_equal(inputs, [10, 11, 12, 7, 20, 21, 1])
+    np.testing.assert_array_equal(targets, [10, 11, 13, 1])
     long = [rng.integers(10, 100, size=20) for _ in range(10)]
     inputs, targets = obj.gap_sentences(
         long, rng=rng, mask1_id=7, mask2_id=8, mlm_rate=0.15, random_token_range=(10, 100)

@@ -12,7 +12,8 @@ Objectives:
   * ``t5_span_corruption_lengths`` -- T5's ``random_spans_helper`` length arithmetic.
   * ``mlm`` -- BERT masking (Devlin et al. 2019), 80/10/10, optional whole-word masking.
   * ``gap_sentences`` -- PEGASUS gap-sentence generation (Zhang et al. 2020), "Ind-Orig".
-  * ``pseudo_summary`` -- T5 PEGASUS pseudo summaries (greedy character-LCS selection).
+  * ``pseudo_summary`` -- T5 PEGASUS pseudo summaries (greedy character-LCS selection),
+    defined in ``pseudo_summaries.py`` and re-exported here.
   * ``causal_lm`` / ``prefix_lm`` -- decoder-only language modelling.
 
 The text-level objectives (``gap_sentences`` selection, ``pseudo_summary``) work on
@@ -26,6 +27,14 @@ from collections import Counter
 from collections.abc import Hashable, Sequence
 
 import numpy as np
+
+from rope_jax.pseudo_summaries import (
+    join_sentences,
+    lcs_length,
+    pseudo_summary,
+    pseudo_summary_indices,
+    split_sentences,
+)
 
 PAD_ID = 0
 EOS_ID = 1
@@ -401,170 +410,6 @@ def gap_sentences(
             )
     targets = np.concatenate([sentences[i] for i in selected])
     return _append_eos(inputs, eos_id), _append_eos(targets, eos_id)
-
-
-# ----------------------------------------------------------------------------- pseudo summary
-
-_SENTENCE_END_RE = re.compile(r"(?<=[。！？])|(?<=[.!?])(?=\s)|\n")
-_CJK_END_RE = re.compile(r"[^\x00-\x7f]$")
-
-
-def split_sentences(text: str) -> list[str]:
-    """Short sentences for T5 PEGASUS: cut at newlines and after 。！？ and after .!? + space.
-
-    Latin full stops cut only before whitespace so that "3.14" or "e.g.x" stay whole;
-    punctuation stays with its sentence; empty pieces are dropped.
-    """
-    pieces = (piece.strip() for piece in _SENTENCE_END_RE.split(text))
-    return [piece for piece in pieces if piece]
-
-
-def join_sentences(sentences: Sequence[str]) -> str:
-    """Join sentences: no separator after one ending in a non-ASCII character, else a space."""
-    out: list[str] = []
-    for i, sentence in enumerate(sentences):
-        if i and not _CJK_END_RE.search(sentences[i - 1]):
-            out.append(" ")
-        out.append(sentence)
-    return "".join(out)
-
-
-def _char_masks(text: str) -> dict[str, int]:
-    """For each character of ``text``, the integer whose bit i is set where text[i] is it."""
-    if len(text) < 256:
-        masks: dict[str, int] = {}
-        for i, char in enumerate(text):
-            masks[char] = masks.get(char, 0) | (1 << i)
-        return masks
-    # Long strings: building the masks bit by bit is quadratic in Python; numpy packs them.
-    codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
-    unique, inverse = np.unique(codes, return_inverse=True)
-    return {
-        chr(code): int.from_bytes(np.packbits(inverse == k, bitorder="little").tobytes(), "little")
-        for k, code in enumerate(unique.tolist())
-    }
-
-
-def lcs_length(a: str, b: str) -> int:
-    """Length of the longest common subsequence of two strings (characters).
-
-    Bit-parallel algorithm of Allison & Dix (1986) / Hyyrö (2004) on Python integers:
-    O(len(b)) big-integer operations on len(a)-bit words.
-    """
-    if not a or not b:
-        return 0
-    match = _char_masks(a)
-    all_ones = (1 << len(a)) - 1
-    row = all_ones
-    get = match.get
-    for char in b:
-        common = row & get(char, 0)
-        # common is a subset of row, so row - common == row ^ common (no borrows). Carries
-        # past bit len(a) never flow back down, so the mask is applied once at the end.
-        row = (row + common) | (row ^ common)
-    return len(a) - (row & all_ones).bit_count()
-
-
-def _candidate_lcs(sentences: Sequence[str], source: list[int], target: list[int]) -> list[int]:
-    """For every i in ``source``: LCS(joined(source without i), joined(sorted(target + [i]))).
-
-    Same bit-parallel recurrence as ``lcs_length``, run for all candidates at once: candidate
-    i's target string occupies its own bit lane (one always-clear guard bit above it stops
-    carries), and one pass over the joined source updates every lane; at the characters
-    that candidate i removes from the source, lane i's match bits are zero, which leaves the
-    lane unchanged -- exactly as if those characters were absent.
-    """
-    parts = [sentences[j] for j in source]
-    joined = join_sentences(parts)
-    starts, position = [], 0
-    for k, part in enumerate(parts):
-        position += 1 if k and not _CJK_END_RE.search(parts[k - 1]) else 0
-        starts.append(position)
-        position += len(part)
-    # Characters that vanish from the source with candidate k: the sentence and the separator
-    # after it; for the last sentence, the separator before it.
-    skip = []
-    for k in range(len(parts)):
-        if k + 1 < len(parts):
-            skip.append((starts[k], starts[k + 1]))
-        else:
-            skip.append((starts[k - 1] + len(parts[k - 1]) if k else 0, len(joined)))
-    lanes = [join_sentences([sentences[t] for t in sorted([*target, j])]) for j in source]
-    offsets, offset = [], 0
-    for lane in lanes:
-        offsets.append(offset)
-        offset += len(lane) + 1  # + guard bit
-    masks = _char_masks("\0".join(lanes) + "\0")
-    masks.pop("\0", None)
-    lane_bits = [((1 << len(lane)) - 1) << off for lane, off in zip(lanes, offsets, strict=True)]
-    all_lanes = 0
-    for bits in lane_bits:
-        all_lanes |= bits
-    # Group source positions by the set of lanes that skip them.
-    skippers: list[list[int]] = [[] for _ in joined]
-    for k, (begin, stop) in enumerate(skip):
-        for p in range(begin, stop):
-            skippers[p].append(k)
-    keep_by_key: dict[tuple[int, ...], int] = {}
-    match_cache: dict[tuple[tuple[int, ...], str], int] = {}
-    row = all_lanes
-    for p, char in enumerate(joined):
-        key = tuple(skippers[p])
-        match = match_cache.get((key, char))
-        if match is None:
-            keep = keep_by_key.get(key)
-            if keep is None:
-                keep = all_lanes
-                for k in key:
-                    keep &= ~lane_bits[k]
-                keep_by_key[key] = keep
-            match = match_cache[(key, char)] = masks.get(char, 0) & keep
-        if match:
-            common = row & match
-            row = ((row + common) | (row ^ common)) & all_lanes
-    return [
-        len(lane) - ((row >> off) & ((1 << len(lane)) - 1)).bit_count()
-        for lane, off in zip(lanes, offsets, strict=True)
-    ]
-
-
-def pseudo_summary_indices(
-    sentences: Sequence[str], *, summary_rate: float = 0.25
-) -> tuple[list[int], list[int]]:
-    """T5 PEGASUS selection: returns ``(source_indices, target_indices)``, both sorted.
-
-    Each round moves into the target the source sentence that maximises the character LCS
-    between the joined remaining source and the joined target (target sentences kept in
-    document order; ties go to the earlier sentence). Stops once the joined target is longer
-    than ``summary_rate`` times the joined source, or one source sentence is left.
-    """
-    source = list(range(len(sentences)))
-    target: list[int] = []
-    if len(sentences) < 2:
-        return source, target
-    while True:
-        values = _candidate_lcs(sentences, source, target)
-        best_index = source[int(np.argmax(values))]
-        source.remove(best_index)
-        target = sorted([*target, best_index])
-        source_chars = len(join_sentences([sentences[j] for j in source]))
-        target_chars = len(join_sentences([sentences[j] for j in target]))
-        if len(source) == 1 or target_chars > summary_rate * source_chars:
-            return source, target
-
-
-def pseudo_summary(text: str, *, summary_rate: float = 0.25) -> tuple[str, str]:
-    """T5 PEGASUS pseudo summary of ``text``: returns ``(source_text, target_text)``.
-
-    Sentences from ``split_sentences``; selection by ``pseudo_summary_indices``. Tokenize
-    both sides afterwards (the pipeline appends EOS to each).
-    """
-    sentences = split_sentences(text)
-    source, target = pseudo_summary_indices(sentences, summary_rate=summary_rate)
-    return (
-        join_sentences([sentences[i] for i in source]),
-        join_sentences([sentences[i] for i in target]),
-    )
 
 
 # ------------------------------------------------------------------------ decoder-only LMs

@@ -11,6 +11,7 @@ import types
 import numpy as np
 import pytest
 
+from rope_jax import objectives
 from rope_jax.data import corpora, embedded, packing, pipeline
 from rope_jax.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -365,3 +366,35 @@ def test_sentinel_check_counts_spans_as_the_noise_mask_does():
     with pytest.raises(ValueError, match="needs 10 sentinels, the tokenizer has 9"):
         pipeline._check_sentinels(config, types.SimpleNamespace(num_sentinels=9))
     pipeline._check_sentinels(config, types.SimpleNamespace(num_sentinels=10))
+
+
+@pytest.mark.parametrize("max_chars", [32, 0])
+def test_pseudo_summary_examples_use_t5_pegasus_pieces(tokenizer, max_chars):
+    # The reference's pieces: lines and sentences merged up to 32 characters (0: one piece
+    # per sentence); the longer side is the encoder input, the other the target.
+    from rope_jax.data.examples import ExampleMaker
+
+    text = "Hi there.\nYes! OK.\nThe cat sat on the mat near the river. It was a quiet day."
+    maker = ExampleMaker(
+        "pseudo_summary", tokenizer, inputs_length=400, summary_max_chars=max_chars
+    )
+    (example,) = maker(text, np.random.default_rng(0))
+    pieces = objectives.split_sentences(text, max_chars=max_chars or None)
+    if max_chars:
+        assert pieces == [
+            "Hi there.\nYes! OK.",
+            "The cat sat on the mat near the river.",
+            "It was a quiet day.",
+        ]
+    else:
+        assert len(pieces) == 5
+    source, target = objectives.pseudo_summary_indices(pieces)
+    tokens = tokenizer.encode_batch(pieces)
+    np.testing.assert_array_equal(
+        example["encoder_input_tokens"], np.concatenate([tokens[i] for i in source] + [[1]])
+    )
+    np.testing.assert_array_equal(
+        example["decoder_target_tokens"], np.concatenate([tokens[i] for i in target] + [[1]])
+    )
+    with pytest.raises(ValueError, match="summary_max_chars must be >= 0"):
+        ExampleMaker("pseudo_summary", tokenizer, inputs_length=400, summary_max_chars=-1)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from rope_jax import objectives as obj
+from rope_jax import pseudo_summaries
 
 VOCAB = 1000
 
@@ -329,16 +330,103 @@ def test_pseudo_summary_chinese_hand_example():
     #   今天下雨了。     vs rest: 。                      = 1
     #   我们在家里看书。 vs rest: 书(S5) 。 (or 看 。)     = 2
     #   书很好看。       vs rest: 看(S4) 。 (or 书 。)     = 2
-    # Target 猫和狗都吃东西。 has 8 chars > 0.25 * 27 source chars -> stop.
+    # Target 猫和狗都吃东西。 has 8 chars, 8 / 27 > 0.25 -> stop.
     source, target = obj.pseudo_summary_indices(sentences)
     assert target == [2] and source == [0, 1, 3, 4, 5]
-    source_text, target_text = obj.pseudo_summary(text)
+    source_text, target_text = obj.pseudo_summary(text, max_chars=None)
     assert target_text == "猫和狗都吃东西。"
     assert source_text == "猫吃鱼。狗吃肉。今天下雨了。我们在家里看书。书很好看。"
 
 
+def test_pseudo_summary_never_returns_the_longer_side_as_the_summary():
+    # Two sentences tie (LCS 3 either way), the earlier one moves, one is left: the reference
+    # then swaps (`if len(source) < len(target): source, target = target, source`).
+    sentences = ["甲乙丙丁戊己庚。", "甲乙。"]
+    assert obj.pseudo_summary_indices(sentences) == ([0], [1])
+    text = "甲乙丙丁戊己庚。甲乙。"
+    assert obj.pseudo_summary(text, max_chars=None) == ("甲乙丙丁戊己庚。", "甲乙。")
+
+
+def _text_segmentate(text, maxlen, seps="\n", strips=None):
+    """bert4keras snippets.text_segmentate, restated (T5 PEGASUS calls it with 32, '\\n。')."""
+    text = text.strip().strip(strips)
+    if seps and len(text) > maxlen:
+        pieces = text.split(seps[0])
+        text, texts = "", []
+        for i, p in enumerate(pieces):
+            if text and p and len(text) + len(p) > maxlen - 1:
+                texts.extend(_text_segmentate(text, maxlen, seps[1:], strips))
+                text = ""
+            text = text + p if i + 1 == len(pieces) else text + p + seps[0]
+        if text:
+            texts.extend(_text_segmentate(text, maxlen, seps[1:], strips))
+        return texts
+    return [text]
+
+
+def _reference_pseudo_summary(texts, summary_rate=0.25):
+    """T5 PEGASUS train.py pseudo_summary, restated with a dynamic-programming LCS."""
+    source_idxs, target_idxs = list(range(len(texts))), []
+    while True:
+        sims = []
+        for i in source_idxs:
+            new_source = "".join(texts[j] for j in source_idxs if j != i)
+            new_target = "".join(texts[j] for j in sorted([*target_idxs, i]))
+            sims.append(_lcs_dp(new_source, new_target))
+        new_idx = source_idxs[int(np.argmax(sims))]
+        source_idxs.remove(new_idx)
+        target_idxs = sorted([*target_idxs, new_idx])
+        source = "".join(texts[i] for i in source_idxs)
+        target = "".join(texts[i] for i in target_idxs)
+        if len(source_idxs) == 1 or 1.0 * len(target) / len(source) > summary_rate:
+            break
+    if len(source) < len(target):
+        source, target = target, source
+    return source, target
+
+
+def _random_chinese_text(rng, size):
+    chars = list("天地人你我他山水火木金土日月星")
+    weights = np.array([1.0] * len(chars) + [0.12, 0.05, 0.02])
+    alphabet = [*chars, "。", "\n", " "]
+    return "".join(rng.choice(alphabet, size=size, p=weights / weights.sum()))
+
+
+def test_short_pieces_match_bert4keras_text_segmentate():
+    rng = np.random.default_rng(16)
+    for _ in range(300):
+        text = _random_chinese_text(rng, int(rng.integers(0, 160)))
+        max_chars = int(rng.choice([4, 8, 16, 32]))
+        expected = [piece for piece in _text_segmentate(text, max_chars, "\n。") if piece]
+        assert obj.split_sentences(text, max_chars=max_chars) == expected, (text, max_chars)
+    # By hand: lines merge up to 32 characters, newlines kept inside a piece; a longer line
+    # is cut at 。 and its sentences merged the same way.
+    long_line = "甲" * 20 + "。" + "乙" * 20 + "。" + "丙" * 5 + "。"
+    assert obj.split_sentences("第一行。\n第二行。\n" + long_line, max_chars=32) == [
+        "第一行。\n第二行。",
+        "甲" * 20 + "。",
+        "乙" * 20 + "。" + "丙" * 5 + "。",
+    ]
+
+
+def test_pseudo_summary_of_text_matches_the_t5_pegasus_reference():
+    rng = np.random.default_rng(17)
+    compared = 0
+    for _ in range(40):
+        text = _random_chinese_text(rng, int(rng.integers(40, 200)))
+        pieces = [piece for piece in _text_segmentate(text, 32, "\n。") if piece]
+        if len(pieces) < 2:
+            continue
+        source, target = _reference_pseudo_summary(pieces)
+        assert obj.pseudo_summary(text) == (source, target)
+        compared += 1
+        # The source is the longer side (the swap).
+        assert len(source) >= len(target)
+    assert compared >= 30
+
+
 def _pseudo_summary_reference(sentences, rate=0.25):
-    """Direct transcription of the selection rule, one dynamic-programming LCS per candidate."""
+    """The reference's selection rule on our joined strings, one DP LCS per candidate."""
     source, target = list(range(len(sentences))), []
     while True:
         values = []
@@ -351,8 +439,9 @@ def _pseudo_summary_reference(sentences, rate=0.25):
         target = sorted(target + [best])
         src = obj.join_sentences([sentences[j] for j in source])
         tgt = obj.join_sentences([sentences[j] for j in target])
-        if len(source) == 1 or len(tgt) > rate * len(src):
-            return source, target
+        if len(source) == 1 or len(tgt) / len(src) > rate:
+            break
+    return (target, source) if len(src) < len(tgt) else (source, target)
 
 
 def test_pseudo_summary_multi_round_against_reference():
@@ -414,4 +503,4 @@ def test_all_candidate_lcs_equals_one_lcs_per_candidate():
             )
             for i in source
         ]
-        assert obj._candidate_lcs(sentences, source, target) == expected
+        assert pseudo_summaries._candidate_lcs(sentences, source, target) == expected

@@ -21,13 +21,15 @@ Chunking (so that packing never has to cut a token-level example):
     is cut). A group of one sentence gives no pseudo summary and is dropped. For
     pseudo_summary the "sentences" are T5 PEGASUS's short pieces
     (``split_sentences(text, max_chars=summary_max_chars)``, 32 characters as the
-    reference; 0 cuts at every sentence end instead).
+    reference; 0 cuts at every sentence end instead). For gap_sentences they are
+    ``split_sentences(text)``: PEGASUS's ``SentenceSegment`` cuts only after runs of
+    ``.!?`` followed by whitespace; here newlines and 。！？ cut too.
 
 Deliberate differences in grouping: PEGASUS selects gap sentences over the whole document
 and then cuts inputs and targets to their lengths; T5 PEGASUS groups at least 3 pieces
 while they fit 768 characters and cuts the source to 384 and the summary to 128 tokens.
 Grouping by the encoder's token budget instead means selection only sees text the model
-will see, and nothing selected is cut away.
+will see, and nothing is cut away but the tail of a single sentence longer than the row.
 """
 
 from __future__ import annotations

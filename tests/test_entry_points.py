@@ -237,3 +237,24 @@ def test_the_printed_tensorboard_command_works(tmp_path, monkeypatch):
     assert metrics.tensorboard_command("runs/x").startswith(
         f"{sys.executable} -m pip install tensorboard && "
     )
+
+
+def test_a_second_ctrl_c_ends_with_one_line_and_exit_130(tmp_path, capsys):
+    (tmp_path / "checkpoints" / "40").mkdir(parents=True)  # incomplete: not counted
+    with pytest.raises(SystemExit) as exited:
+        with cli.reported_errors((ValueError,), workdir=str(tmp_path)):
+            raise KeyboardInterrupt
+    assert exited.value.code == 130
+    program = os.path.basename(sys.argv[0])
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"{program}: error: interrupted: stopped at once, without saving; no checkpoint was saved."
+    ]
+    # Expected errors: one line, no traceback; anything else propagates as it is.
+    with pytest.raises(SystemExit) as exited:
+        with cli.reported_errors((ValueError,)):
+            raise ValueError("data.format='json': choose one of ...")
+    assert exited.value.code == 1
+    assert capsys.readouterr().err.strip().endswith("error: data.format='json': choose one of ...")
+    with pytest.raises(RuntimeError):
+        with cli.reported_errors((ValueError,)):
+            raise RuntimeError("a bug")

@@ -349,3 +349,24 @@ def test_a_cell_stopped_by_a_signal_stops_the_ablation_grid(monkeypatch, tmp_pat
     with pytest.raises(interrupts.StoppedBySignal) as raised:
         ablation._train(cell, config, str(tmp_path), ablation.Track(), tokens)
     assert interrupts.exit_code(raised.value.signum) == 130
+
+
+def test_a_restore_that_fails_is_one_line_and_records_nothing(run_copy):
+    """A model of other shapes under an unchanged config (or an accepted shape change):
+    the restore error names the checkpoint in one line, and the start is not recorded."""
+    from training_toys import ToyEncoder
+
+    from rope_jax.training import trainer
+
+    history = (run_copy / workdir.HISTORY_FILE).read_bytes()
+    with pytest.raises(checkpoint.CheckpointError) as failed:
+        trainer.train_and_evaluate(
+            toy_train_config(num_train_steps=6),
+            str(run_copy),
+            inputs=trainer.Inputs(train=ToyMLMIterator(8)),
+            model=ToyEncoder(d_model=16),
+            devices=jax.devices()[:1],
+        )
+    message = str(failed.value)
+    assert "\n" not in message and f"Cannot restore checkpoint {run_copy}/checkpoints/4" in message
+    assert (run_copy / workdir.HISTORY_FILE).read_bytes() == history

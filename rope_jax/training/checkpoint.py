@@ -65,6 +65,14 @@ def complete_steps_on_disk(directory: str | os.PathLike) -> list[int]:
     )
 
 
+def _first_line(error: BaseException, limit: int = 400) -> str:
+    """An Orbax/TensorStore error in one line: some embed a many-line spec dump after the
+    sentence that says what is wrong (the whole error stays in ``__cause__``)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _process_index_and_count() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
@@ -229,9 +237,10 @@ class Checkpointer:
             )
         except Exception as err:  # Orbax raises many types; the user needs the path.
             raise CheckpointError(
-                f"Cannot restore checkpoint {step_dir}: {type(err).__name__}: {err}. "
-                "If the config changed since it was written (model size, optimizer, prng_impl), "
-                "use a new workdir; if the files are damaged, move this step directory aside."
+                f"Cannot restore checkpoint {step_dir}: {type(err).__name__}: "
+                f"{_first_line(err)}. If the config changed since it was written (model size, "
+                "optimizer, prng_impl), use a new workdir; if the files are damaged, move this "
+                "step directory aside."
             ) from err
         return restored[STATE], select_data_state(restored[DATA], *_process_index_and_count())
 

@@ -369,4 +369,6 @@ def test_a_restore_that_fails_is_one_line_and_records_nothing(run_copy):
         )
     message = str(failed.value)
     assert "\n" not in message and f"Cannot restore checkpoint {run_copy}/checkpoints/4" in message
+    # Named from the checkpoint's metadata before any array is read.
+    assert "params/embedding has shape (64, 32) there and (64, 16) in this model" in message
     assert (run_copy / workdir.HISTORY_FILE).read_bytes() == history

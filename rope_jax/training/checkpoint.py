@@ -65,6 +65,59 @@ def complete_steps_on_disk(directory: str | os.PathLike) -> list[int]:
     )
 
 
+def _path_name(path) -> str:
+    """'params/decoder/layers_0/mlp/kernel' for a pytree key path (attribute, dict key or
+    index), the same for a train state and Orbax's metadata tree of it."""
+    parts = []
+    for entry in path:
+        for field in ("key", "name", "idx"):
+            if hasattr(entry, field):
+                parts.append(str(getattr(entry, field)))
+                break
+        else:
+            parts.append(str(entry))
+    return "/".join(parts)
+
+
+def saved_shapes(step_dir: epath.Path) -> dict[str, tuple[int, ...]] | None:
+    """Array shapes of a step's train state from its metadata (no array is read), or None
+    when the metadata cannot be read."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        tree = handler.metadata(step_dir / STATE)
+    except Exception:  # The restore itself will say what is wrong with the files.
+        return None
+    finally:
+        handler.close()
+    leaves = jax.tree_util.tree_leaves_with_path(getattr(tree, "item_metadata", tree))
+    return {_path_name(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def _check_shapes(step_dir: epath.Path, abstract_state: Any) -> None:
+    """Raises ``CheckpointError`` naming the arrays whose saved shape differs from the
+    model's, before any array is read: a restore that fails half way leaves TensorStore
+    callbacks running into a closed event loop, which print tracebacks after the error."""
+    saved = saved_shapes(step_dir)
+    if not saved:
+        return
+    wanted = {
+        _path_name(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)
+    }
+    differ = sorted(
+        (name for name in wanted.keys() & saved.keys() if wanted[name] != saved[name]),
+        key=lambda name: (not name.startswith("params/"), name),  # parameters first
+    )
+    if differ:
+        name = differ[0]
+        more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+        raise CheckpointError(
+            f"Cannot restore checkpoint {step_dir}: {name} has shape {saved[name]} there and "
+            f"{wanted[name]} in this model{more}. The model's sizes differ from the run that "
+            "wrote it: use the recorded model config, or a new workdir."
+        )
+
+
 def _first_line(error: BaseException, limit: int = 400) -> str:
     """An Orbax/TensorStore error in one line: some embed a many-line spec dump after the
     sentence that says what is wrong (the whole error stays in ``__cause__``)."""
@@ -225,6 +278,7 @@ class Checkpointer:
                 f"Checkpoint {step_dir} is incomplete (missing commit markers or metadata); "
                 "move it aside to resume from an earlier step."
             )
+        _check_shapes(step_dir, abstract_state)
         try:
             restored = self._manager.restore(
                 step,

@@ -47,6 +47,40 @@ def test_multirc_f1a_and_question_em():
     assert metrics.task_metrics("MultiRC", records, none_pred)["em"] == pytest.approx(2 / 3)
 
 
+def test_multirc_f1a_counts_invalid_as_wrong_as_t5():
+    """T5 ``f1_score_with_invalid`` (its unit test: targets [0, 1, 1, 0], predictions
+    [0, 1, 2, 2] -> F1 50): an invalid prediction is the opposite of the gold label, so on a
+    gold-False option it is a false positive, not a true negative."""
+    gold = [False, True, True, False]
+    records = [
+        {"idx": {"paragraph": 0, "question": q, "answer": q}, "label": g}
+        for q, g in enumerate(gold)
+    ]
+    result = metrics.task_metrics("MultiRC", records, [False, True, None, None])
+    assert result["f1a"] == pytest.approx(0.5)  # tp 1, fp 1 (None on False), fn 1
+    # Alone on a gold-False option: tp 1, fp 1 -> 2/3 (counting it as a true negative
+    # would give 1.0).
+    result = metrics.task_metrics("MultiRC", records[:2], [None, True])
+    assert result["f1a"] == pytest.approx(2 / 3)
+
+
+def test_axb_mcc_counts_invalid_as_wrong():
+    labels = ["entailment", "not_entailment", "not_entailment", "entailment"]
+    # None on a gold not_entailment is a false positive: tp 1, fp 1, tn 1, fn 1 -> 0.
+    preds = ["entailment", None, "not_entailment", "not_entailment"]
+    assert metrics.matthews_corrcoef(preds, labels, "entailment") == pytest.approx(0.0)
+    # The same prediction made validly would score (1*2 - 0*1) / sqrt(1*2*3*2).
+    preds = ["entailment", "not_entailment", "not_entailment", "not_entailment"]
+    assert metrics.matthews_corrcoef(preds, labels, "entailment") == pytest.approx(
+        2 / math.sqrt(12)
+    )
+
+
+def test_an_empty_split_is_not_a_score_of_zero():
+    with pytest.raises(ValueError, match="no records to score"):
+        metrics.task_metrics("RTE", [], [])
+
+
 def test_squad_normalisation_and_record_max_over_answers():
     assert metrics.squad_normalize("  An apple, a DAY; the end!") == "apple day end"
     records = [{"answers": ["Eiffel Tower", "tower"]}, {"answers": ["Paris", "Lyon"]}]

@@ -208,7 +208,8 @@ def test_t5_formats_and_label_words(data_dir):
         ),
         "RTE": ("rte hypothesis: H. premise: P.", "not_entailment"),
         "WiC": ("wic sentence1: I feel it. sentence2: She felt. word: feel", "False"),
-        "AX-b": ("rte sentence1: A. sentence2: B.", "entailment"),
+        # T5 renames AX-b's sentence1/sentence2 to premise/hypothesis, as RTE is trained.
+        "AX-b": ("rte hypothesis: B. premise: A.", "entailment"),
         "AX-g": ("rte hypothesis: H. premise: P.", "entailment"),
     }
     for task, (inputs, target) in cases.items():
@@ -221,6 +222,19 @@ def test_t5_formats_and_label_words(data_dir):
     assert copa.pairs[1] == ("It rained.", "What happened as a result? Dry.") and copa.label == (0,)
     assert formats.encoder_prediction("COPA", one("COPA"), [0.0, 2.0]) == 1
     assert formats.encoder_example("CB", one("CB"), 0).label == 2
+
+
+def test_axb_is_cast_as_the_rte_model_is_trained(data_dir):
+    """T5 renames AX-b's fields (premise <- sentence1, hypothesis <- sentence2) and casts it
+    with the RTE template: the RTE cast of the same pair, string for string."""
+    (axb,) = readers.read_split(str(data_dir), "AX-b", "test")
+    as_rte = {"premise": axb["sentence1"], "hypothesis": axb["sentence2"], "label": axb["label"]}
+    assert formats.text_input("AX-b", axb) == formats.text_input("RTE", as_rte)
+    assert formats.text_input("AX-b", axb) == "rte hypothesis: B. premise: A."
+    assert (
+        formats.encoder_example("AX-b", axb, 0).pairs
+        == formats.encoder_example("RTE", as_rte, 0).pairs
+    )
 
 
 def test_leaderboard_label_conventions(data_dir):

@@ -17,8 +17,9 @@ spaces, and the label's name as the target (TFDS ``super_glue`` label names: "Fa
   prediction is True when it matches the candidate after dropping determiners, one word set
   containing the other (T5 ``preprocessors.wsc_simple`` and ``postprocessors.wsc_simple``,
   the setting of the T5 paper's SuperGLUE results).
-* AX-b and AX-g are cast as RTE (``rte sentence1: ... sentence2: ...``,
-  ``rte hypothesis: ... premise: ...``) so an RTE model scores them.
+* AX-b and AX-g are cast as RTE, the model that scores them: T5 renames AX-b's
+  ``sentence1``/``sentence2`` to ``premise``/``hypothesis`` (``t5/data/tasks.py``), so both
+  give ``rte hypothesis: ... premise: ...``.
 
 The encoder cast (BERT/RoBERTa style fine-tuning, as in the SuperGLUE paper's baselines):
 each record becomes one or more (text_a, text_b) pairs. Classification tasks have one pair
@@ -94,7 +95,7 @@ def text_input(task: str, record: dict) -> str:
         name = "cb" if task == "CB" else "rte"
         return _t5_fields(name, [("hypothesis", r["hypothesis"]), ("premise", r["premise"])])
     if task == "AX-b":
-        return _t5_fields("rte", [("sentence1", r["sentence1"]), ("sentence2", r["sentence2"])])
+        return _t5_fields("rte", [("hypothesis", r["sentence2"]), ("premise", r["sentence1"])])
     if task == "COPA":
         keys = ("choice1", "choice2", "premise", "question")
         return _t5_fields("copa", [(k, r[k]) for k in keys])

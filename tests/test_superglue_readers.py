@@ -171,12 +171,15 @@ def test_record_entities_from_inclusive_spans(data_dir):
 
 def test_wsc_spans_marked_and_referent_matching(data_dir):
     first, second = readers.read_split(str(data_dir), "WSC", "val")
+    # TFDS wsc.fixed gives the span text the text's case ("The cat" -> "the cat").
+    assert first["span1_text"] == "the cat"
     assert first["text"][first["span1_start"] : first["span1_end"]] == "the cat"
     assert second["text"][second["span2_start"] : second["span2_end"]] == "him"
     assert (
         formats.text_input("WSC", first) == "wsc: The dog chased the cat because *it* was hungry."
     )
-    assert formats.text_input("WSC", second) == "wsc: Good for *him*, he said."
+    # Punctuation attached to the pronoun is split off, as T5 does by hand for 'him,"'.
+    assert formats.text_input("WSC", second) == "wsc: Good for *him* , he said."
     assert formats.encoder_example("WSC", first, 0).pairs[0][0] == (
         "The dog chased * the cat * because # it # was hungry."
     )
@@ -186,13 +189,12 @@ def test_wsc_spans_marked_and_referent_matching(data_dir):
     ]
     assert len(formats.text_examples("WSC", [first, second], training=False)) == 2
     assert formats.parse_text_prediction("WSC", "the cat", first) is True
-    assert formats.parse_text_prediction("WSC", "cat.", first) is True
     assert formats.parse_text_prediction("WSC", "the dog", first) is False
     assert formats.parse_text_prediction("WSC", "the cat's", first) is False
     # An empty answer is invalid (wrong whatever the label), not a "False" that scores on
     # every negative record.
     assert formats.parse_text_prediction("WSC", " ", first) is None
-    assert formats.parse_text_prediction("WSC", "the.", first) is None
+    assert formats.parse_text_prediction("WSC", "the", first) is None
 
 
 def test_t5_formats_and_label_words(data_dir):
@@ -235,6 +237,16 @@ def test_axb_is_cast_as_the_rte_model_is_trained(data_dir):
         formats.encoder_example("AX-b", axb, 0).pairs
         == formats.encoder_example("RTE", as_rte, 0).pairs
     )
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_empty_split_is_an_error_naming_the_file(tmp_path, content):
+    path = tmp_path / "CB" / "val.jsonl"
+    path.parent.mkdir()
+    path.write_text(content)
+    with pytest.raises(readers.SuperGlueFormatError, match="CB val split is empty") as error:
+        readers.load_split(str(tmp_path), "CB", "val")
+    assert str(error.value).startswith(f"{path}: ")
 
 
 def test_leaderboard_label_conventions(data_dir):
@@ -302,14 +314,14 @@ def test_leaderboard_label_conventions(data_dir):
                     "text": "a b c",
                     "label": True,
                     "target": {
-                        "span1_index": 0,
+                        "span1_index": "0",
                         "span1_text": "a",
-                        "span2_index": 0,
+                        "span2_index": 2,
                         "span2_text": "c",
                     },
                 }
             ),
-            "span2_text 'c' is not at word 0",
+            "field 'span1_index' in target must be int",
         ),
         ("BoolQ", '{"question": "q", "passage": "p", "idx": "7"}', "field 'idx' must be int"),
     ],

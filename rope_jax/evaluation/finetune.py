@@ -222,6 +222,7 @@ class Predictor:
             examples, arrays = _task_arrays(task, tm, records, config, training=False)
             n, size = len(examples), config.eval_batch_size
             predictions: list[Any] = []
+            texts: list[str] = []
             for start in range(0, n, size):
                 rows = np.arange(start, min(start + size, n))
                 # Pad the last batch to the fixed size so each function compiles once.
@@ -233,6 +234,7 @@ class Predictor:
                         text = tm.codec.decode(ids.tolist())
                         record = records[examples[row].record]
                         predictions.append(formats.parse_text_prediction(task, text, record))
+                        texts.append(text)
                     continue
                 scores = np.asarray(self._encoder_scores(params, batch))[: len(rows)]
                 for row, scores_KC in zip(rows, scores, strict=True):
@@ -243,6 +245,8 @@ class Predictor:
                         flat = scores_KC[: len(example.pairs), 0]  # one score per candidate
                     record = records[example.record]
                     predictions.append(formats.encoder_prediction(task, record, flat.tolist()))
+            if tm.text_to_text:
+                return evaluators.Predictions(predictions, texts)
             return predictions
 
         return predict
@@ -251,9 +255,9 @@ class Predictor:
 def run_task(task: str, config, workdir: str, *, source=None) -> dict[str, dict[str, float]]:
     """Fine-tunes and evaluates one task (plus AX-b/AX-g after RTE); metrics per split."""
     train_dir = config.train_data_dir or config.data_dir
-    train_records = readers.read_split(train_dir, task, config.train_split)
+    train_split = readers.load_split(train_dir, task, config.train_split)
     tm = pretrained_lib.load_for_task(task, config, source=source)
-    params, losses = train(task, tm, train_records, config)
+    params, losses = train(task, tm, train_split.records, config)
     tm = dataclasses.replace(tm, params=params)
     predictor = Predictor(tm, config)
     results: dict[str, dict[str, float]] = {}
@@ -276,6 +280,7 @@ def run_task(task: str, config, workdir: str, *, source=None) -> dict[str, dict[
         )
         results[name] = dict(evaluator.run(params))
     results[task]["final_train_loss"] = losses[-1]
+    results[task]["train_skipped_records"] = float(len(train_split.skipped))
     return results
 
 

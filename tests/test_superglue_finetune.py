@@ -245,3 +245,42 @@ def test_workdir_tokenizer_keeps_the_vocabulary_it_was_trained_for(tmp_path):
     codec = pretrained._codec(_config(tmp_path, "encoder_decoder"), None, str(tmp_path))
     assert codec.tokenizer.vocab_size == 1000
     assert codec.tokenizer.sentinel_id(0) == trained.sentinel_id(0) == 999
+
+
+@pytest.mark.parametrize(
+    "broken,content,error,message",
+    [
+        ("RTE/val.jsonl", '{"idx": 0}\n', readers.SuperGlueFormatError, "missing field"),
+        ("RTE/val.jsonl", "", readers.SuperGlueFormatError, "RTE val split is empty"),
+        ("RTE/val.jsonl", None, FileNotFoundError, "RTE val split not found"),
+        ("AX-b/AX-b.jsonl", "{not json\n", readers.SuperGlueFormatError, "invalid JSON"),
+        ("CB/test.jsonl", '{"idx": 0, "premise": 1}\n', readers.SuperGlueFormatError, "premise"),
+        # A test file given as training data: no labels to train on.
+        ("RTE/train.jsonl", '{"idx": 0, "premise": "p", "hypothesis": "h"}\n',
+         readers.SuperGlueFormatError, "no label to train on"),
+    ],
+)  # fmt: skip
+def test_every_split_is_read_before_any_model_work(
+    tmp_path, monkeypatch, broken, content, error, message
+):
+    """task=all trains CB first; a bad RTE, AX-b or test file must fail before that (and
+    before any model is loaded), with an error naming the file."""
+    from rope_jax.evaluation import finetune
+
+    data = tmp_path / "data"
+    _fixture_data(data)
+    if content is None:
+        (data / broken).unlink()
+    else:
+        (data / broken).write_text(content)
+    config = _config(data, "encoder_decoder")
+    config.task = "all"
+
+    def no_model_work(config):
+        raise AssertionError("a model was loaded before every split was read")
+
+    monkeypatch.setattr(pretrained, "load_source", no_model_work)
+    with pytest.raises(error, match=message) as raised:
+        finetune.finetune_and_evaluate(config, str(tmp_path / "run"))
+    assert str(data / broken) in str(raised.value)
+    assert not (tmp_path / "run").exists()

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from rope_jax.evaluation import evaluators, formats, readers, submission, wsc
+from rope_jax.evaluation import evaluators, formats, readers, splits, submission, wsc
 
 # --- T5, re-stated from its TensorFlow ops ---------------------------------------------
 
@@ -272,3 +272,15 @@ def test_wsc_simple_postprocessing_as_t5():
         assert wsc.referent_prediction(prediction, referent) is expected, (prediction, referent)
         record = {"span1_text": referent}
         assert formats.parse_text_prediction("WSC", prediction, record) is expected
+
+
+def test_read_task_splits_counts_skipped_training_records(tmp_path):
+    from configs import superglue
+
+    _write(tmp_path / "WSC" / "train.jsonl", [OFF_BY_ONE, UNPLACEABLE])
+    _write(tmp_path / "WSC" / "val.jsonl", [OFF_BY_ONE, ATTACHED])
+    config = superglue.get_config("tiny")
+    config.data_dir, config.task = str(tmp_path), "WSC"
+    (task_splits,) = splits.read_run_splits(config)
+    assert len(task_splits.train.records) == 1 and len(task_splits.train.skipped) == 1
+    assert [e.name for e in task_splits.evaluations] == ["WSC"]

@@ -4,12 +4,13 @@ Each evaluator is a small class built from config values: it owns one task's spl
 asks a ``predict_fn(params, records)`` (supplied by whoever knows the model: the
 fine-tuning loop casts records for an encoder or an encoder-decoder) for canonical
 predictions, and ``run(params)`` yields ``(name, value)`` pairs. Labelled splits yield the
-task's official metrics and write ``predictions/<Task>_<split>.jsonl``, the file those
-metrics score (invalid outputs null, with the decoded text); test splits write the
-leaderboard file ``submission/<Task>.jsonl`` (every line labelled) and yield how many labels
-were filled in (``filled_labels``). Every split yields ``num_examples``,
-``invalid_fraction`` and ``skipped_records`` (records the reader could not use). The trainer
-knows nothing about SuperGLUE.
+task's official metrics. Given a ``workdir``, every split but an unlabelled test split
+writes ``predictions/<Task>_<split>.jsonl``, the file the metrics score (invalid outputs
+null, with the decoded text); test splits write the leaderboard file
+``submission/<Task>.jsonl`` (every line labelled) and yield how many labels were filled in
+(``filled_labels``). Every split yields ``num_examples``, ``invalid_fraction`` and
+``skipped_records`` (records the reader could not use). The trainer knows nothing about
+SuperGLUE.
 
 Families: ``label`` (one label per record: BoolQ, CB, COPA, RTE, WiC, WSC, AX-b, AX-g),
 ``multirc`` (a True/False per answer option, scored per question) and ``record`` (free text

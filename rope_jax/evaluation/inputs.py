@@ -5,8 +5,10 @@ Two codecs turn text into ids: :class:`SentencePieceCodec` (this project's token
 EOS ``[SEP]``; a text pair is ``a EOS b EOS``, as T5 joins fields with separators) and
 :class:`HFCodec` (the tokenizer files of an imported Hugging Face BERT/RoFormer folder, read
 from disk only; a pair is ``[CLS] a [SEP] b [SEP]`` with token types 0/1, as BERT was
-pretrained). Truncation cuts the longer text of a pair first, one token at a time
-(BERT's ``truncate_seq_pair``), so short hypotheses survive long premises.
+pretrained). Codecs used for encoder-decoders may also give ``bos_id`` (put before every
+encoder input) and ``decoder_start_id``; without them, T5's none and 0. Truncation cuts the
+longer text of a pair first, one token at a time (BERT's ``truncate_seq_pair``), so short
+hypotheses survive long premises.
 
 Arrays follow the batch format of ``contracts.md``: encoder-decoder examples give
 ``encoder_input_tokens`` ... ``decoder_loss_weights`` (one row per example, no packing, so
@@ -67,9 +69,6 @@ class HFCodec:
         self.cls_id = self.tokenizer.cls_token_id
         self.sep_id = self.tokenizer.sep_token_id
         self.eos_id = self.sep_id
-        self.pad_id = self.tokenizer.pad_token_id or 0
-        # Only BERT-style encoders use this codec; encoder-decoder fields for completeness.
-        self.decoder_start_id, self.bos_id = 0, None
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -86,6 +85,11 @@ class HFCodec:
             tokens += b + [self.sep_id]
             types += [1] * (len(b) + 1)
         return tokens, types
+
+
+def _special_ids(codec) -> tuple[int | None, int]:
+    """(BOS, decoder start) of a codec; a codec without them has T5's (none, 0)."""
+    return getattr(codec, "bos_id", None), getattr(codec, "decoder_start_id", 0)
 
 
 def _truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
@@ -112,7 +116,8 @@ def seq2seq_arrays(
     dec_targets = np.zeros((n, max_target_length), np.int32)
     enc_len, dec_len = np.zeros(n, np.int32), np.zeros(n, np.int32)
     # jieba_bert (T5 PEGASUS) starts encoder inputs with [CLS] (bert4keras encode).
-    prefix = [] if codec.bos_id is None else [codec.bos_id]
+    bos_id, start_id = _special_ids(codec)
+    prefix = [] if bos_id is None else [bos_id]
     for row, example in enumerate(examples):
         budget = max_input_length - 1 - len(prefix)
         inputs = prefix + codec.encode(example.inputs)[:budget] + [codec.eos_id]
@@ -123,7 +128,7 @@ def seq2seq_arrays(
     # Decoder inputs: targets shifted right behind the start id (T5: 0; jieba_bert: [CLS]).
     dec_inputs = np.zeros_like(dec_targets)
     dec_inputs[:, 1:] = dec_targets[:, :-1]
-    dec_inputs[:, 0] = codec.decoder_start_id
+    dec_inputs[:, 0] = start_id
     enc_pos, enc_seg = _positions_and_segments(enc_len, max_input_length)
     dec_pos, dec_seg = _positions_and_segments(dec_len, max_target_length)
     return {

@@ -106,6 +106,7 @@ def _codec(config, cfg, folder: str | None):
     # An encoder-decoder folder with a BERT vocab.txt is T5 PEGASUS (jieba + BERT vocabulary).
     if (
         folder
+        and cfg is not None
         and cfg.family == "encoder_decoder"
         and os.path.exists(os.path.join(folder, "vocab.txt"))
     ):

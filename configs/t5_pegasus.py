@@ -5,10 +5,10 @@ with the jieba + BERT-vocabulary tokenizer (``tokenizer.kind=jieba_bert``).
 Launch (``tiny`` runs in a few minutes on 2 CPU cores; ``small`` and ``base`` are the
 released sizes with the 50000-token vocabulary):
 
-    python train.py --config=configs/t5_pegasus.py:tiny --config.data.paths=/data/zh/*.txt \
+    python train.py --config=configs/t5_pegasus.py:tiny --config.data.paths=/data/zh/*.txt \\
         --config.data.text_mode=lines --workdir=runs/t5_pegasus_tiny
-    python train.py --config=configs/t5_pegasus.py:base \
-        --config.tokenizer.vocab_path=/models/chinese_t5_pegasus_base/vocab.txt \
+    python train.py --config=configs/t5_pegasus.py:base \\
+        --config.tokenizer.vocab_path=/models/chinese_t5_pegasus_base/vocab.txt \\
         --config.data.paths='/data/zh/*.jsonl' --config.data.format=jsonl --workdir=runs/t5p
 
 Without ``tokenizer.vocab_path`` a ``model.vocab_size``-token ``vocab.txt`` is built on the
@@ -16,10 +16,12 @@ training corpus (BERT's special tokens, every character, then the most frequent 
 and cached in ``<workdir>/tokenizer/``. Without ``data.paths`` the corpus is the embedded
 English one, which runs but is not what this model is for.
 
-The blog's recipe: split text into sentences (newline and 。！？.!?), grow the target
-greedily by the sentence that maximises the LCS with the source until it passes 25% of
-the source; inputs 512, targets 256 tokens; encoder inputs are ``[CLS] source [SEP]``,
-decoder targets ``summary [SEP]`` behind ``[CLS]``, as the released model was trained.
+The blog's recipe, as the reference code does it: cut the text into short pieces (newlines,
+then 。！？.!?, merged up to 32 characters: ``data.summary_max_chars``), grow the target
+greedily by the piece that maximises the LCS with the source until it passes 25% of the
+source, and keep the longer side as the source; inputs 512, targets 256 tokens. Encoder
+inputs are ``[CLS] source [SEP]``, decoder targets ``summary [SEP]`` behind ``[CLS]``, as
+the released model was trained.
 """
 
 from configs import common

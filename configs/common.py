@@ -40,7 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
     # SentencePiece model: empty path = train one with model.vocab_size ids on the training
     # corpus (cached in <workdir>/tokenizer); otherwise load it (e.g. mT5's spiece.model),
     # with extra ids filling up to model.vocab_size.
-    config.tokenizer = ml_collections.ConfigDict({"path": "", "num_extra_ids": 100})
+    # kind="jieba_bert": T5 PEGASUS' jieba + BERT vocab.txt tokenizer (no sentinels); empty
+    # vocab_path = build a model.vocab_size-token vocab.txt on the training corpus (cached).
+    config.tokenizer = ml_collections.ConfigDict(
+        {"kind": "sentencepiece", "path": "", "vocab_path": "", "num_extra_ids": 100}
+    )
     config.optimizer = optim.default_optimizer_config()
     # Mesh axis sizes; -1 fills with the remaining devices.
     config.mesh = sharding.default_mesh_config()

@@ -120,7 +120,8 @@ def data_settings(config: ml_collections.ConfigDict) -> dict:
 
 
 def build_tokenizer(config: ml_collections.ConfigDict, workdir: str):
-    """The configured SentencePiece model, or one trained on the training corpus (cached).
+    """The configured SentencePiece model, or one trained on the training corpus (cached);
+    with ``tokenizer.kind=jieba_bert`` the T5 PEGASUS tokenizer (``data/bert_vocab.py``).
 
     A loaded model keeps ``tokenizer.num_extra_ids`` extra ids after its pieces, whatever the
     model's vocabulary: mT5's ``spiece.model`` (250000 pieces + 100) puts ``<extra_id_0>`` at
@@ -132,7 +133,9 @@ def build_tokenizer(config: ml_collections.ConfigDict, workdir: str):
     from rope_jax.data.tokenizer import Tokenizer
 
     vocab_size = config.model.vocab_size
-    if config.tokenizer.path:
+    if _tokenizer_kind(config) == "jieba_bert":
+        tokenizer = _jieba_bert_tokenizer(config, workdir)
+    elif config.tokenizer.path:
         tokenizer = Tokenizer.load(
             config.tokenizer.path, num_extra_ids=config.tokenizer.num_extra_ids
         )
@@ -161,6 +164,52 @@ def build_tokenizer(config: ml_collections.ConfigDict, workdir: str):
             f"--config.model.vocab_size={tokenizer.vocab_size} or more."
         )
     return tokenizer
+
+
+def _tokenizer_kind(config: ml_collections.ConfigDict) -> str:
+    """``config.tokenizer.kind``, checked against the keys given for it."""
+    from rope_jax.data.tokenizers import check_kind
+
+    kind = check_kind(config.tokenizer.get("kind", "sentencepiece"))
+    if kind == "jieba_bert" and config.tokenizer.path:
+        raise ValueError(
+            "tokenizer.path names a SentencePiece model; for tokenizer.kind=jieba_bert give a "
+            "BERT vocab.txt as --config.tokenizer.vocab_path (or nothing, to build one)"
+        )
+    if kind == "sentencepiece" and config.tokenizer.get("vocab_path"):
+        raise ValueError(
+            "tokenizer.vocab_path is a BERT vocab.txt, read by tokenizer.kind=jieba_bert; set "
+            "--config.tokenizer.kind=jieba_bert, or tokenizer.path for a SentencePiece model"
+        )
+    return kind
+
+
+def _jieba_bert_tokenizer(config: ml_collections.ConfigDict, workdir: str):
+    """T5 PEGASUS' jieba + BERT-vocabulary tokenizer: ``tokenizer.vocab_path``, or a
+    ``model.vocab_size``-token vocabulary built on the training corpus (cached)."""
+    from rope_jax.data import bert_vocab, embedded
+    from rope_jax.data.corpora import DocumentIndex
+
+    vocab_path = config.tokenizer.vocab_path
+    if vocab_path:
+        documents, corpus_name = None, ""
+    elif config.data.paths:
+        index = DocumentIndex(
+            config.data.paths,
+            format=config.data.format,
+            text_mode=config.data.text_mode,
+            text_field=config.data.text_field,
+        )
+        documents, corpus_name = (index[i] for i in range(len(index))), config.data.paths
+    else:
+        documents, corpus_name = embedded.embedded_documents(), embedded.EMBEDDED_NAME
+    return bert_vocab.load_or_build_tokenizer(
+        workdir,
+        vocab_size=config.model.vocab_size,
+        vocab_path=vocab_path,
+        documents=documents,
+        corpus_name=corpus_name,
+    )
 
 
 def build_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:

@@ -280,6 +280,12 @@ def train_and_evaluate(
         logging.info("Resumed from %s at step %d.", checkpointer.directory / str(latest), latest)
     start_step = int(jax.device_get(state.step))
 
+    mlm_max_predictions = losses.resolve_max_predictions(
+        config.mlm_max_predictions,
+        objective=config.data.objective,
+        mask_rate=config.data.mlm_rate,
+        length=config.data.inputs_length,
+    )
     train_step = step_lib.make_train_step(
         model,
         tx,
@@ -290,6 +296,7 @@ def train_and_evaluate(
         redraw_features_every=config.redraw_features_every,
         example_batch=first_host_batch,
         debug_nan_step=config.debug_nan_step,
+        mlm_max_predictions=mlm_max_predictions,
     )
     batch_shardings = {name: batch_sharding for name in first_host_batch}
     jit_train_step = jax.jit(
@@ -299,7 +306,7 @@ def train_and_evaluate(
         donate_argnums=(0,),
     )
     jit_eval_step = jax.jit(
-        step_lib.make_eval_step(model),
+        step_lib.make_eval_step(model, mlm_max_predictions=mlm_max_predictions),
         in_shardings=(state_shardings.params, state_shardings.random_features, batch_shardings),
         out_shardings=sharding.replicated(mesh),
     )

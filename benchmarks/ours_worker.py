@@ -64,7 +64,7 @@ def build_train(request: dict) -> dict:
             tx,
             schedule,
             grad_clip_norm=opt_config.grad_clip_norm,
-            **({"mlm_max_predictions": max_predictions} if max_predictions else {}),
+            mlm_max_predictions=max_predictions,
         )
         batch_sharding = sharding.batch_sharding(mesh, rules)
         jit_step = jax.jit(
@@ -79,7 +79,10 @@ def build_train(request: dict) -> dict:
     )
     start = time.perf_counter()
     _, loss = _run_step()
-    flops = training_flops(cfg, shape["inputs"], shape["targets"]).total * shape["batch"]
+    flops = training_flops(
+        cfg, shape["inputs"], shape["targets"], mlm_predictions=max_predictions
+    ).total
+    flops *= shape["batch"]
     return {
         "compile_s": time.perf_counter() - start,
         "loss": loss,

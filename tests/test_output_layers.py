@@ -173,9 +173,7 @@ def test_masked_position_head_gives_the_full_heads_loss_accuracy_and_gradients()
     (full_loss, (full, full_shape, _)), full_grads = jax.value_and_grad(stats, has_aux=True)(
         params, 0
     )
-    (loss, (gathered, shape, dropped)), grads = jax.value_and_grad(stats, has_aux=True)(
-        params, 8
-    )
+    (loss, (gathered, shape, dropped)), grads = jax.value_and_grad(stats, has_aux=True)(params, 8)
     assert full_shape == (3, 16, 50) and shape == (3, 8, 50)
     assert int(dropped) == 0
     np.testing.assert_allclose(loss, full_loss, rtol=1e-6)

@@ -165,8 +165,9 @@ def _run_step():
 
 
 def train_step(request: dict) -> dict:
+    cpu_start = peer_shapes.cpu_seconds()
     seconds, loss = _run_step()
-    return {"seconds": seconds, "loss": loss}
+    return {"seconds": seconds, "cpu_seconds": peer_shapes.cpu_seconds() - cpu_start, "loss": loss}
 
 
 def build_decode(request: dict) -> dict:
@@ -176,14 +177,15 @@ def build_decode(request: dict) -> dict:
     max_length = shape["max_length"]
 
     def generate(params, input_ids, num_beams):
-        # eos_token_id=-1: no token ends a row, so every row decodes max_length tokens.
+        # min_length = max_length masks EOS at every step (HF accepts no out-of-range EOS
+        # id), so every row decodes max_length tokens, as rope_jax's with eos_id=-1.
         return model.generate(
             input_ids,
             params=params,
             max_length=max_length,
+            min_length=max_length,
             num_beams=num_beams,
             do_sample=False,
-            eos_token_id=-1,
         ).sequences
 
     STATE.update(
@@ -208,9 +210,13 @@ def _generate(method: str):
 
 
 def generate(request: dict) -> dict:
-    start = time.perf_counter()
+    cpu_start, start = peer_shapes.cpu_seconds(), time.perf_counter()
     sequences = _generate(request["method"])
-    return {"seconds": time.perf_counter() - start, "shape": list(sequences.shape)}
+    return {
+        "seconds": time.perf_counter() - start,
+        "cpu_seconds": peer_shapes.cpu_seconds() - cpu_start,
+        "shape": list(sequences.shape),
+    }
 
 
 def info(request: dict) -> dict:

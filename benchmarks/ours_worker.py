@@ -102,8 +102,9 @@ def _run_step():
 
 
 def train_step(request: dict) -> dict:
+    cpu_start = peer_shapes.cpu_seconds()
     seconds, loss = _run_step()
-    return {"seconds": seconds, "loss": loss}
+    return {"seconds": seconds, "cpu_seconds": peer_shapes.cpu_seconds() - cpu_start, "loss": loss}
 
 
 def _random_params(model, seed=0):
@@ -146,9 +147,13 @@ def _generate(method: str):
 
 
 def generate(request: dict) -> dict:
-    start = time.perf_counter()
+    cpu_start, start = peer_shapes.cpu_seconds(), time.perf_counter()
     sequences = _generate(request["method"])
-    return {"seconds": time.perf_counter() - start, "shape": list(sequences.shape)}
+    return {
+        "seconds": time.perf_counter() - start,
+        "cpu_seconds": peer_shapes.cpu_seconds() - cpu_start,
+        "shape": list(sequences.shape),
+    }
 
 
 def info(request: dict) -> dict:

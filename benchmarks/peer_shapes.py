@@ -152,6 +152,16 @@ def peak_rss_mb() -> float:
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all its threads (XLA's included).
+
+    On a machine shared with other jobs, wall time depends on everyone's load; CPU time
+    mostly on the work done, so the driver reports both.
+    """
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def median(values) -> float:
     values = sorted(values)
     if not values:

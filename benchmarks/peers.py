@@ -87,13 +87,21 @@ class Worker:
         self.close()
 
 
-def alternate(workers: dict[str, Worker], op: str, repeats: int, **fields) -> dict[str, list]:
-    """``repeats`` rounds of ``op`` on every worker in turn (ours first, then hf, ...)."""
-    times: dict[str, list] = {side: [] for side in workers}
+def alternate(
+    workers: dict[str, Worker], op: str, repeats: int, **fields
+) -> tuple[dict[str, list], dict[str, list]]:
+    """``repeats`` rounds of ``op`` on every worker in turn (ours first, then hf, ...).
+
+    Returns (wall seconds, CPU seconds) per side, one entry per round.
+    """
+    wall: dict[str, list] = {side: [] for side in workers}
+    cpu: dict[str, list] = {side: [] for side in workers}
     for _ in range(repeats):
         for side, worker in workers.items():
-            times[side].append(worker.request(op, **fields)["seconds"])
-    return times
+            reply = worker.request(op, **fields)
+            wall[side].append(reply["seconds"])
+            cpu[side].append(reply["cpu_seconds"])
+    return wall, cpu
 
 
 def load_average() -> str:

@@ -56,9 +56,10 @@ def measure(name: str, shape: dict, dropout: float, args) -> dict:
             "hf": hf.request("build_train", shape=shape, dropout=dropout, prng=args.hf_prng),
         }
         load_before = peers.load_average()
-        times = peers.alternate({"ours": ours, "hf": hf}, "train_step", args.repeats)
+        times, cpu_times = peers.alternate({"ours": ours, "hf": hf}, "train_step", args.repeats)
         info = {"ours": ours.request("info"), "hf": hf.request("info")}
     seconds = {side: peers.median(t) for side, t in times.items()}
+    cpu_seconds = {side: peers.median(t) for side, t in cpu_times.items()}
     inputs, targets = shape["batch"] * shape["inputs"], shape["batch"] * shape["targets"]
     seq2seq = shape["model"]["family"] == "encoder_decoder"
     return {
@@ -72,6 +73,9 @@ def measure(name: str, shape: dict, dropout: float, args) -> dict:
         "seconds": seconds,
         "times": times,
         "hf_over_ours": seconds["hf"] / seconds["ours"],
+        "cpu_seconds": cpu_seconds,
+        "cpu_times": cpu_times,
+        "hf_over_ours_cpu": cpu_seconds["hf"] / cpu_seconds["ours"],
         "input_tokens_per_s": {side: inputs / s for side, s in seconds.items()},
         "input_target_tokens_per_s": {
             side: (inputs + targets if seq2seq else inputs) / s for side, s in seconds.items()
@@ -90,9 +94,9 @@ def measure(name: str, shape: dict, dropout: float, args) -> dict:
 def print_table(rows: list[dict], peak_flops: float) -> None:
     print(
         "| shape | dropout | rope_jax s/step | HF s/step | HF / ours | tok/s in (in+tgt) "
-        "| MFU | peak RSS ours / HF | compile ours / HF | load |"
+        "| CPU s ours / HF (ratio) | MFU | peak RSS ours / HF | compile ours / HF | load |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for row in rows:
         ours, hf = row["seconds"]["ours"], row["seconds"]["hf"]
         mfu = row["model_gflop_per_step"] * 1e9 / ours / peak_flops
@@ -101,7 +105,9 @@ def print_table(rows: list[dict], peak_flops: float) -> None:
             f"/{row['targets']}, {row['optimizer']}) | {row['dropout']:g} | {ours:.3f} "
             f"| {hf:.3f} | **{row['hf_over_ours']:.2f}x** "
             f"| {row['input_tokens_per_s']['ours']:.0f} "
-            f"({row['input_target_tokens_per_s']['ours']:.0f}) | {100 * mfu:.1f}% "
+            f"({row['input_target_tokens_per_s']['ours']:.0f}) "
+            f"| {row['cpu_seconds']['ours']:.2f} / {row['cpu_seconds']['hf']:.2f} "
+            f"({row['hf_over_ours_cpu']:.2f}x) | {100 * mfu:.1f}% "
             f"| {row['peak_rss_mb']['ours'] / 1024:.2f} / {row['peak_rss_mb']['hf'] / 1024:.2f} GB "
             f"| {row['compile_s']['ours']:.0f} / {row['compile_s']['hf']:.0f} s "
             f"| {row['load_average']} |"
@@ -138,6 +144,7 @@ def main() -> None:
             print(
                 f"{name} dropout {dropout:g}: ours {row['seconds']['ours']:.3f} s, "
                 f"HF {row['seconds']['hf']:.3f} s, HF / ours {row['hf_over_ours']:.2f}x "
+                f"(CPU time {row['hf_over_ours_cpu']:.2f}x) "
                 f"(load {row['load_average']})",
                 flush=True,
             )

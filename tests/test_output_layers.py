@@ -215,3 +215,99 @@ def test_masked_positions_are_rejected_by_a_classifier():
             lambda v: model.apply(v, tokens, masked_positions=jnp.zeros((1, 2), jnp.int32)),
             nn.unbox(variables),
         )
+
+
+@pytest.mark.parametrize("num_contract", [1, 2])
+def test_dense_contract_value_and_gradients_match_float64_einsum(num_contract):
+    from rope_jax.projections import dense_contract
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 3, 4, 5))
+    kernel = rng.normal(size=(4, 5, 6)) if num_contract == 2 else rng.normal(size=(5, 2, 3))
+    spec = "BLHD,HDE->BLE" if num_contract == 2 else "BLHD,DNK->BLHNK"
+    want = np.einsum(spec, x, kernel)
+    cotangent = rng.normal(size=want.shape)
+    out, vjp = jax.vjp(
+        lambda a, b: dense_contract(a, b, num_contract),
+        jnp.asarray(x, jnp.float32),
+        jnp.asarray(kernel, jnp.float32),
+    )
+    dx, dkernel = vjp(jnp.asarray(cotangent, jnp.float32))
+    _, reference_vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x, kernel)
+    want_dx, want_dkernel = reference_vjp(cotangent)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dkernel, want_dkernel, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_contract_keeps_operand_dtypes_and_float32_logits():
+    from rope_jax.projections import dense_contract
+
+    x = jnp.ones((3, 4), jnp.bfloat16)
+    kernel = jnp.ones((4, 5), jnp.bfloat16)
+    out, vjp = jax.vjp(lambda a, b: dense_contract(a, b, 1, True), x, kernel)
+    assert out.dtype == jnp.float32
+    dx, dkernel = vjp(jnp.ones((3, 5), jnp.float32))
+    assert dx.dtype == jnp.bfloat16 and dkernel.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(dkernel, np.float32), np.full((4, 5), 3.0))
+
+
+def test_fused_projections_equal_the_separate_products_and_their_gradients():
+    from rope_jax.projections import Projection, fused_projections
+
+    class Pair(nn.Module):
+        fused: bool
+
+        @nn.compact
+        def __call__(self, x):
+            make = [
+                Projection(
+                    6,
+                    (2, 3),
+                    ("embed", "heads", "kv"),
+                    nn.initializers.normal(1.0),
+                    use_bias=True,
+                    name=name,
+                )  # fmt: skip
+                for name in ("a", "b", "c")
+            ]
+            if self.fused:
+                return fused_projections(x, make)
+            return [m(x) for m in make]
+
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 5, 6)), jnp.float32)
+    params = nn.unbox(Pair(True).init(jax.random.key(0), x))
+    params = jax.tree.map(lambda p: p + 0.1, params)  # nonzero biases
+
+    def total(fused, p):
+        outs = Pair(fused).apply(p, x)
+        return sum(jnp.sum(jnp.sin(out) * (i + 1)) for i, out in enumerate(outs))
+
+    separate = Pair(False).apply(params, x)
+    for got, want in zip(Pair(True).apply(params, x), separate, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    grads = jax.grad(lambda p: total(True, p))(params)
+    want_grads = jax.grad(lambda p: total(False, p))(params)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_with_z_loss_has_the_float64_gradient():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(2, 3, 7)) * 3
+    targets = rng.integers(0, 7, (2, 3))
+    weights = rng.integers(0, 3, (2, 3)).astype(np.float64)
+
+    def reference(x):
+        log_z = jax.nn.logsumexp(x, axis=-1)
+        target = jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+        return jnp.sum((log_z - target + 1e-2 * log_z**2) * weights)
+
+    def ours(x):
+        return losses.weighted_cross_entropy(
+            x, jnp.asarray(targets), jnp.asarray(weights, jnp.float32), z_loss=1e-2
+        )["loss_sum"]
+
+    want = jax.grad(reference)(logits)
+    got = jax.grad(ours)(jnp.asarray(logits, jnp.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -19,7 +19,9 @@ run steps alternately (ours, HF, ours, HF, ...). Reported per row: the median se
 step of each side, ``HF / ours`` (above 1: rope_jax is faster), tokens/s of rope_jax in both
 units (input tokens only, as HF's examples count them, and input + target tokens; the same
 for an MLM encoder, whose targets are its inputs), MFU (``rope_jax.flops`` model FLOPs per
-second over the float32 GEMM rate measured in this run), each worker's peak resident memory
+second over the float32 GEMM rate measured in this run), the median CPU seconds of each
+side's step and their ratio (on a machine shared with other jobs the CPU time varies less
+than the wall time; the wall-time ratio is the figure), each worker's peak resident memory
 and compile time, and the load average. Each side uses its stack's default PRNG for dropout
 (rope_jax: ``rbg``, its ``config.prng_impl`` default; HF: jax's ``threefry``) unless
 ``--hf-prng`` says otherwise. rope_jax's MLM step uses the masked-position head

@@ -58,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.async_checkpointing = True
     # PaLM/T5X auxiliary loss weight on logsumexp(logits)**2 (0 = off).
     config.z_loss = 0.0
+    # MLM: run the output head only at up to this many masked positions per row (BERT's
+    # max_predictions_per_seq). -1 = derived from data.mlm_rate and data.inputs_length
+    # (losses.default_max_predictions); 0 = the head at every position.
+    config.mlm_max_predictions = -1
     # jax_default_prng_impl: "threefry" (jax default), "rbg" or "unsafe_rbg". rbg makes
     # dropout masks several times cheaper on CPU and TPU (T5X and MaxText use it).
     config.prng_impl = "rbg"

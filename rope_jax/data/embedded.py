@@ -101,6 +101,11 @@ def load_or_train_tokenizer(
 def _load_cached(directory: str, wanted: dict, reuse_for_other_corpus: bool) -> Tokenizer:
     model_path = os.path.join(directory, "spm.model")
     meta_path = os.path.join(directory, "spm.json")
+    if os.path.exists(os.path.join(directory, "vocab.txt")):
+        raise TokenizerCacheError(
+            f"{directory} holds a jieba_bert tokenizer (vocab.txt); this workdir was started "
+            "with tokenizer.kind=jieba_bert. Use another --workdir for a SentencePiece one."
+        )
     if not (os.path.exists(model_path) and os.path.exists(meta_path)):
         raise TokenizerCacheError(
             f"{directory} exists but lacks spm.model or spm.json, so it is not a tokenizer "

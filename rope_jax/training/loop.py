@@ -43,12 +43,19 @@ class TrainResult:
         return self.stop_signal is not None
 
 
-def model_flops_per_step(model_cfg, batch: dict[str, np.ndarray], global_batch: int) -> float:
+def model_flops_per_step(
+    model_cfg, batch: dict[str, np.ndarray], global_batch: int, mlm_predictions: int = 0
+) -> float:
     """Training FLOPs (fwd + bwd) of one global batch, from the model's own FLOP count."""
-    from rope_jax.flops import flops_per_token
+    from rope_jax.flops import training_flops
 
-    per_token = flops_per_token(model_cfg, losses.input_length(batch), losses.target_length(batch))
-    return float(per_token) * global_batch * losses.input_length(batch)
+    per_example = training_flops(
+        model_cfg,
+        losses.input_length(batch),
+        losses.target_length(batch),
+        mlm_predictions=mlm_predictions,
+    ).total
+    return float(per_example) * global_batch
 
 
 def log_summary(result: TrainResult, checkpointer, writer) -> None:
@@ -95,8 +102,11 @@ def run_steps(
     base_key,
     checkpointer,
     writer,
+    mlm_max_predictions: int = 0,
 ) -> TrainResult:
-    """Steps from the state's step to ``num_train_steps`` (see the module docstring)."""
+    """Steps from the state's step to ``num_train_steps`` (see the module docstring).
+    ``mlm_max_predictions``: the MLM head's cap of masked positions per row
+    (``losses.resolve_max_predictions``; 0 = the head at every position)."""
     start_step = int(jax.device_get(state.step))
     train_step = step_lib.make_train_step(
         model,
@@ -108,6 +118,7 @@ def run_steps(
         redraw_features_every=config.redraw_features_every,
         example_batch=first_host_batch,
         debug_nan_step=config.debug_nan_step,
+        mlm_max_predictions=mlm_max_predictions,
     )
     batch_shardings = {name: batch_sharding for name in first_host_batch}
     jit_train_step = jax.jit(
@@ -117,7 +128,7 @@ def run_steps(
         donate_argnums=(0,),
     )
     jit_eval_step = jax.jit(
-        step_lib.make_eval_step(model),
+        step_lib.make_eval_step(model, mlm_max_predictions=mlm_max_predictions),
         in_shardings=(state_shardings.params, state_shardings.random_features, batch_shardings),
         out_shardings=sharding.replicated(mesh),
     )
@@ -127,7 +138,9 @@ def run_steps(
     peak = metrics.total_matmul_peak(device_peak, mesh.devices.flat)
     flops_per_step = 0.0
     if model_cfg is not None:
-        flops_per_step = model_flops_per_step(model_cfg, first_host_batch, config.batch_size)
+        flops_per_step = model_flops_per_step(
+            model_cfg, first_host_batch, config.batch_size, mlm_max_predictions
+        )
     tokens_per_step = config.batch_size * losses.input_length(first_host_batch)
     if jax.process_index() == 0:
         num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract_state.params))

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from rope_jax.training import checkpoint as checkpoint_lib
-from rope_jax.training import loop, metrics, optim, preflight, sharding
+from rope_jax.training import loop, losses, metrics, optim, preflight, sharding
 from rope_jax.training import step as step_lib
 from rope_jax.training import workdir as workdir_lib
 
@@ -116,7 +116,8 @@ def build_tokenizer(
     reuse_for_other_corpus: bool = False,
 ):
     """The configured SentencePiece model, or one trained on the training corpus (cached in
-    ``<workdir>/tokenizer``, never trained again: see ``load_or_train_tokenizer``).
+    ``<workdir>/tokenizer``, never trained again: see ``load_or_train_tokenizer``); with
+    ``tokenizer.kind=jieba_bert`` the T5 PEGASUS tokenizer (``data/bert_vocab.py``).
 
     A loaded model keeps ``tokenizer.num_extra_ids`` extra ids after its pieces, whatever the
     model's vocabulary: mT5's ``spiece.model`` (250000 pieces + 100) puts ``<extra_id_0>`` at
@@ -129,7 +130,12 @@ def build_tokenizer(
     from rope_jax.data.tokenizer import Tokenizer
 
     vocab_size = config.model.vocab_size
-    if config.tokenizer.path:
+    with preflight.config_errors("tokenizer: "):
+        kind = _tokenizer_kind(config)
+    if kind == "jieba_bert":
+        with preflight.config_errors():
+            tokenizer = _jieba_bert_tokenizer(config, workdir, documents=documents)
+    elif config.tokenizer.path:
         tokenizer = Tokenizer.load(
             config.tokenizer.path, num_extra_ids=config.tokenizer.num_extra_ids
         )
@@ -157,6 +163,46 @@ def build_tokenizer(
             f"--config.model.vocab_size={tokenizer.vocab_size} or more."
         )
     return tokenizer
+
+
+def _tokenizer_kind(config: ml_collections.ConfigDict) -> str:
+    """``config.tokenizer.kind``, checked against the keys given for it."""
+    from rope_jax.data.tokenizers import check_kind
+
+    kind = check_kind(config.tokenizer.get("kind", "sentencepiece"))
+    if kind == "jieba_bert" and config.tokenizer.path:
+        raise ValueError(
+            "tokenizer.path names a SentencePiece model; for tokenizer.kind=jieba_bert give a "
+            "BERT vocab.txt as --config.tokenizer.vocab_path (or nothing, to build one)"
+        )
+    if kind == "sentencepiece" and config.tokenizer.get("vocab_path"):
+        raise ValueError(
+            "tokenizer.vocab_path is a BERT vocab.txt, read by tokenizer.kind=jieba_bert; set "
+            "--config.tokenizer.kind=jieba_bert, or tokenizer.path for a SentencePiece model"
+        )
+    return kind
+
+
+def _jieba_bert_tokenizer(config: ml_collections.ConfigDict, workdir: str, *, documents=None):
+    """T5 PEGASUS' jieba + BERT-vocabulary tokenizer: ``tokenizer.vocab_path``, or a
+    ``model.vocab_size``-token vocabulary built on the training corpus (cached)."""
+    from rope_jax.data import bert_vocab, embedded
+
+    vocab_path = config.tokenizer.vocab_path
+    if vocab_path:
+        documents, corpus_name = None, ""
+    elif config.data.paths:
+        index = build_corpus(config) if documents is None else documents
+        documents, corpus_name = (index[i] for i in range(len(index))), config.data.paths
+    else:
+        documents, corpus_name = embedded.embedded_documents(), embedded.EMBEDDED_NAME
+    return bert_vocab.load_or_build_tokenizer(
+        workdir,
+        vocab_size=config.model.vocab_size,
+        vocab_path=vocab_path,
+        documents=documents,
+        corpus_name=corpus_name,
+    )
 
 
 def build_inputs(
@@ -265,6 +311,12 @@ def train_and_evaluate(
         rules = sharding.rules_from_config(config.logical_axis_rules)
         tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
         _check_batch_size(config.batch_size, config.optimizer.grad_accum_steps, mesh)
+        mlm_max_predictions = losses.resolve_max_predictions(
+            config.mlm_max_predictions,
+            objective=config.data.objective,
+            mask_rate=config.data.mlm_rate,
+            length=config.data.inputs_length,
+        )
     if inputs is None:
         # An accepted change of corpus keeps the cached tokenizer (the vocabulary of the
         # checkpoints); otherwise a cached tokenizer of another corpus is an error.
@@ -344,6 +396,7 @@ def train_and_evaluate(
             base_key=base_key,
             checkpointer=checkpointer,
             writer=writer,
+            mlm_max_predictions=mlm_max_predictions,
         )
     except BaseException:
         _close_after_error(checkpointer.close, *([writer.close] if writer else []))

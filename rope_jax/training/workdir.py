@@ -71,7 +71,14 @@ RESTART_SAFE = (
 )
 # Refused unless named in accept_changes: deliberate changes are normal, accidental ones
 # silently change the experiment.
-HYPERPARAMETERS = ("batch_size", "optimizer", "z_loss", "redraw_features_every")
+HYPERPARAMETERS = (
+    "batch_size",
+    "optimizer",
+    "z_loss",
+    "redraw_features_every",
+    # Masked positions per row the MLM head scores; more are dropped from the loss.
+    "mlm_max_predictions",
+)
 # Refused unless named in accept_changes; keys in no list are treated the same way.
 EXPERIMENT = ("kind", "seed", "prng_impl", "model", "tokenizer", "data")
 

@@ -37,7 +37,7 @@ def _cb_config(data, family, **overrides):
         num_train_steps=4,
         log_every_steps=1,
         eval_every_steps=2,
-        checkpoint_every_steps=2,
+        checkpoint_every_steps=0,  # the final save only
         # No dropout: the reference is one device, and masks are drawn per device layout.
         dropout_rate=0.0,
     )
@@ -53,9 +53,12 @@ def _rows(path):
 def _finetune(workdir, data, family, devices, mesh=None):
     config = _cb_config(data, family)
     config.mesh.update({"data": 1, "fsdp": 1, "tensor": 1, **(mesh or {})})
-    source = pretrained.Source(
-        pretrained._model_config(config.model), None, None, ByteCodec(), "random init"
-    )
+    # A pretrained model as a restore gives it: every array committed to device 0.
+    cfg = pretrained._model_config(config.model)
+    task = families.for_model(build_model(cfg))
+    params = nn.unbox(jax.jit(lambda: task.init(task.init_rngs(jax.random.key(7))))())["params"]
+    params = jax.device_put(params, jax.devices()[0])
+    source = pretrained.Source(cfg, params, {}, ByteCodec(), "pretrained")
     results = finetune.run_task(
         "CB",
         config,

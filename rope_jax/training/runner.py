@@ -103,15 +103,13 @@ def _initial_state(init_state, key, initial_params, state_shardings, tx):
             rng=jax.random.key_data(k),
         )
 
-    build = jax.jit(
-        build,
-        in_shardings=(
-            state_shardings.params,
-            state_shardings.random_features,
-            state_shardings.rng,
-        ),
-        out_shardings=state_shardings,
+    # Host copies placed into the target shardings: a pretrained model arrives on one
+    # device (or as numpy), and every process holds all of it.
+    params = jax.device_put(jax.device_get(params), state_shardings.params)
+    random_features = jax.device_put(
+        jax.device_get(random_features), state_shardings.random_features
     )
+    build = jax.jit(build, out_shardings=state_shardings)
     return build(params, random_features, key)
 
 

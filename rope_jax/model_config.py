@@ -229,17 +229,24 @@ def learned_table_message(cfg: ModelConfig, length: int) -> str:
 
 
 def validate_model_config(
-    cfg: ModelConfig, *, packed_inputs: bool = False, max_sequence_length: int = 0
+    cfg: ModelConfig,
+    *,
+    packed_inputs: bool = False,
+    max_sequence_length: int = 0,
+    prefix_lm: bool = False,
 ) -> None:
     """Raises ValueError for a config whose combination of choices has no meaning.
 
     Args:
       cfg: the config.
       packed_inputs: whether batches pack several examples per row (segment ids > 1).
-        Kernels that only take key-padding masks cannot keep packed examples apart.
+        Kernels that take neither a full mask nor segment ids cannot keep packed examples
+        apart.
       max_sequence_length: longest sequence the model will see (0 = unknown); checked
         against a learned absolute position table. The model checks static lengths again
         when it is called.
+      prefix_lm: whether batches carry a prefix-LM mask (bidirectional prefix, causal
+        rest), a per-query mask only full-mask kernels can apply.
     """
     _choice(cfg, "family", FAMILIES)
     _choice(cfg, "mlp_activation", MLP_ACTIVATIONS)
@@ -284,6 +291,13 @@ def validate_model_config(
                     else "."
                 )
             )
+    if prefix_lm and cfg.family == "decoder" and not traits["attention"].full_mask:
+        raise ValueError(
+            f"objective='prefix_lm' lets prefix tokens attend to later prefix tokens, a "
+            f"per-query mask which attention={kernels['attention']!r} cannot apply (it takes "
+            f"key padding, segment ids and causal only). Use objective='causal_lm' with this "
+            f"kernel, or attention='softmax' for a prefix LM."
+        )
     if cfg.family == "encoder_decoder" and kernels["cross_attention"] == "nystrom":
         raise ValueError(
             "cross_attention='nystrom' would leak future decoder tokens: its query landmarks "

@@ -221,8 +221,8 @@ class TransformerStack(nn.Module):
         if prefix_mask_BL is not None and not traits.full_mask:
             raise ValueError(
                 f"A prefix-LM mask is a per-query mask, which {self.kernel_name!r} attention "
-                f"cannot take (it accepts only key padding plus causal); use softmax attention "
-                f"for prefix LM."
+                f"cannot take (it accepts only key padding, segment ids and causal); use "
+                f"softmax attention for prefix LM, or leave prefix_mask out for a causal LM."
             )
         if segment_ids_BL is not None:
             valid_BL = segment_ids_BL != 0
@@ -646,19 +646,29 @@ MODEL_CLASSES = {"encoder": Encoder, "encoder_decoder": EncoderDecoder, "decoder
 
 
 def build_model(
-    cfg: ModelConfig, *, packed_inputs: bool = False, max_sequence_length: int = 0
+    cfg: ModelConfig,
+    *,
+    packed_inputs: bool = False,
+    max_sequence_length: int = 0,
+    prefix_lm: bool = False,
 ) -> nn.Module:
     """Validates the config and returns the flax module of its family.
 
-    ``packed_inputs`` and ``max_sequence_length`` (the longest row the data will give, 0 =
-    unknown) let ``validate_model_config`` reject what the batches would break before any
-    tracing: kernels that cannot keep packed examples apart, learned tables too short.
+    ``packed_inputs``, ``max_sequence_length`` (the longest row the data will give, 0 =
+    unknown) and ``prefix_lm`` (batches carry a prefix-LM mask) let ``validate_model_config``
+    reject what the batches would break before any tracing: kernels that cannot keep packed
+    examples apart or apply a prefix mask, learned tables too short.
     """
     if not isinstance(cfg, ModelConfig):
         raise TypeError(
             f"build_model expects a ModelConfig (use model_config_from_dict), got {type(cfg)}."
         )
-    validate_model_config(cfg, packed_inputs=packed_inputs, max_sequence_length=max_sequence_length)
+    validate_model_config(
+        cfg,
+        packed_inputs=packed_inputs,
+        max_sequence_length=max_sequence_length,
+        prefix_lm=prefix_lm,
+    )
     return MODEL_CLASSES[cfg.family](cfg)
 
 

@@ -268,6 +268,17 @@ def test_packing_with_padding_only_kernels_is_rejected():
         validate_model_config(synthesizer, packed_inputs=True)
 
 
+@pytest.mark.parametrize("kernel", ["performer", "linear", "taylor"])
+def test_prefix_lm_with_a_linear_kernel_is_a_config_error(kernel):
+    """A causal LM with these kernels is fine; a prefix LM needs a per-query mask they cannot
+    apply, and the error names both ways out."""
+    cfg = tiny(family="decoder", attention=kernel, position="rope")
+    build_model(cfg)
+    with pytest.raises(ValueError, match="objective='causal_lm'.*attention='softmax'"):
+        build_model(cfg, prefix_lm=True)
+    build_model(dataclasses.replace(cfg, attention="softmax"), prefix_lm=True)
+
+
 def test_learned_positions_beyond_table():
     cfg = tiny(**BERT, max_length=8)
     with pytest.raises(ValueError, match="learned_hierarchical"):

@@ -47,19 +47,24 @@ class KernelTraits:
     causal: has a causal mode that never looks at later positions.
     bias: accepts an additive ``[B|1, H|1, T, S]`` bias (T5 relative bias, ALiBi).
     recurrent: has an ``init_state``/``step`` form for incremental decoding.
+    segments: takes packed-row segment ids (``segment_ids=``, ``kv_segment_ids=``) and keeps
+      the packed examples apart without a full mask (the linear family).
     """
 
     full_mask: bool
     causal: bool
     bias: bool
     recurrent: bool
+    segments: bool = False
 
 
 KERNEL_TRAITS: dict[str, KernelTraits] = {
     "softmax": KernelTraits(full_mask=True, causal=True, bias=True, recurrent=False),
-    "performer": KernelTraits(full_mask=False, causal=True, bias=False, recurrent=True),
-    "linear": KernelTraits(full_mask=False, causal=True, bias=False, recurrent=True),
-    "taylor": KernelTraits(full_mask=False, causal=True, bias=False, recurrent=True),
+    "performer": KernelTraits(
+        full_mask=False, causal=True, bias=False, recurrent=True, segments=True
+    ),
+    "linear": KernelTraits(full_mask=False, causal=True, bias=False, recurrent=True, segments=True),
+    "taylor": KernelTraits(full_mask=False, causal=True, bias=False, recurrent=True, segments=True),
     # Nystrom's landmarks are means over query and key segments: every output depends on
     # every position, so it has no causal form.
     "nystrom": KernelTraits(full_mask=False, causal=False, bias=False, recurrent=False),
@@ -346,11 +351,12 @@ def validate_model_config(
 
     if packed_inputs:
         for role, trait in traits.items():
-            if not trait.full_mask:
+            if not trait.full_mask and not trait.segments:
                 raise ValueError(
-                    f"{role}={kernels[role]!r} only takes a key-padding mask, so packed "
-                    f"examples in one row would attend to each other. Turn packing off for "
-                    f"this kernel (pad each example to its own row) or use softmax attention."
+                    f"{role}={kernels[role]!r} takes neither a full mask nor segment ids, so "
+                    f"packed examples in one row would attend to each other. Turn packing off "
+                    f"for this kernel (pad each example to its own row) or use softmax, "
+                    f"performer, linear or taylor attention."
                 )
             if kernels[role] == "random_synthesizer":
                 raise ValueError(

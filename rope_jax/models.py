@@ -112,7 +112,11 @@ class TransformerLayer(nn.Module):
         cross_kv_valid,
         deterministic,
         decode,
+        segment_ids_BL=None,
+        encoder_segment_ids_BS=None,
     ):
+        """One block. ``segment_ids_BL`` / ``encoder_segment_ids_BS`` (packed rows) reach the
+        kernels that take segment ids instead of a full mask (``KernelTraits.segments``)."""
         cfg = self.config
         pre = cfg.norm_placement == "pre"
         dropout = nn.Dropout(cfg.dropout_rate)
@@ -139,6 +143,7 @@ class TransformerLayer(nn.Module):
                 bias=self_bias,
                 q_positions=positions_BL,
                 kv_positions=kv_positions_BS,
+                segment_ids=segment_ids_BL,
                 deterministic=deterministic,
                 decode=decode,
             ),
@@ -155,6 +160,8 @@ class TransformerLayer(nn.Module):
                     encoded_BSE,
                     mask=cross_mask,
                     kv_valid_BS=cross_kv_valid,
+                    segment_ids=segment_ids_BL,
+                    kv_segment_ids=encoder_segment_ids_BS,
                     deterministic=deterministic,
                     decode=decode,
                 ),
@@ -320,6 +327,13 @@ class TransformerStack(nn.Module):
             else:
                 cross_mask = masks.padding_mask(encoder_valid_BS)
 
+        # Kernels without a full mask keep packed examples apart through the segment ids
+        # (not while decoding: the cache holds one sequence per row).
+        layer_segment_ids = None if decode else segment_ids_BL
+        layer_encoder_segment_ids = None
+        if layer_segment_ids is not None and encoded_BSE is not None:
+            layer_encoder_segment_ids = encoder_segment_ids_BS
+
         layer_cls = TransformerLayer
         if cfg.remat:
             # Positions count `self` as argument 0: deterministic and decode are static.
@@ -343,6 +357,8 @@ class TransformerStack(nn.Module):
                 encoder_valid_BS,
                 deterministic,
                 decode,
+                layer_segment_ids,
+                layer_encoder_segment_ids,
             )
         if cfg.norm_placement == "pre":
             x_BLE = make_norm(cfg, "final_norm")(x_BLE)

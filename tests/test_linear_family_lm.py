@@ -48,7 +48,7 @@ def _train(arg, workdir, tokenizer_dir):
 
 
 @pytest.mark.parametrize(
-    "kernel, pack", [("performer", False), ("linear", False), ("taylor", False)]
+    "kernel, pack", [("performer", False), ("linear", True), ("taylor", False)]
 )
 def test_causal_lm_trains_evaluates_and_generates_recurrently(
     kernel, pack, tmp_path, tokenizer_dir

@@ -195,10 +195,11 @@ def test_packed_row_matches_float64_quadratic_form_with_segment_mask(kernel, cau
 
 
 def _dominant_key(k, row, slot):
-    """``k`` with the key at ``(row, slot)`` placed where the FAVOR+ key exponent peaks."""
+    """``k`` with the key at ``(row, slot)`` where the FAVOR+ key exponent ``w . x - |x|^2 / 2``
+    (``x = k / d^(1/4)``) peaks: ``x = w`` for the longest projection row ``w``."""
     strongest = np.asarray(PROJECTION)[np.argmax(np.linalg.norm(PROJECTION, axis=-1))]
     k = k.copy()
-    k[row, slot] = 4.0 * strongest * HEAD_DIM**0.25
+    k[row, slot] = strongest * HEAD_DIM**0.25
     return k
 
 
@@ -209,6 +210,7 @@ def test_performer_stabiliser_stays_in_its_segment(causal):
     features by it (to zero, here). Causal: it changes no earlier output of its own segment
     either (the running maximum restarts per segment and never looks ahead)."""
     q, k, v, segment_ids, positions, slots = _pack(_examples(6), 7)
+    k = 0.5 * k  # keys well below the dominant one, whose exponent is |w|^2 / 2
     fn = quick_jit(
         functools.partial(
             KERNELS["performer"],

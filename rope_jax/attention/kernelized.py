@@ -34,7 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rope_jax.attention import _inputs
+from rope_jax.attention import _inputs, segments
 
 # Shift of a prefix with no valid key yet: finite, so exp(a - b) of two such shifts is 1.
 NO_KEY_SHIFT = -1e30
@@ -93,11 +93,7 @@ def bidirectional(
         operands = (num_q_BTHM, num_k_BSHM, den_q_BTHM, den_k_BSHM, v_BSHD, run_ids_BL)
         if query_valid_BL is None:
             return segmented(*operands)
-        starts_BL = jnp.concatenate(
-            [jnp.ones_like(run_ids_BL[:, :1], bool), run_ids_BL[:, 1:] != run_ids_BL[:, :-1]],
-            axis=1,
-        )
-        runs_per_row_B = jnp.sum(starts_BL & query_valid_BL, axis=1)
+        runs_per_row_B = jnp.sum(segments.run_starts(run_ids_BL) & query_valid_BL, axis=1)
 
         def plain(num_q, num_k, den_q, den_k, v, run_ids):
             del run_ids

@@ -166,7 +166,7 @@ def self_attention_runs(name, segment_ids, key_valid_BS, batch, q_len, kv_len):
 
 def cross_attention_by_merge(
     name,
-    self_attention_fn,
+    kernel_fn,
     q_BTHD,
     k_BSHD,
     v_BSHD,
@@ -180,9 +180,12 @@ def cross_attention_by_merge(
 ):
     """Cross-attention between two packed rows: query t sees the keys with its segment id.
 
-    ``self_attention_fn(q, k, v, mask=, segment_ids=, q_positions=, kv_positions=)`` is the
-    kernel itself (other arguments bound); it runs bidirectionally over the merged sequence
-    (``merge_streams``), and the query slots are read back.
+    ``kernel_fn(q, k, v, mask=, segment_ids=, q_positions=, kv_positions=)`` is the kernel
+    itself (other arguments bound). It runs bidirectionally over the merged sequence
+    (``merge_streams``), and the query slots are read back. Rows that hold one example each
+    (both streams padded, not packed) need no merge: when every row of the batch has at most
+    one nonzero id, the kernel runs directly with the padding masked (``lax.cond`` picks at
+    run time), as fast as without segment ids.
     """
     if causal:
         raise ValueError(
@@ -199,23 +202,46 @@ def cross_attention_by_merge(
     kv_ids_BS = check_segment_ids(name, kv_segment_ids, batch, kv_len, what="kv_segment_ids")
     if key_valid_BS is None:
         key_valid_BS = jnp.ones((batch, kv_len), bool)
-    merged = merge_streams(
+    q_pos = _inputs.default_positions(q_positions, q_len).astype(jnp.int32)
+    kv_pos = _inputs.default_positions(kv_positions, kv_len).astype(jnp.int32)
+
+    def merged_attention(q_BTHD, k_BSHD, v_BSHD):
+        merged = merge_streams(
+            q_BTHD, k_BSHD, v_BSHD, q_ids_BT, kv_ids_BS, key_valid_BS, q_pos, kv_pos
+        )
+        out_BXHD = kernel_fn(
+            merged.q,
+            merged.k,
+            merged.v,
+            mask=merged.key_valid[:, None, None, :],
+            segment_ids=merged.segment_ids,
+            q_positions=merged.positions,
+            kv_positions=merged.positions,
+        )
+        return merged.split(out_BXHD)
+
+    def one_example_per_row(q_BTHD, k_BSHD, v_BSHD):
+        valid_BS = key_valid_BS & (kv_ids_BS != 0)
+        out_BTHD = kernel_fn(
+            q_BTHD,
+            k_BSHD,
+            v_BSHD,
+            mask=valid_BS[:, None, None, :],
+            segment_ids=None,
+            q_positions=q_pos,
+            kv_positions=kv_pos,
+        )
+        return jnp.where((q_ids_BT != 0)[:, :, None, None], out_BTHD, jnp.zeros_like(out_BTHD))
+
+    ids_BX = jnp.concatenate([q_ids_BT, kv_ids_BS], axis=1)
+    real_BX = ids_BX != 0
+    lowest_B = jnp.min(jnp.where(real_BX, ids_BX, jnp.iinfo(jnp.int32).max), axis=1)
+    highest_B = jnp.max(jnp.where(real_BX, ids_BX, jnp.iinfo(jnp.int32).min), axis=1)
+    return jax.lax.cond(
+        jnp.all(highest_B <= lowest_B),
+        one_example_per_row,
+        merged_attention,
         q_BTHD,
         k_BSHD,
         v_BSHD,
-        q_ids_BT,
-        kv_ids_BS,
-        key_valid_BS,
-        _inputs.default_positions(q_positions, q_len).astype(jnp.int32),
-        _inputs.default_positions(kv_positions, kv_len).astype(jnp.int32),
     )
-    out_BXHD = self_attention_fn(
-        merged.q,
-        merged.k,
-        merged.v,
-        mask=merged.key_valid[:, None, None, :],
-        segment_ids=merged.segment_ids,
-        q_positions=merged.positions,
-        kv_positions=merged.positions,
-    )
-    return merged.split(out_BXHD)

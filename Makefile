@@ -29,6 +29,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/forward.py
 	$(BIN)/python benchmarks/decoding.py
 	$(BIN)/python benchmarks/data.py
+	$(BIN)/python benchmarks/packing.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -8,9 +8,10 @@ sizes with the 50000-id jieba+BERT vocabulary):
     python train.py --config=configs/t5_pegasus.py:base --config.tokenizer.path=/models/spm.model \\
         --config.data.paths='/data/zh/*.jsonl' --config.data.format=jsonl --workdir=runs/t5p
 
-The blog's recipe: split text into sentences (newline and 。！？.!?), grow the target
-greedily by the sentence that maximises the LCS with the source until it passes 25% of
-the source; inputs 512, targets 256 tokens.
+The blog's recipe, as the reference code does it: cut the text into short pieces (newlines,
+then 。！？.!?, merged up to 32 characters: ``data.summary_max_chars``), grow the target
+greedily by the piece that maximises the LCS with the source until it passes 25% of the
+source, and keep the longer side as the source; inputs 512, targets 256 tokens.
 """
 
 from configs import common

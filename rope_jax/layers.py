@@ -269,6 +269,18 @@ def _accepts(fn, name: str) -> bool:
         return False
 
 
+def slot_starts(index, ndim: int, axis: int = 1) -> tuple:
+    """Start indices ``(0, .., index, .., 0)`` for ``lax.dynamic_(update_)slice`` at ``axis``.
+
+    Every start takes the dtype of ``index`` (the int32 cache counter): a bare Python ``0``
+    next to it becomes int64 under ``JAX_ENABLE_X64=1``, and XLA rejects start indices of
+    mixed types.
+    """
+    index = jnp.asarray(index)
+    zero = jnp.zeros((), index.dtype)
+    return tuple(index if dim == axis else zero for dim in range(ndim))
+
+
 class MultiHeadAttention(nn.Module):
     """Projections, RoPE, the decode cache, and a kernel from the attention registry.
 
@@ -388,7 +400,9 @@ class MultiHeadAttention(nn.Module):
                     f"positions, got lengths {q_len} x {kv_len}; raise max_length."
                 )
             kwargs["logits"] = lax.dynamic_slice(
-                self.synthesizer_logits, (0, q_offset, 0), (cfg.num_heads, q_len, kv_len)
+                self.synthesizer_logits,
+                slot_starts(jnp.asarray(q_offset, jnp.int32), 3),
+                (cfg.num_heads, q_len, kv_len),
             )
         if self._kernel_rotates:
             kwargs.update(rope=rope_spec(cfg), q_positions=q_positions, kv_positions=kv_positions)
@@ -583,12 +597,14 @@ class MultiHeadAttention(nn.Module):
             jnp.ones((batch, length), bool) if kv_valid_BT is None else kv_valid_BT.astype(bool)
         )
         cached_key.value = lax.dynamic_update_slice(
-            cached_key.value, k_BTHD.astype(dtype), (0, index, 0, 0)
+            cached_key.value, k_BTHD.astype(dtype), slot_starts(index, 4)
         )
         cached_value.value = lax.dynamic_update_slice(
-            cached_value.value, v_BTHD.astype(dtype), (0, index, 0, 0)
+            cached_value.value, v_BTHD.astype(dtype), slot_starts(index, 4)
         )
-        cached_valid.value = lax.dynamic_update_slice(cached_valid.value, new_valid_BT, (0, index))
+        cached_valid.value = lax.dynamic_update_slice(
+            cached_valid.value, new_valid_BT, slot_starts(index, 2)
+        )
         cache_index.value = index + length
         max_length = cached_key.value.shape[1]
         # Unwritten slots are still False in cached_valid. The caller's mask says which

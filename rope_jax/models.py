@@ -60,6 +60,7 @@ from rope_jax.layers import (
     embedding_init,
     lead,
     make_norm,
+    slot_starts,
 )
 from rope_jax.model_config import (
     KERNEL_TRAITS,
@@ -253,14 +254,16 @@ class TransformerStack(nn.Module):
         if cache_ready:
             index = cache_index.value
             key_positions.value = lax.dynamic_update_slice(
-                key_positions.value, positions_BL, (0, index)
+                key_positions.value, positions_BL, slot_starts(index, 2)
             )
             prefix_BL = (
                 jnp.zeros((batch, length), bool)
                 if prefix_mask_BL is None
                 else prefix_mask_BL.astype(bool)
             )
-            key_prefix.value = lax.dynamic_update_slice(key_prefix.value, prefix_BL, (0, index))
+            key_prefix.value = lax.dynamic_update_slice(
+                key_prefix.value, prefix_BL, slot_starts(index, 2)
+            )
             cache_index.value = index + length
             kv_positions_BS = key_positions.value
             max_length = kv_positions_BS.shape[1]

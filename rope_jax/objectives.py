@@ -12,7 +12,8 @@ Objectives:
   * ``t5_span_corruption_lengths`` -- T5's ``random_spans_helper`` length arithmetic.
   * ``mlm`` -- BERT masking (Devlin et al. 2019), 80/10/10, optional whole-word masking.
   * ``gap_sentences`` -- PEGASUS gap-sentence generation (Zhang et al. 2020), "Ind-Orig".
-  * ``pseudo_summary`` -- T5 PEGASUS pseudo summaries (greedy character-LCS selection).
+  * ``pseudo_summary`` -- T5 PEGASUS pseudo summaries (greedy character-LCS selection),
+    defined in ``pseudo_summaries.py`` and re-exported here.
   * ``causal_lm`` / ``prefix_lm`` -- decoder-only language modelling.
 
 The text-level objectives (``gap_sentences`` selection, ``pseudo_summary``) work on
@@ -27,6 +28,14 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
+from rope_jax.pseudo_summaries import (
+    join_sentences,
+    lcs_length,
+    pseudo_summary,
+    pseudo_summary_indices,
+    split_sentences,
+)
+
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
@@ -40,9 +49,11 @@ __all__ = [
     "join_sentences",
     "lcs_length",
     "mlm",
+    "num_gap_sentences",
     "prefix_lm",
     "pseudo_summary",
     "pseudo_summary_indices",
+    "random_spans_counts",
     "random_spans_noise_mask",
     "rouge1_f1",
     "rouge_units",
@@ -86,6 +97,32 @@ def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Gener
     return np.bincount(segment_id, minlength=num_segments)
 
 
+def random_spans_counts(
+    length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0
+) -> tuple[int, int]:
+    """``(num_noise_tokens, num_noise_spans)`` of ``random_spans_noise_mask`` at ``length``.
+
+    T5's arithmetic (t5/data/preprocessors.py): lengths below 2 count as 2;
+    ``num_noise_tokens = round(float32(length) * noise_density)``, the product in float32 and
+    half-to-even rounding as ``tf.round`` (190 * 0.15 is 28.5 in float64, so 28, but
+    28.500002 in float32, so 29), clipped to [1, length - 1]; ``num_noise_spans =
+    max(1, round(float32(num_noise_tokens) / mean_noise_span_length))``. Deliberate
+    difference: the spans are capped at the non-noise tokens, where T5 fails (a
+    segmentation into more non-empty parts than items; only at very high densities, e.g.
+    0.9 of 10 tokens). ``noise_density == 0`` gives ``(0, 0)``: no noise at all.
+    """
+    if noise_density == 0.0:
+        return 0, 0
+    length = max(length, 2)
+    num_noise_tokens = int(np.round(np.float32(length) * np.float32(noise_density)))
+    num_noise_tokens = min(max(num_noise_tokens, 1), length - 1)
+    num_noise_spans = int(
+        np.round(np.float32(num_noise_tokens) / np.float32(mean_noise_span_length))
+    )
+    num_noise_spans = max(num_noise_spans, 1)
+    return num_noise_tokens, min(num_noise_spans, length - num_noise_tokens)
+
+
 def random_spans_noise_mask(
     length: int,
     *,
@@ -95,22 +132,21 @@ def random_spans_noise_mask(
 ) -> np.ndarray:
     """Boolean noise mask following T5's ``random_spans_noise_mask``.
 
-    ``num_noise_tokens = round(length * noise_density)`` (clipped to [1, length - 1]),
-    ``num_noise_spans = max(1, round(num_noise_tokens / mean_noise_span_length))``; noise and
-    non-noise lengths are independent random segmentations, interleaved starting with a
-    non-noise span and ending with a noise span. Lengths below 2 are computed at length 2 and
-    truncated, as T5 does. Rounding is half-to-even, as ``tf.round``.
+    Counts from ``random_spans_counts`` (``noise_density == 0`` corrupts nothing, as in T5);
+    noise and non-noise span lengths are independent uniformly random segmentations
+    (``_random_segmentation``), interleaved starting with a non-noise span and ending with a
+    noise span, so that all masks with these counts are equally likely. Lengths below 2 are
+    computed at length 2 and truncated, as T5 does.
     """
+    if noise_density == 0.0:
+        return np.zeros(length, bool)
     orig_length = length
     length = max(length, 2)
-    num_noise_tokens = int(round(length * noise_density))
-    num_noise_tokens = min(max(num_noise_tokens, 1), length - 1)
-    num_noise_spans = max(int(round(num_noise_tokens / mean_noise_span_length)), 1)
-    num_nonnoise_tokens = length - num_noise_tokens
-    # A non-noise segmentation needs at least one token per span.
-    num_noise_spans = min(num_noise_spans, num_nonnoise_tokens)
+    num_noise_tokens, num_noise_spans = random_spans_counts(
+        length, noise_density, mean_noise_span_length
+    )
     noise_span_lengths = _random_segmentation(num_noise_tokens, num_noise_spans, rng)
-    nonnoise_span_lengths = _random_segmentation(num_nonnoise_tokens, num_noise_spans, rng)
+    nonnoise_span_lengths = _random_segmentation(length - num_noise_tokens, num_noise_spans, rng)
     interleaved = np.stack([nonnoise_span_lengths, noise_span_lengths], axis=1).reshape(-1)
     span_index = np.repeat(np.arange(interleaved.size), interleaved)
     is_noise = span_index % 2 == 1
@@ -164,6 +200,11 @@ def t5_span_corruption_lengths(
 
     The largest raw length whose corrupted inputs (non-noise tokens + one sentinel per span
     + EOS) still fit ``inputs_length``; 512 -> (568, 114) at density 0.15, mean span 3.
+    Like T5's helper this counts in float64 (Python ``round``), while the mask counts in
+    float32 (``random_spans_counts``); at the few lengths where the two round differently,
+    T5's examples come out longer than the helper says, and so do these (172 inputs: 190 raw
+    tokens, 29 noise tokens instead of 28, 40 targets instead of 38); the packer cuts them
+    as T5 trims them. 512 at density 0.15 is not such a length.
     """
 
     def corrupted_lengths(raw_length: int) -> tuple[int, int]:
@@ -244,24 +285,37 @@ def mlm(
 
 # ------------------------------------------------------------------------------ gap sentences
 
-_WORD_RE = re.compile(r"[0-9a-z]+|[^\x00-\x7f\s]", re.UNICODE)
+_WORD_RE = re.compile(r"[0-9a-z]+|[^\x00-\x7f\s]")
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def rouge_units(text: str) -> list[str]:
-    """Scoring units for ROUGE: lower-cased alphanumeric words; each non-ASCII character alone.
+    """Scoring units for ROUGE: ASCII-lower-cased alphanumeric words; each non-ASCII character.
 
-    Latin text follows the ROUGE scorer's default tokenisation (lower case, non-alphanumerics
-    as separators); CJK text has no spaces, so characters are the units (as Chinese ROUGE is
-    usually computed).
+    ASCII text gets PEGASUS's tokenisation (``RougeDistance::PrecomputeSentenceData``:
+    ``AsciiStrToLower``, then ``[^a-z0-9]+`` as separators). Deliberate difference: PEGASUS
+    drops every non-ASCII byte, so Chinese text would have no units at all; here each
+    non-ASCII character is a unit of its own (as Chinese ROUGE is usually computed), which
+    also splits accented words ("café" -> "caf", "é", where PEGASUS keeps "caf").
+    PEGASUS-large's stopword list (``parser_rouge_stopwords_filename``) is not applied: the
+    paper's Ind-Orig selection scores every word.
     """
-    return _WORD_RE.findall(text.lower())
+    return _WORD_RE.findall(text.translate(_ASCII_LOWER))
 
 
-def rouge1_f1(candidate: Sequence[Hashable], reference: Sequence[Hashable]) -> float:
-    """ROUGE-1 F1 with unigrams counted with repeats (clipped overlap)."""
-    if not candidate or not reference:
-        return 0.0
+def rouge1_f1(candidate: Sequence[Hashable], reference: Sequence[Hashable]) -> np.float32:
+    """ROUGE-1 F1 as PEGASUS computes it (float32; unigrams counted with repeats, clipped)."""
     return _rouge1_f1_counts(Counter(candidate), Counter(reference))
+
+
+def num_gap_sentences(num_sentences: int, gap_ratio: float) -> int:
+    """PEGASUS ``GetNumMaskedSentences``: ``min(int(max(float32(n) * ratio, 1)), n)``.
+
+    Truncation of a float32 product: 50 sentences at ratio 0.58 give 29 (the float64
+    product, 28.999999999999996, would give 28); at least one sentence, at most all of them.
+    """
+    product = np.float32(num_sentences) * np.float32(gap_ratio)
+    return min(int(max(product, np.float32(1.0))), num_sentences)
 
 
 def select_gap_sentences(
@@ -269,31 +323,36 @@ def select_gap_sentences(
 ) -> tuple[np.ndarray, np.ndarray]:
     """PEGASUS "Ind-Orig" selection: returns ``(selected_indices sorted, scores)``.
 
-    Each sentence is scored independently by ROUGE-1 F1 against the rest of the document
-    (all other sentences concatenated); the top ``max(1, round(gap_ratio * n))`` (at most
-    n - 1 when n > 1) are selected, ties broken by document order.
+    As PEGASUS's ``GetSentenceIndicesByRouge`` (pegasus/ops/sentence_selection.cc, strategy
+    "rouge"): each sentence is scored independently by ROUGE-1 F1 against the rest of the
+    document (the document's unigram counts minus the sentence's), in float32 as its
+    ``ComputeRougeFromCandidateCounts``; the ``(score, index)`` pairs are sorted in
+    descending order, so equal scores go to the LATER sentence; the first
+    ``num_gap_sentences(n, gap_ratio)`` indices are returned in document order. Not
+    implemented: PEGASUS-large's "dynamic_rouge" (a randomly shrunk ratio and Gaussian noise
+    on the scores).
     """
     n = len(sentence_units)
     total = Counter()
     for units in sentence_units:
         total.update(units)
-    scores = np.zeros(n)
+    scores = np.zeros(n, np.float32)
     for i, units in enumerate(sentence_units):
-        rest = total - Counter(units)
-        scores[i] = _rouge1_f1_counts(Counter(units), rest)
-    num_gaps = max(1, int(round(gap_ratio * n)))
-    if n > 1:
-        num_gaps = min(num_gaps, n - 1)
-    order = np.argsort(-scores, kind="stable")
-    return np.sort(order[:num_gaps]), scores
+        candidate = Counter(units)
+        scores[i] = _rouge1_f1_counts(candidate, total - candidate)
+    ranked = sorted(range(n), key=lambda i: (scores[i], i), reverse=True)
+    return np.sort(np.asarray(ranked[: num_gap_sentences(n, gap_ratio)], np.int64)), scores
 
 
-def _rouge1_f1_counts(candidate: Counter, reference: Counter) -> float:
-    # 2PR / (P + R) with P = o / |c|, R = o / |r| equals 2o / (|c| + |r|); this form is exact
-    # for equal integer counts, so ties stay ties.
+def _rouge1_f1_counts(candidate: Counter, reference: Counter) -> np.float32:
+    """PEGASUS's float32 arithmetic: P and R are float32 of double ratios (denominators at
+    least 1), ``F = 2 P R / (P + R)`` in float32, 0 unless both are positive."""
     overlap = sum((candidate & reference).values())
-    total = sum(candidate.values()) + sum(reference.values())
-    return 2 * overlap / total if total else 0.0
+    recall = np.float32(overlap / max(1, sum(reference.values())))
+    precision = np.float32(overlap / max(1, sum(candidate.values())))
+    if precision > 0 and recall > 0:
+        return np.float32(2) * precision * recall / (precision + recall)
+    return np.float32(0.0)
 
 
 def gap_sentences(
@@ -314,9 +373,15 @@ def gap_sentences(
     scores ``sentence_units`` (default: the token ids themselves; the pipeline passes
     ``rouge_units`` of the sentence text, i.e. words as in the paper). In ``inputs`` each
     selected sentence becomes one ``mask1_id``; ``targets`` are the selected sentences in
-    document order. With ``mlm_rate > 0``, ``round(mlm_rate * m)`` (at least one) of the
-    ``m`` remaining tokens get BERT masking with ``mask2_id`` (80/10/10). Both outputs end
-    with EOS.
+    document order. Both outputs end with EOS. This is PEGASUS's ``GetInputAndTarget`` with
+    ``mask_sentence_options_prob = [1, 0, 0, 0]`` (the paper's MASK1 always; the released
+    PEGASUS-large config leaves 10 % of the selected sentences intact).
+
+    With ``mlm_rate > 0``, ``round(mlm_rate * m)`` (at least one) of the ``m`` remaining
+    tokens get BERT masking with ``mask2_id`` (80/10/10). Deliberate differences from
+    PEGASUS's ``GetMLM``: it masks ``int(max(words * ratio, 1))`` whole words, and it also
+    returns their ids as encoder-side MLM targets, which this function does not (only the
+    corrupted input; the paper's final models use no MLM).
     """
     sentences = [_as_tokens(s) for s in sentences]
     if not sentences:
@@ -345,170 +410,6 @@ def gap_sentences(
             )
     targets = np.concatenate([sentences[i] for i in selected])
     return _append_eos(inputs, eos_id), _append_eos(targets, eos_id)
-
-
-# ----------------------------------------------------------------------------- pseudo summary
-
-_SENTENCE_END_RE = re.compile(r"(?<=[。！？])|(?<=[.!?])(?=\s)|\n")
-_CJK_END_RE = re.compile(r"[^\x00-\x7f]$")
-
-
-def split_sentences(text: str) -> list[str]:
-    """Short sentences for T5 PEGASUS: cut at newlines and after 。！？ and after .!? + space.
-
-    Latin full stops cut only before whitespace so that "3.14" or "e.g.x" stay whole;
-    punctuation stays with its sentence; empty pieces are dropped.
-    """
-    pieces = (piece.strip() for piece in _SENTENCE_END_RE.split(text))
-    return [piece for piece in pieces if piece]
-
-
-def join_sentences(sentences: Sequence[str]) -> str:
-    """Join sentences: no separator after one ending in a non-ASCII character, else a space."""
-    out: list[str] = []
-    for i, sentence in enumerate(sentences):
-        if i and not _CJK_END_RE.search(sentences[i - 1]):
-            out.append(" ")
-        out.append(sentence)
-    return "".join(out)
-
-
-def _char_masks(text: str) -> dict[str, int]:
-    """For each character of ``text``, the integer whose bit i is set where text[i] is it."""
-    if len(text) < 256:
-        masks: dict[str, int] = {}
-        for i, char in enumerate(text):
-            masks[char] = masks.get(char, 0) | (1 << i)
-        return masks
-    # Long strings: building the masks bit by bit is quadratic in Python; numpy packs them.
-    codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
-    unique, inverse = np.unique(codes, return_inverse=True)
-    return {
-        chr(code): int.from_bytes(np.packbits(inverse == k, bitorder="little").tobytes(), "little")
-        for k, code in enumerate(unique.tolist())
-    }
-
-
-def lcs_length(a: str, b: str) -> int:
-    """Length of the longest common subsequence of two strings (characters).
-
-    Bit-parallel algorithm of Allison & Dix (1986) / Hyyrö (2004) on Python integers:
-    O(len(b)) big-integer operations on len(a)-bit words.
-    """
-    if not a or not b:
-        return 0
-    match = _char_masks(a)
-    all_ones = (1 << len(a)) - 1
-    row = all_ones
-    get = match.get
-    for char in b:
-        common = row & get(char, 0)
-        # common is a subset of row, so row - common == row ^ common (no borrows). Carries
-        # past bit len(a) never flow back down, so the mask is applied once at the end.
-        row = (row + common) | (row ^ common)
-    return len(a) - (row & all_ones).bit_count()
-
-
-def _candidate_lcs(sentences: Sequence[str], source: list[int], target: list[int]) -> list[int]:
-    """For every i in ``source``: LCS(joined(source without i), joined(sorted(target + [i]))).
-
-    Same bit-parallel recurrence as ``lcs_length``, run for all candidates at once: candidate
-    i's target string occupies its own bit lane (one always-clear guard bit above it stops
-    carries), and one pass over the joined source updates every lane; at the characters
-    that candidate i removes from the source, lane i's match bits are zero, which leaves the
-    lane unchanged -- exactly as if those characters were absent.
-    """
-    parts = [sentences[j] for j in source]
-    joined = join_sentences(parts)
-    starts, position = [], 0
-    for k, part in enumerate(parts):
-        position += 1 if k and not _CJK_END_RE.search(parts[k - 1]) else 0
-        starts.append(position)
-        position += len(part)
-    # Characters that vanish from the source with candidate k: the sentence and the separator
-    # after it; for the last sentence, the separator before it.
-    skip = []
-    for k in range(len(parts)):
-        if k + 1 < len(parts):
-            skip.append((starts[k], starts[k + 1]))
-        else:
-            skip.append((starts[k - 1] + len(parts[k - 1]) if k else 0, len(joined)))
-    lanes = [join_sentences([sentences[t] for t in sorted([*target, j])]) for j in source]
-    offsets, offset = [], 0
-    for lane in lanes:
-        offsets.append(offset)
-        offset += len(lane) + 1  # + guard bit
-    masks = _char_masks("\0".join(lanes) + "\0")
-    masks.pop("\0", None)
-    lane_bits = [((1 << len(lane)) - 1) << off for lane, off in zip(lanes, offsets, strict=True)]
-    all_lanes = 0
-    for bits in lane_bits:
-        all_lanes |= bits
-    # Group source positions by the set of lanes that skip them.
-    skippers: list[list[int]] = [[] for _ in joined]
-    for k, (begin, stop) in enumerate(skip):
-        for p in range(begin, stop):
-            skippers[p].append(k)
-    keep_by_key: dict[tuple[int, ...], int] = {}
-    match_cache: dict[tuple[tuple[int, ...], str], int] = {}
-    row = all_lanes
-    for p, char in enumerate(joined):
-        key = tuple(skippers[p])
-        match = match_cache.get((key, char))
-        if match is None:
-            keep = keep_by_key.get(key)
-            if keep is None:
-                keep = all_lanes
-                for k in key:
-                    keep &= ~lane_bits[k]
-                keep_by_key[key] = keep
-            match = match_cache[(key, char)] = masks.get(char, 0) & keep
-        if match:
-            common = row & match
-            row = ((row + common) | (row ^ common)) & all_lanes
-    return [
-        len(lane) - ((row >> off) & ((1 << len(lane)) - 1)).bit_count()
-        for lane, off in zip(lanes, offsets, strict=True)
-    ]
-
-
-def pseudo_summary_indices(
-    sentences: Sequence[str], *, summary_rate: float = 0.25
-) -> tuple[list[int], list[int]]:
-    """T5 PEGASUS selection: returns ``(source_indices, target_indices)``, both sorted.
-
-    Each round moves into the target the source sentence that maximises the character LCS
-    between the joined remaining source and the joined target (target sentences kept in
-    document order; ties go to the earlier sentence). Stops once the joined target is longer
-    than ``summary_rate`` times the joined source, or one source sentence is left.
-    """
-    source = list(range(len(sentences)))
-    target: list[int] = []
-    if len(sentences) < 2:
-        return source, target
-    while True:
-        values = _candidate_lcs(sentences, source, target)
-        best_index = source[int(np.argmax(values))]
-        source.remove(best_index)
-        target = sorted([*target, best_index])
-        source_chars = len(join_sentences([sentences[j] for j in source]))
-        target_chars = len(join_sentences([sentences[j] for j in target]))
-        if len(source) == 1 or target_chars > summary_rate * source_chars:
-            return source, target
-
-
-def pseudo_summary(text: str, *, summary_rate: float = 0.25) -> tuple[str, str]:
-    """T5 PEGASUS pseudo summary of ``text``: returns ``(source_text, target_text)``.
-
-    Sentences from ``split_sentences``; selection by ``pseudo_summary_indices``. Tokenize
-    both sides afterwards (the pipeline appends EOS to each).
-    """
-    sentences = split_sentences(text)
-    source, target = pseudo_summary_indices(sentences, summary_rate=summary_rate)
-    return (
-        join_sentences([sentences[i] for i in source]),
-        join_sentences([sentences[i] for i in target]),
-    )
 
 
 # ------------------------------------------------------------------------ decoder-only LMs

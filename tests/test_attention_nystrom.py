@@ -175,3 +175,25 @@ def test_rejects_what_it_cannot_compute():
         eager_nystrom_attention(q, k, v, num_landmarks=2, mask=np.ones((2, 1, 4, 4), bool))
     with pytest.raises(ValueError, match="needs conv_weights"):
         eager_nystrom_attention(q, k, v, num_landmarks=2, conv_kernel_size=3)
+
+
+def test_at_least_as_many_landmarks_as_valid_keys_is_exact_softmax():
+    """The reference switches to softmax attention when num_landmarks == seq_len; here a row
+    with at most m valid keys is exact, with the paper's 6 iterations (which alone miss)."""
+    q, k, v = random_qkv(41, length=8)
+    for num_landmarks in (8, 11):  # every row, decided from the static length
+        out = nystrom_attention(q, k, v, num_landmarks=num_landmarks)
+        np.testing.assert_allclose(out, reference_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    # Per row: 5 valid keys <= 6 landmarks is exact (padded query rows too); 8 > 6 is not.
+    valid = np.array([[1] * 5 + [0] * 3, [1] * 8])
+    out = nystrom_attention(q, k, v, num_landmarks=6, mask=padding_mask(valid))
+    exact = reference_attention(q, k, v, mask=valid[:, None, None, :])
+    np.testing.assert_allclose(out[0], exact[0], rtol=1e-5, atol=1e-5)
+    approximate = numpy_nystrom(q[1:], k[1:], v[1:], valid[1:], 6, iterations=6)[0]
+    np.testing.assert_allclose(out[1], approximate, rtol=1e-4, atol=1e-4)
+    assert relative_error(out[1], exact[1]) > 1e-3
+    # Cross-attention (T != S): only the keys count.
+    q_cross = random_qkv(42, length=3)[0]
+    out = nystrom_attention(q_cross, k, v, num_landmarks=6, mask=padding_mask(valid))
+    exact = reference_attention(q_cross, k, v, mask=valid[:, None, None, :])
+    np.testing.assert_allclose(out[0], exact[0], rtol=1e-5, atol=1e-5)

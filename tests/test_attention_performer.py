@@ -47,8 +47,11 @@ def positive_features(x, projection):
 
 
 def relu_features(x, projection):
+    """The reference's generalized ReLU features in float64 (google-research performer,
+    fast_attention.py: ``kernel_fn(data @ W^T) + kernel_epsilon``, kernel_fn = relu,
+    kernel_epsilon = 0.001, normalize_data = False): no 1 / sqrt(m), no d^(-1/4)."""
     w = np.asarray(projection, np.float64)
-    projected = np.einsum("blhd,md->blhm", np.asarray(x, np.float64), w) / np.sqrt(w.shape[0])
+    projected = np.einsum("blhd,md->blhm", np.asarray(x, np.float64), w)
     return np.maximum(projected, 0.0) + 1e-3
 
 

@@ -6,10 +6,12 @@ import json
 import os
 import pickle
 import tracemalloc
+import types
 
 import numpy as np
 import pytest
 
+from rope_jax import objectives
 from rope_jax.data import corpora, embedded, packing, pipeline
 from rope_jax.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -355,3 +357,44 @@ def test_config_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match="num_workers"):
         pipeline.DataConfig(num_workers=-1)
     assert pipeline.DataConfig(inputs_length=512).decoder_length() == 114
+
+
+def test_sentinel_check_counts_spans_as_the_noise_mask_does():
+    # 172 inputs take 190 raw tokens; the mask's float32 count gives 29 noise tokens in 10
+    # spans there (float64 would say 28 in 9), so 9 sentinels are one short.
+    config = pipeline.DataConfig(objective="span_corruption", inputs_length=172)
+    with pytest.raises(ValueError, match="needs 10 sentinels, the tokenizer has 9"):
+        pipeline._check_sentinels(config, types.SimpleNamespace(num_sentinels=9))
+    pipeline._check_sentinels(config, types.SimpleNamespace(num_sentinels=10))
+
+
+@pytest.mark.parametrize("max_chars", [32, 0])
+def test_pseudo_summary_examples_use_t5_pegasus_pieces(tokenizer, max_chars):
+    # The reference's pieces: lines and sentences merged up to 32 characters (0: one piece
+    # per sentence); the longer side is the encoder input, the other the target.
+    from rope_jax.data.examples import ExampleMaker
+
+    text = "Hi there.\nYes! OK.\nThe cat sat on the mat near the river. It was a quiet day."
+    maker = ExampleMaker(
+        "pseudo_summary", tokenizer, inputs_length=400, summary_max_chars=max_chars
+    )
+    (example,) = maker(text, np.random.default_rng(0))
+    pieces = objectives.split_sentences(text, max_chars=max_chars or None)
+    if max_chars:
+        assert pieces == [
+            "Hi there.\nYes! OK.",
+            "The cat sat on the mat near the river.",
+            "It was a quiet day.",
+        ]
+    else:
+        assert len(pieces) == 5
+    source, target = objectives.pseudo_summary_indices(pieces)
+    tokens = tokenizer.encode_batch(pieces)
+    np.testing.assert_array_equal(
+        example["encoder_input_tokens"], np.concatenate([tokens[i] for i in source] + [[1]])
+    )
+    np.testing.assert_array_equal(
+        example["decoder_target_tokens"], np.concatenate([tokens[i] for i in target] + [[1]])
+    )
+    with pytest.raises(ValueError, match="summary_max_chars must be >= 0"):
+        ExampleMaker("pseudo_summary", tokenizer, inputs_length=400, summary_max_chars=-1)

@@ -483,3 +483,20 @@ def test_beam_search_rows_are_independent_with_ragged_prompts():
             batch.sequences[row, :, : lengths[row]],
             np.broadcast_to(prompts[row, : lengths[row]], (3, lengths[row])),
         )
+
+
+def test_cached_decoding_under_x64_equals_the_default_precision():
+    # JAX_ENABLE_X64=1 turns bare Python ints into int64; every cache write must keep one
+    # index dtype. The random synthesizer's decoder covers all three kinds: the stack's key
+    # positions, the layer's keys/values/validity, and the window of its logits table.
+    model, params, variables = _tiny_model(
+        "decoder", attention="random_synthesizer", position="learned", num_layers=1, max_length=8
+    )
+    prompts = np.array([[3, 4, 5, 6], [7, 8, 0, 0]], np.int32)
+    kwargs = dict(prompt_lengths_B=np.array([4, 2], np.int32), max_length=8, variables=variables)
+    want = decoding.generate(model, params, prompts, **kwargs)
+    with jax.enable_x64(True):
+        got = decoding.generate(model, params, prompts, **kwargs)
+    assert got.sequences.dtype == want.sequences.dtype == jnp.int32
+    np.testing.assert_array_equal(got.sequences, want.sequences)
+    np.testing.assert_array_equal(got.log_probs, want.log_probs)

@@ -1,9 +1,12 @@
 """Objectives against published properties, hand computations and brute-force references."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
 from rope_jax import objectives as obj
+from rope_jax import pseudo_summaries
 
 VOCAB = 1000
 
@@ -56,6 +59,47 @@ def test_span_lengths_are_random_segmentations():
     other = obj.random_spans_noise_mask(568, rng=np.random.default_rng(2))
     np.testing.assert_array_equal(mask, again)
     assert (mask != other).any()
+
+
+def test_noise_counts_round_a_float32_product_as_t5():
+    # T5: tf.round(tf.cast(length, tf.float32) * noise_density), half to even. 190 * 0.15 is
+    # 28.5 in float64 (28 after rounding) but 28.500002 in float32 (29); likewise 350 and 390.
+    # Spans: round(float32(noise) / 3): 29 / 3 -> 10, 53 / 3 -> 18, 59 / 3 -> 20.
+    rng = np.random.default_rng(12)
+    for length, noise, spans in [(190, 29, 10), (350, 53, 18), (390, 59, 20), (568, 85, 28)]:
+        mask = obj.random_spans_noise_mask(length, rng=rng)
+        span_starts = mask & ~np.concatenate([[False], mask[:-1]])
+        assert (int(mask.sum()), int(span_starts.sum())) == (noise, spans)
+        assert obj.random_spans_counts(length) == (noise, spans)
+    # At least one noise and one non-noise token; short lengths are computed at length 2.
+    assert obj.random_spans_counts(3, 0.01) == (1, 1)
+    assert obj.random_spans_counts(4, 0.99) == (3, 1)
+    assert obj.random_spans_counts(0) == obj.random_spans_counts(1) == (1, 1)
+
+
+def test_noise_density_zero_corrupts_nothing():
+    rng = np.random.default_rng(13)
+    assert not obj.random_spans_noise_mask(10, rng=rng, noise_density=0.0).any()
+    tokens = np.arange(3, 13)
+    inputs, targets = obj.span_corruption(tokens, rng=rng, vocab_size=VOCAB, noise_density=0.0)
+    # As T5: the inputs are the tokens; the targets one sentinel for the one non-noise span.
+    np.testing.assert_array_equal(inputs, [*tokens, 1])
+    np.testing.assert_array_equal(targets, [VOCAB - 1, 1])
+    assert obj.random_spans_counts(10, 0.0) == (0, 0)
+
+
+def test_all_masks_with_the_counts_are_equally_likely():
+    # T5's docstring: "Subject to the above restrictions, all masks are equally likely."
+    # Length 12 at density 0.5: 6 noise tokens in 2 spans, 6 non-noise tokens in 2 spans,
+    # so 5 x 5 = 25 masks, each with probability 1/25.
+    rng = np.random.default_rng(14)
+    draws = 5000
+    counts = Counter(
+        obj.random_spans_noise_mask(12, rng=rng, noise_density=0.5).tobytes() for _ in range(draws)
+    )
+    assert len(counts) == 25
+    expected = draws / 25  # binomial standard deviation ~14
+    assert max(abs(c - expected) for c in counts.values()) < 60, counts.values()
 
 
 def test_t5_length_arithmetic():
@@ -122,27 +166,106 @@ def test_rouge1_and_gap_sentence_selection_hand_example():
         "A dog sat on a log.",  # a x2, dog, sat, on, log (6)
         "Birds sing.",  # birds, sing (2)
     ]
-    # F1 = 2 * overlap / (len(sentence) + len(rest)), counts clipped with repeats:
-    # s0: rest has the 1, cat 1, sat 1, on 1 -> overlap 4, rest 11 units -> 8/17
-    # s1: rest has the 2, cat 1           -> overlap 2, rest 14 units -> 4/17
-    # s2: rest has sat 1, on 1            -> overlap 2, rest 11 units -> 4/17
+    # F1 = 2PR / (P + R), counts clipped with repeats:
+    # s0: rest has the 1, cat 1, sat 1, on 1 -> overlap 4, P 4/6, R 4/11 -> 8/17
+    # s1: rest has the 2, cat 1           -> overlap 2, P 2/3, R 2/14 -> 4/17
+    # s2: rest has sat 1, on 1            -> overlap 2, P 2/6, R 2/11 -> 4/17
     # s3: nothing                          -> 0
     units = [obj.rouge_units(s) for s in sentences]
     selected, scores = obj.select_gap_sentences(units, gap_ratio=0.3)
-    np.testing.assert_allclose(scores, [8 / 17, 4 / 17, 4 / 17, 0.0])
-    np.testing.assert_array_equal(selected, [0])  # round(0.3 * 4) = 1
+    np.testing.assert_allclose(scores, [8 / 17, 4 / 17, 4 / 17, 0.0], rtol=1e-6)
+    np.testing.assert_array_equal(selected, [0])  # int(4 * 0.3) = 1
     selected, _ = obj.select_gap_sentences(units, gap_ratio=0.5)
-    np.testing.assert_array_equal(selected, [0, 1])  # tie s1/s2 goes to document order
+    # s1 and s2 tie (the same float32 value): PEGASUS sorts (score, index) pairs in
+    # descending order, so the later sentence wins.
+    assert scores[1] == scores[2]
+    np.testing.assert_array_equal(selected, [0, 2])
     assert obj.rouge1_f1(units[0], units[1] + units[2] + units[3]) == pytest.approx(8 / 17)
+
+
+def test_rouge_units_are_pegasus_words_plus_non_ascii_characters():
+    # PEGASUS: ASCII lower case, [^a-z0-9]+ separates. Non-ASCII characters (which PEGASUS
+    # drops) are units of their own; the Kelvin sign is not lower-cased into an ASCII "k".
+    assert obj.rouge_units("Hello, WORLD-2! café 猫吃鱼\u212a") == [
+        *["hello", "world", "2", "caf", "é"],
+        *["猫", "吃", "鱼", "\u212a"],
+    ]
+
+
+def test_number_of_gap_sentences_is_pegasus_floor_capped_at_n():
+    # GetNumMaskedSentences: min(int(max(float32(n) * ratio, 1.0f)), n).
+    cases = {(1, 0.3): 1, (3, 0.3): 1, (5, 0.3): 1, (9, 0.3): 2, (10, 0.3): 3, (3, 0.5): 1}
+    cases.update({(2, 1.0): 2, (4, 0.9): 3, (7, 1.0): 7})
+    # 50 * 0.58 is 28.999999999999996 in float64 but exactly 29 in float32.
+    cases[(50, 0.58)] = 29
+    for (n, ratio), expected in cases.items():
+        units = [[f"w{i}"] for i in range(n)]
+        assert obj.select_gap_sentences(units, gap_ratio=ratio)[0].size == expected, (n, ratio)
+        assert obj.num_gap_sentences(n, ratio) == expected
+    # Every sentence may go: the input is then MASK1 only.
+    inputs, targets = obj.gap_sentences(
+        [np.array([10, 11]), np.array([12])], rng=np.random.default_rng(0), mask1_id=7, gap_ratio=1
+    )
+    np.testing.assert_array_equal(inputs, [7, 7, 1])
+    np.testing.assert_array_equal(targets, [10, 11, 12, 1])
+
+
+def test_tied_scores_select_the_later_sentences_as_pegasus():
+    # PEGASUS's own test document: every sentence scores the same (one shared word), so its
+    # descending sort of (score, index) pairs takes the last int(10 * 0.3) = 3 sentences.
+    text = " ".join(f"sentence {i}." for i in range(10))
+    sentences = obj.split_sentences(text)
+    assert len(sentences) == 10
+    selected, scores = obj.select_gap_sentences([obj.rouge_units(s) for s in sentences])
+    assert len(set(scores.tolist())) == 1
+    np.testing.assert_array_equal(selected, [7, 8, 9])
+
+
+def _pegasus_rouge_selection(sentence_units, ratio):
+    """PEGASUS GetSentenceIndicesByRouge restated: float32 P, R, F from clipped counts,
+    std::sort of (score, index) pairs with std::greater, the first n indices re-sorted."""
+    f32 = np.float32
+    document = {}
+    for units in sentence_units:
+        for unit in units:
+            document[unit] = document.get(unit, 0) + 1
+    pairs = []
+    for i, units in enumerate(sentence_units):
+        sentence = {}
+        for unit in units:
+            sentence[unit] = sentence.get(unit, 0) + 1
+        rest = {u: c - sentence.get(u, 0) for u, c in document.items()}
+        overlap = sum(min(c, sentence.get(u, 0)) for u, c in rest.items())
+        recall = f32(overlap / max(1.0, float(sum(rest.values()))))
+        precision = f32(overlap / max(1.0, float(len(units))))
+        f1 = f32(0)
+        if precision > 0 and recall > 0:
+            f1 = (f32(2) * precision * recall) / (precision + recall)
+        pairs.append((f1, i))
+    pairs.sort(reverse=True)
+    count = min(int(max(f32(len(sentence_units)) * f32(ratio), f32(1))), len(sentence_units))
+    return sorted(i for _, i in pairs[:count])
+
+
+def test_gap_sentence_selection_matches_the_pegasus_restatement():
+    rng = np.random.default_rng(15)
+    for _ in range(300):
+        n = int(rng.integers(1, 12))
+        vocabulary = [f"w{i}" for i in range(int(rng.integers(1, 6)))]
+        units = [list(rng.choice(vocabulary, size=rng.integers(0, 6))) for _ in range(n)]
+        ratio = float(rng.choice([0.15, 0.3, 0.45, 0.58, 1.0]))
+        selected, _ = obj.select_gap_sentences(units, gap_ratio=ratio)
+        assert selected.tolist() == _pegasus_rouge_selection(units, ratio)
 
 
 def test_gap_sentences_tokens():
     rng = np.random.default_rng(6)
     sentences = [np.array([10, 11, 12]), np.array([10, 11, 13]), np.array([20, 21])]
-    # token-id units: s0 vs rest {10,11,13,20,21}: overlap 2 -> 4/8; s1 same 4/8; s2 0.
+    # token-id units: s0 vs rest {10,11,13,20,21}: overlap 2 -> F 1/2; s1 the same, and the
+    # tie goes to the later sentence; s2 0. int(3 * 0.3) -> max(., 1) = 1 sentence.
     inputs, targets = obj.gap_sentences(sentences, rng=rng, mask1_id=7, gap_ratio=0.3)
-    np.testing.assert_array_equal(inputs, [7, 10, 11, 13, 20, 21, 1])
-    np.testing.assert_array_equal(targets, [10, 11, 12, 1])
+    np.testing.assert_array_equal(inputs, [10, 11, 12, 7, 20, 21, 1])
+    np.testing.assert_array_equal(targets, [10, 11, 13, 1])
     long = [rng.integers(10, 100, size=20) for _ in range(10)]
     inputs, targets = obj.gap_sentences(
         long, rng=rng, mask1_id=7, mask2_id=8, mlm_rate=0.15, random_token_range=(10, 100)
@@ -207,16 +330,103 @@ def test_pseudo_summary_chinese_hand_example():
     #   今天下雨了。     vs rest: 。                      = 1
     #   我们在家里看书。 vs rest: 书(S5) 。 (or 看 。)     = 2
     #   书很好看。       vs rest: 看(S4) 。 (or 书 。)     = 2
-    # Target 猫和狗都吃东西。 has 8 chars > 0.25 * 27 source chars -> stop.
+    # Target 猫和狗都吃东西。 has 8 chars, 8 / 27 > 0.25 -> stop.
     source, target = obj.pseudo_summary_indices(sentences)
     assert target == [2] and source == [0, 1, 3, 4, 5]
-    source_text, target_text = obj.pseudo_summary(text)
+    source_text, target_text = obj.pseudo_summary(text, max_chars=None)
     assert target_text == "猫和狗都吃东西。"
     assert source_text == "猫吃鱼。狗吃肉。今天下雨了。我们在家里看书。书很好看。"
 
 
+def test_pseudo_summary_never_returns_the_longer_side_as_the_summary():
+    # Two sentences tie (LCS 3 either way), the earlier one moves, one is left: the reference
+    # then swaps (`if len(source) < len(target): source, target = target, source`).
+    sentences = ["甲乙丙丁戊己庚。", "甲乙。"]
+    assert obj.pseudo_summary_indices(sentences) == ([0], [1])
+    text = "甲乙丙丁戊己庚。甲乙。"
+    assert obj.pseudo_summary(text, max_chars=None) == ("甲乙丙丁戊己庚。", "甲乙。")
+
+
+def _text_segmentate(text, maxlen, seps="\n", strips=None):
+    """bert4keras snippets.text_segmentate, restated (T5 PEGASUS calls it with 32, '\\n。')."""
+    text = text.strip().strip(strips)
+    if seps and len(text) > maxlen:
+        pieces = text.split(seps[0])
+        text, texts = "", []
+        for i, p in enumerate(pieces):
+            if text and p and len(text) + len(p) > maxlen - 1:
+                texts.extend(_text_segmentate(text, maxlen, seps[1:], strips))
+                text = ""
+            text = text + p if i + 1 == len(pieces) else text + p + seps[0]
+        if text:
+            texts.extend(_text_segmentate(text, maxlen, seps[1:], strips))
+        return texts
+    return [text]
+
+
+def _reference_pseudo_summary(texts, summary_rate=0.25):
+    """T5 PEGASUS train.py pseudo_summary, restated with a dynamic-programming LCS."""
+    source_idxs, target_idxs = list(range(len(texts))), []
+    while True:
+        sims = []
+        for i in source_idxs:
+            new_source = "".join(texts[j] for j in source_idxs if j != i)
+            new_target = "".join(texts[j] for j in sorted([*target_idxs, i]))
+            sims.append(_lcs_dp(new_source, new_target))
+        new_idx = source_idxs[int(np.argmax(sims))]
+        source_idxs.remove(new_idx)
+        target_idxs = sorted([*target_idxs, new_idx])
+        source = "".join(texts[i] for i in source_idxs)
+        target = "".join(texts[i] for i in target_idxs)
+        if len(source_idxs) == 1 or 1.0 * len(target) / len(source) > summary_rate:
+            break
+    if len(source) < len(target):
+        source, target = target, source
+    return source, target
+
+
+def _random_chinese_text(rng, size):
+    chars = list("天地人你我他山水火木金土日月星")
+    weights = np.array([1.0] * len(chars) + [0.12, 0.05, 0.02])
+    alphabet = [*chars, "。", "\n", " "]
+    return "".join(rng.choice(alphabet, size=size, p=weights / weights.sum()))
+
+
+def test_short_pieces_match_bert4keras_text_segmentate():
+    rng = np.random.default_rng(16)
+    for _ in range(300):
+        text = _random_chinese_text(rng, int(rng.integers(0, 160)))
+        max_chars = int(rng.choice([4, 8, 16, 32]))
+        expected = [piece for piece in _text_segmentate(text, max_chars, "\n。") if piece]
+        assert obj.split_sentences(text, max_chars=max_chars) == expected, (text, max_chars)
+    # By hand: lines merge up to 32 characters, newlines kept inside a piece; a longer line
+    # is cut at 。 and its sentences merged the same way.
+    long_line = "甲" * 20 + "。" + "乙" * 20 + "。" + "丙" * 5 + "。"
+    assert obj.split_sentences("第一行。\n第二行。\n" + long_line, max_chars=32) == [
+        "第一行。\n第二行。",
+        "甲" * 20 + "。",
+        "乙" * 20 + "。" + "丙" * 5 + "。",
+    ]
+
+
+def test_pseudo_summary_of_text_matches_the_t5_pegasus_reference():
+    rng = np.random.default_rng(17)
+    compared = 0
+    for _ in range(40):
+        text = _random_chinese_text(rng, int(rng.integers(40, 200)))
+        pieces = [piece for piece in _text_segmentate(text, 32, "\n。") if piece]
+        if len(pieces) < 2:
+            continue
+        source, target = _reference_pseudo_summary(pieces)
+        assert obj.pseudo_summary(text) == (source, target)
+        compared += 1
+        # The source is the longer side (the swap).
+        assert len(source) >= len(target)
+    assert compared >= 30
+
+
 def _pseudo_summary_reference(sentences, rate=0.25):
-    """Direct transcription of the selection rule, one dynamic-programming LCS per candidate."""
+    """The reference's selection rule on our joined strings, one DP LCS per candidate."""
     source, target = list(range(len(sentences))), []
     while True:
         values = []
@@ -229,8 +439,9 @@ def _pseudo_summary_reference(sentences, rate=0.25):
         target = sorted(target + [best])
         src = obj.join_sentences([sentences[j] for j in source])
         tgt = obj.join_sentences([sentences[j] for j in target])
-        if len(source) == 1 or len(tgt) > rate * len(src):
-            return source, target
+        if len(source) == 1 or len(tgt) / len(src) > rate:
+            break
+    return (target, source) if len(src) < len(tgt) else (source, target)
 
 
 def test_pseudo_summary_multi_round_against_reference():
@@ -292,4 +503,4 @@ def test_all_candidate_lcs_equals_one_lcs_per_candidate():
             )
             for i in source
         ]
-        assert obj._candidate_lcs(sentences, source, target) == expected
+        assert pseudo_summaries._candidate_lcs(sentences, source, target) == expected

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+import superglue_reference as reference
 
 from rope_jax.evaluation import formats, inputs, pretrained, readers
 
@@ -146,17 +147,34 @@ def test_tiny_finetune_and_eval_end_to_end(tmp_path, family, task, monkeypatch, 
     assert val["num_examples"] == (6 if trained == "CB" else 4)
     assert 0.0 <= val["accuracy"] <= 1.0 and np.isfinite(val["final_train_loss"])
     assert f"| {trained} | {int(val['num_examples'])} | score" in capsys.readouterr().out
-    with open(os.path.join(workdir, "predictions", f"{trained}_val.jsonl")) as f:
-        lines = [json.loads(x) for x in f]
+    # The prediction file is what the metrics scored: recomputed from it by the official
+    # rules (invalid = null = wrong), they equal metrics.json.
+    lines = reference.read_lines(os.path.join(workdir, "predictions", f"{trained}_val.jsonl"))
     assert [x["idx"] for x in lines] == list(range(int(val["num_examples"])))
-    assert all(x["label"] in set(readers.LABEL_NAMES[trained]) for x in lines)
+    assert all(x["label"] in (*readers.LABEL_NAMES[trained], None) for x in lines)
+    assert all(("decoded" in x) == (x["label"] is None) for x in lines)
+    gold = readers.read_split(str(data), trained, "val")
+    recomputed = reference.metrics_from_file(trained, lines, gold)
+    assert recomputed == pytest.approx({k: val[k] for k in recomputed})
+    assert val["invalid_fraction"] == pytest.approx(
+        sum(x["label"] is None for x in lines) / len(lines)
+    )
     if task == "CB":
         assert "f1" in val
         assert results["CB/test"]["num_examples"] == 3
         assert os.path.exists(os.path.join(workdir, "submission", "CB.jsonl"))
     else:
         assert sorted(results) == ["AX-b", "RTE"] and "mcc" in results["AX-b"]
-        assert os.path.exists(os.path.join(workdir, "submission", "AX-b.jsonl"))
+        # A labelled test split (the diagnostics): a scored file with nulls, and the
+        # leaderboard file with every line labelled and the filled ones counted.
+        scored = reference.read_lines(os.path.join(workdir, "predictions", "AX-b_test.jsonl"))
+        gold = readers.read_split(str(data), "AX-b", "test")
+        recomputed = reference.metrics_from_file("AX-b", scored, gold)
+        assert recomputed == pytest.approx({k: results["AX-b"][k] for k in recomputed})
+        leaderboard = reference.read_lines(os.path.join(workdir, "submission", "AX-b.jsonl"))
+        assert all(x["label"] in readers.LABEL_NAMES["AX-b"] for x in leaderboard)
+        filled = sum(x["label"] is None for x in scored)
+        assert results["AX-b"]["filled_labels"] == filled
         assert "| RTE | 4 |" in open(os.path.join(workdir, "summary.md")).read()
 
 
@@ -227,3 +245,42 @@ def test_workdir_tokenizer_keeps_the_vocabulary_it_was_trained_for(tmp_path):
     codec = pretrained._codec(_config(tmp_path, "encoder_decoder"), None, str(tmp_path))
     assert codec.tokenizer.vocab_size == 1000
     assert codec.tokenizer.sentinel_id(0) == trained.sentinel_id(0) == 999
+
+
+@pytest.mark.parametrize(
+    "broken,content,error,message",
+    [
+        ("RTE/val.jsonl", '{"idx": 0}\n', readers.SuperGlueFormatError, "missing field"),
+        ("RTE/val.jsonl", "", readers.SuperGlueFormatError, "RTE val split is empty"),
+        ("RTE/val.jsonl", None, FileNotFoundError, "RTE val split not found"),
+        ("AX-b/AX-b.jsonl", "{not json\n", readers.SuperGlueFormatError, "invalid JSON"),
+        ("CB/test.jsonl", '{"idx": 0, "premise": 1}\n', readers.SuperGlueFormatError, "premise"),
+        # A test file given as training data: no labels to train on.
+        ("RTE/train.jsonl", '{"idx": 0, "premise": "p", "hypothesis": "h"}\n',
+         readers.SuperGlueFormatError, "no label to train on"),
+    ],
+)  # fmt: skip
+def test_every_split_is_read_before_any_model_work(
+    tmp_path, monkeypatch, broken, content, error, message
+):
+    """task=all trains CB first; a bad RTE, AX-b or test file must fail before that (and
+    before any model is loaded), with an error naming the file."""
+    from rope_jax.evaluation import finetune
+
+    data = tmp_path / "data"
+    _fixture_data(data)
+    if content is None:
+        (data / broken).unlink()
+    else:
+        (data / broken).write_text(content)
+    config = _config(data, "encoder_decoder")
+    config.task = "all"
+
+    def no_model_work(config):
+        raise AssertionError("a model was loaded before every split was read")
+
+    monkeypatch.setattr(pretrained, "load_source", no_model_work)
+    with pytest.raises(error, match=message) as raised:
+        finetune.finetune_and_evaluate(config, str(tmp_path / "run"))
+    assert str(data / broken) in str(raised.value)
+    assert not (tmp_path / "run").exists()

@@ -171,12 +171,15 @@ def test_record_entities_from_inclusive_spans(data_dir):
 
 def test_wsc_spans_marked_and_referent_matching(data_dir):
     first, second = readers.read_split(str(data_dir), "WSC", "val")
+    # TFDS wsc.fixed gives the span text the text's case ("The cat" -> "the cat").
+    assert first["span1_text"] == "the cat"
     assert first["text"][first["span1_start"] : first["span1_end"]] == "the cat"
     assert second["text"][second["span2_start"] : second["span2_end"]] == "him"
     assert (
         formats.text_input("WSC", first) == "wsc: The dog chased the cat because *it* was hungry."
     )
-    assert formats.text_input("WSC", second) == "wsc: Good for *him*, he said."
+    # Punctuation attached to the pronoun is split off, as T5 does by hand for 'him,"'.
+    assert formats.text_input("WSC", second) == "wsc: Good for *him* , he said."
     assert formats.encoder_example("WSC", first, 0).pairs[0][0] == (
         "The dog chased * the cat * because # it # was hungry."
     )
@@ -186,13 +189,12 @@ def test_wsc_spans_marked_and_referent_matching(data_dir):
     ]
     assert len(formats.text_examples("WSC", [first, second], training=False)) == 2
     assert formats.parse_text_prediction("WSC", "the cat", first) is True
-    assert formats.parse_text_prediction("WSC", "cat.", first) is True
     assert formats.parse_text_prediction("WSC", "the dog", first) is False
     assert formats.parse_text_prediction("WSC", "the cat's", first) is False
     # An empty answer is invalid (wrong whatever the label), not a "False" that scores on
     # every negative record.
     assert formats.parse_text_prediction("WSC", " ", first) is None
-    assert formats.parse_text_prediction("WSC", "the.", first) is None
+    assert formats.parse_text_prediction("WSC", "the", first) is None
 
 
 def test_t5_formats_and_label_words(data_dir):
@@ -208,7 +210,8 @@ def test_t5_formats_and_label_words(data_dir):
         ),
         "RTE": ("rte hypothesis: H. premise: P.", "not_entailment"),
         "WiC": ("wic sentence1: I feel it. sentence2: She felt. word: feel", "False"),
-        "AX-b": ("rte sentence1: A. sentence2: B.", "entailment"),
+        # T5 renames AX-b's sentence1/sentence2 to premise/hypothesis, as RTE is trained.
+        "AX-b": ("rte hypothesis: B. premise: A.", "entailment"),
         "AX-g": ("rte hypothesis: H. premise: P.", "entailment"),
     }
     for task, (inputs, target) in cases.items():
@@ -221,6 +224,29 @@ def test_t5_formats_and_label_words(data_dir):
     assert copa.pairs[1] == ("It rained.", "What happened as a result? Dry.") and copa.label == (0,)
     assert formats.encoder_prediction("COPA", one("COPA"), [0.0, 2.0]) == 1
     assert formats.encoder_example("CB", one("CB"), 0).label == 2
+
+
+def test_axb_is_cast_as_the_rte_model_is_trained(data_dir):
+    """T5 renames AX-b's fields (premise <- sentence1, hypothesis <- sentence2) and casts it
+    with the RTE template: the RTE cast of the same pair, string for string."""
+    (axb,) = readers.read_split(str(data_dir), "AX-b", "test")
+    as_rte = {"premise": axb["sentence1"], "hypothesis": axb["sentence2"], "label": axb["label"]}
+    assert formats.text_input("AX-b", axb) == formats.text_input("RTE", as_rte)
+    assert formats.text_input("AX-b", axb) == "rte hypothesis: B. premise: A."
+    assert (
+        formats.encoder_example("AX-b", axb, 0).pairs
+        == formats.encoder_example("RTE", as_rte, 0).pairs
+    )
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_empty_split_is_an_error_naming_the_file(tmp_path, content):
+    path = tmp_path / "CB" / "val.jsonl"
+    path.parent.mkdir()
+    path.write_text(content)
+    with pytest.raises(readers.SuperGlueFormatError, match="CB val split is empty") as error:
+        readers.load_split(str(tmp_path), "CB", "val")
+    assert str(error.value).startswith(f"{path}: ")
 
 
 def test_leaderboard_label_conventions(data_dir):
@@ -288,14 +314,14 @@ def test_leaderboard_label_conventions(data_dir):
                     "text": "a b c",
                     "label": True,
                     "target": {
-                        "span1_index": 0,
+                        "span1_index": "0",
                         "span1_text": "a",
-                        "span2_index": 0,
+                        "span2_index": 2,
                         "span2_text": "c",
                     },
                 }
             ),
-            "span2_text 'c' is not at word 0",
+            "field 'span1_index' in target must be int",
         ),
         ("BoolQ", '{"question": "q", "passage": "p", "idx": "7"}', "field 'idx' must be int"),
     ],

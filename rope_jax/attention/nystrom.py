@@ -16,6 +16,16 @@ and appending padded positions changes nothing. A segment with no valid token (`
 yields an unused landmark: its rows and columns of the three kernels are zero, and the
 iteration then inverts the remaining block (block-diagonal structure is preserved).
 
+Exact path. The reference switches to exact softmax attention when ``num_landmarks ==
+seq_len`` (its padded, static length), where the iterative pseudo-inverse would only
+approximate (1.5-3 % off after 6 iterations). Here the switch is per row: a row whose valid
+keys number at most ``m`` makes every valid key its own landmark (ranks ``r < r'`` fall in
+segments ``floor(r m / n) < floor(r' m / n)`` when ``m >= n``), so ``softmax(Q K~^T) V~``
+with ``V~`` the landmark means of V IS exact softmax attention, in ``O(T m)``, and such rows
+take it; with ``m >= S`` every row does and the Nyström terms are not computed at all. This
+covers the reference's condition (its rows have at most ``seq_len`` valid tokens) and also
+the padded rows it would still approximate.
+
 The optional skip connection is the paper's depthwise convolution over the sequence on V,
 one filter per head (their code: ``Conv2d(heads, heads, (k, 1), groups=heads)`` applied to
 the key-masked values); its weights are an argument, ``conv_weights [K, H]``.
@@ -109,8 +119,8 @@ def nystrom_attention(
 
     Args:
       q_BTHD, k_BSHD, v_BSHD: ``[B, L, H, D]``.
-      num_landmarks: ``m``. With ``m`` equal to the number of valid tokens and an exact
-        pseudo-inverse this is exact softmax attention.
+      num_landmarks: ``m``. Rows with at most ``m`` valid keys get exact softmax attention
+        (see "Exact path" in the module doc).
       mask: key-padding mask broadcastable to ``[B, 1, 1, S]``; when ``T == S`` it also
         marks the padded queries, which stay out of the query landmarks.
       bias: must be None; causal: must be False (Nyström attention is bidirectional).
@@ -158,38 +168,48 @@ def nystrom_attention(
 
     all_valid_BS = jnp.ones((batch, kv_len), bool)
     key_valid_or_all_BS = all_valid_BS if key_valid_BS is None else key_valid_BS
-    query_valid_BT = key_valid_or_all_BS if q_len == kv_len else jnp.ones((batch, q_len), bool)
-    q_weights_BTM, q_landmark_valid_BM = segment_means_weights(query_valid_BT, num_landmarks)
     k_weights_BSM, k_landmark_valid_BM = segment_means_weights(key_valid_or_all_BS, num_landmarks)
 
     q_BTHD = q_BTHD.astype(jnp.float32) * jnp.float32(scale)
     k_BSHD = k_BSHD.astype(jnp.float32)
-    q_landmarks_BMHD = jnp.einsum("BTM,BTHD->BMHD", q_weights_BTM, q_BTHD)
+    v_BSHD = v_BSHD.astype(jnp.float32)
     k_landmarks_BMHD = jnp.einsum("BSM,BSHD->BMHD", k_weights_BSM, k_BSHD)
 
     # K below indexes key landmarks where both landmark axes appear.
     key_landmark_mask = k_landmark_valid_BM[:, None, None, :]
-    query_landmark_rows = q_landmark_valid_BM[:, None, :, None]
     kernel_1_BHTM = masked_softmax(
         jnp.einsum("BTHD,BMHD->BHTM", q_BTHD, k_landmarks_BMHD), key_landmark_mask
     )
-    kernel_2_BHMK = masked_softmax(
-        jnp.einsum("BMHD,BKHD->BHMK", q_landmarks_BMHD, k_landmarks_BMHD), key_landmark_mask
-    )
-    kernel_2_BHMK = jnp.where(query_landmark_rows, kernel_2_BHMK, 0.0)
-    key_mask = None if key_valid_BS is None else key_valid_BS[:, None, None, :]
-    kernel_3_BHMS = masked_softmax(
-        jnp.einsum("BMHD,BSHD->BHMS", q_landmarks_BMHD, k_BSHD), key_mask
-    )
-    kernel_3_BHMS = jnp.where(query_landmark_rows, kernel_3_BHMS, 0.0)
-
-    if pinv_iterations is None:
-        pinv_BHKM = jnp.linalg.pinv(kernel_2_BHMK)
+    # Rows with at most m valid keys: each key is its own landmark, and this is exact.
+    v_landmarks_BMHD = jnp.einsum("BSM,BSHD->BMHD", k_weights_BSM, v_BSHD)
+    exact_BTHD = jnp.einsum("BHTM,BMHD->BTHD", kernel_1_BHTM, v_landmarks_BMHD)
+    if num_landmarks >= kv_len:  # every row (static): the Nyström terms are never needed
+        out_BTHD = exact_BTHD
     else:
-        pinv_BHKM = iterative_pinv(kernel_2_BHMK, pinv_iterations)
-    landmark_values_BHMD = jnp.einsum("BHMS,BSHD->BHMD", kernel_3_BHMS, v_BSHD.astype(jnp.float32))
-    landmark_values_BHKD = pinv_BHKM @ landmark_values_BHMD
-    out_BTHD = jnp.einsum("BHTK,BHKD->BTHD", kernel_1_BHTM, landmark_values_BHKD)
+        query_valid_BT = key_valid_or_all_BS if q_len == kv_len else jnp.ones((batch, q_len), bool)
+        q_weights_BTM, q_landmark_valid_BM = segment_means_weights(query_valid_BT, num_landmarks)
+        q_landmarks_BMHD = jnp.einsum("BTM,BTHD->BMHD", q_weights_BTM, q_BTHD)
+        query_landmark_rows = q_landmark_valid_BM[:, None, :, None]
+        kernel_2_BHMK = masked_softmax(
+            jnp.einsum("BMHD,BKHD->BHMK", q_landmarks_BMHD, k_landmarks_BMHD), key_landmark_mask
+        )
+        kernel_2_BHMK = jnp.where(query_landmark_rows, kernel_2_BHMK, 0.0)
+        key_mask = None if key_valid_BS is None else key_valid_BS[:, None, None, :]
+        kernel_3_BHMS = masked_softmax(
+            jnp.einsum("BMHD,BSHD->BHMS", q_landmarks_BMHD, k_BSHD), key_mask
+        )
+        kernel_3_BHMS = jnp.where(query_landmark_rows, kernel_3_BHMS, 0.0)
+
+        if pinv_iterations is None:
+            pinv_BHKM = jnp.linalg.pinv(kernel_2_BHMK)
+        else:
+            pinv_BHKM = iterative_pinv(kernel_2_BHMK, pinv_iterations)
+        landmark_values_BHMD = jnp.einsum("BHMS,BSHD->BHMD", kernel_3_BHMS, v_BSHD)
+        landmark_values_BHKD = pinv_BHKM @ landmark_values_BHMD
+        nystrom_BTHD = jnp.einsum("BHTK,BHKD->BTHD", kernel_1_BHTM, landmark_values_BHKD)
+        num_valid_keys_B = jnp.sum(key_valid_or_all_BS, axis=1)
+        exact_rows_B111 = (num_valid_keys_B <= num_landmarks)[:, None, None, None]
+        out_BTHD = jnp.where(exact_rows_B111, exact_BTHD, nystrom_BTHD)
     if conv_weights is not None:
         out_BTHD += depthwise_conv_skip(v_BSHD, conv_weights, key_valid_BS)
     return out_BTHD.astype(out_dtype)

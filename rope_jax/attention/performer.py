@@ -17,14 +17,18 @@ them):
     an output never depends on a later position, bit for bit and in the gradient.
 Padded keys get zero features, so they leave numerator AND denominator (the reference
 implementation only zeroes their values, which keeps them in the denominator).
+The ReLU kernel follows the reference implementation (``make_fast_generalized_attention``
+with ``kernel_fn=relu``, ``kernel_epsilon=0.001``, through ``generalized_kernel_feature_creator``
+with its default ``normalize_data=False``): ``phi(x) = relu(W x) + 0.001`` on the unscaled
+input, with no ``1 / sqrt(m)`` factor. The factor would not cancel: scaling the ReLU part but
+not the 0.001 changes the kernel. The reference's default ``features_type="deterministic"``
+(no projection, ``phi(x) = relu(x) + 0.001``) is not offered; ``W`` is always a projection.
 
 Packed rows (``segment_ids``, beyond the reference, which has no segments): sums stay within
 each example (see ``kernelized`` and ``segments``), and so do the key stabilisers: the causal
 running maximum restarts at every segment start, the bidirectional maximum is taken per
 segment. One example's keys therefore never rescale another's features (where a row-wide
 maximum could underflow a segment with smaller keys to zero).
-The ReLU kernel follows the reference implementation:
-``phi(x) = relu(W x / sqrt(m)) + 0.001`` on the unscaled input.
 """
 
 from __future__ import annotations
@@ -137,9 +141,8 @@ def _key_row_max(log_features_BLHM, key_valid_BL):
 
 
 def _relu_features(x_BLHD, projection_MD, key_valid_BL=None):
-    projected_BLHM = jnp.einsum(
-        "BLHD,MD->BLHM", x_BLHD.astype(jnp.float32), projection_MD
-    ) / jnp.sqrt(jnp.float32(projection_MD.shape[0]))
+    """``relu(W x) + 0.001`` (the reference's generalized features; see the module doc)."""
+    projected_BLHM = jnp.einsum("BLHD,MD->BLHM", x_BLHD.astype(jnp.float32), projection_MD)
     features_BLHM = jax.nn.relu(projected_BLHM) + RELU_FEATURE_EPSILON
     if key_valid_BL is not None:
         features_BLHM = jnp.where(key_valid_BL[:, :, None, None], features_BLHM, 0.0)

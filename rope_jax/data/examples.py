@@ -20,7 +20,18 @@ Chunking (so that packing never has to cut a token-level example):
   * prefix_lm: chunks of ``inputs_length - 1`` tokens, each split at a random point;
   * gap_sentences / pseudo_summary: consecutive sentences grouped greedily while their
     tokens fit ``inputs_length - 1``; one example per group (a sentence longer than that
-    is cut). A group of one sentence gives no pseudo summary and is dropped.
+    is cut). A group of one sentence gives no pseudo summary and is dropped. For
+    pseudo_summary the "sentences" are T5 PEGASUS's short pieces
+    (``split_sentences(text, max_chars=summary_max_chars)``, 32 characters as the
+    reference; 0 cuts at every sentence end instead). For gap_sentences they are
+    ``split_sentences(text)``: PEGASUS's ``SentenceSegment`` cuts only after runs of
+    ``.!?`` followed by whitespace; here newlines and 。！？ cut too.
+
+Deliberate differences in grouping: PEGASUS selects gap sentences over the whole document
+and then cuts inputs and targets to their lengths; T5 PEGASUS groups at least 3 pieces
+while they fit 768 characters and cuts the source to 384 and the summary to 128 tokens.
+Grouping by the encoder's token budget instead means selection only sees text the model
+will see, and nothing is cut away but the tail of a single sentence longer than the row.
 """
 
 from __future__ import annotations
@@ -78,6 +89,7 @@ class ExampleMaker:
         gap_ratio: float = 0.3,
         gsg_mlm_rate: float = 0.0,
         summary_rate: float = 0.25,
+        summary_max_chars: int = 32,
     ):
         model_kind(objective)
         self.objective = objective
@@ -89,6 +101,11 @@ class ExampleMaker:
         self.gap_ratio = gap_ratio
         self.gsg_mlm_rate = gsg_mlm_rate
         self.summary_rate = summary_rate
+        if summary_max_chars < 0:
+            raise ValueError(
+                f"summary_max_chars must be >= 0 (0 = no merging), got {summary_max_chars}"
+            )
+        self.summary_max_chars = summary_max_chars
         self.raw_length, _ = objectives.t5_span_corruption_lengths(
             inputs_length, noise_density, mean_noise_span_length
         )
@@ -156,7 +173,8 @@ class ExampleMaker:
         return out
 
     def _sentence_level(self, text, rng):
-        sentences = objectives.split_sentences(text)
+        max_chars = self.summary_max_chars if self.objective == "pseudo_summary" else 0
+        sentences = objectives.split_sentences(text, max_chars=max_chars or None)
         if not sentences:
             return []
         budget = self.inputs_length - 1

@@ -109,6 +109,7 @@ class DataConfig:
     gap_ratio: float = 0.3
     gsg_mlm_rate: float = 0.0
     summary_rate: float = 0.25
+    summary_max_chars: int = 32
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -324,7 +325,9 @@ def _check_sentinels(config: DataConfig, tokenizer: Tokenizer) -> None:
     raw, _ = objectives.t5_span_corruption_lengths(
         config.inputs_length, config.noise_density, config.mean_noise_span_length
     )
-    num_spans = max(1, round(round(raw * config.noise_density) / config.mean_noise_span_length))
+    _, num_spans = objectives.random_spans_counts(
+        raw, config.noise_density, config.mean_noise_span_length
+    )
     if num_spans > tokenizer.num_sentinels:
         raise ValueError(
             f"span corruption of {raw} raw tokens needs {num_spans} sentinels, the tokenizer "
@@ -457,6 +460,7 @@ def _build(config, tokenizer, documents, *, process_index, process_count, train,
         gap_ratio=config.gap_ratio,
         gsg_mlm_rate=config.gsg_mlm_rate,
         summary_rate=config.summary_rate,
+        summary_max_chars=config.summary_max_chars,
     )
     ds = ds.random_map(maker, seed=config.seed)
     read = grain.ReadOptions(

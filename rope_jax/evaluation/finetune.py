@@ -1,10 +1,12 @@
 """SuperGLUE fine-tuning and evaluation: ``finetune_and_evaluate(config, workdir)``.
 
-For each task: load a pretrained model (a ``train.py`` workdir, a Hugging Face folder, or
-nothing = random init for smoke tests), cast the task for the model family (text-to-text
-for encoder-decoders, classification / multiple choice for encoders; see ``formats``),
-fine-tune on the training split, then run the evaluator plug-ins on the validation split
-(metrics + ``predictions/<Task>_val.jsonl``) and on the test split when present
+First every split the run will use is read, checked and cast (``splits.read_run_splits``),
+so a bad file fails in seconds, before any model work. Then for each task: load a
+pretrained model (a ``train.py`` workdir, a Hugging Face folder, or nothing = random init
+for smoke tests), cast the task for the model family (text-to-text for encoder-decoders,
+classification / multiple choice for encoders; see ``formats``), fine-tune on the training
+split, then run the evaluator plug-ins on the validation split (metrics +
+``predictions/<Task>_val.jsonl``, the file they scored) and on the test split when present
 (``submission/<Task>.jsonl``). AX-b and AX-g are predicted by the RTE model, as the
 benchmark prescribes. Results go to ``<workdir>/metrics.json`` and a printed table;
 ``task="all"`` runs every task found in ``data_dir`` and writes ``summary.md``.
@@ -27,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from rope_jax.evaluation import evaluators, formats, readers, tasks_report
+from rope_jax.evaluation import evaluators, formats, splits, tasks_report
 from rope_jax.evaluation import inputs as inputs_lib
 from rope_jax.evaluation import pretrained as pretrained_lib
 
@@ -222,6 +224,7 @@ class Predictor:
             examples, arrays = _task_arrays(task, tm, records, config, training=False)
             n, size = len(examples), config.eval_batch_size
             predictions: list[Any] = []
+            texts: list[str] = []
             for start in range(0, n, size):
                 rows = np.arange(start, min(start + size, n))
                 # Pad the last batch to the fixed size so each function compiles once.
@@ -233,6 +236,7 @@ class Predictor:
                         text = tm.codec.decode(ids.tolist())
                         record = records[examples[row].record]
                         predictions.append(formats.parse_text_prediction(task, text, record))
+                        texts.append(text)
                     continue
                 scores = np.asarray(self._encoder_scores(params, batch))[: len(rows)]
                 for row, scores_KC in zip(rows, scores, strict=True):
@@ -243,39 +247,38 @@ class Predictor:
                         flat = scores_KC[: len(example.pairs), 0]  # one score per candidate
                     record = records[example.record]
                     predictions.append(formats.encoder_prediction(task, record, flat.tolist()))
+            if tm.text_to_text:
+                return evaluators.Predictions(predictions, texts)
             return predictions
 
         return predict
 
 
-def run_task(task: str, config, workdir: str, *, source=None) -> dict[str, dict[str, float]]:
-    """Fine-tunes and evaluates one task (plus AX-b/AX-g after RTE); metrics per split."""
-    train_dir = config.train_data_dir or config.data_dir
-    train_records = readers.read_split(train_dir, task, config.train_split)
+def run_task(
+    task: str,
+    config,
+    workdir: str,
+    *,
+    source=None,
+    task_splits: splits.TaskSplits | None = None,
+) -> dict[str, dict[str, float]]:
+    """Fine-tunes and evaluates one task (plus AX-b/AX-g after RTE); metrics per split.
+
+    ``task_splits``: the splits as read up front (read here when not given).
+    """
+    task_splits = task_splits or splits.read_task_splits(task, config)
     tm = pretrained_lib.load_for_task(task, config, source=source)
-    params, losses = train(task, tm, train_records, config)
+    params, losses = train(task, tm, task_splits.train.records, config)
     tm = dataclasses.replace(tm, params=params)
     predictor = Predictor(tm, config)
     results: dict[str, dict[str, float]] = {}
-    jobs = [(task, config.eval_split, f"{task}"), (task, config.test_split, f"{task}/test")]
-    if task == "RTE":
-        for diagnostic in readers.DIAGNOSTIC_TASKS:
-            jobs += [(diagnostic, "test", diagnostic)]
-    for job_task, split, name in jobs:
-        path = readers.task_file(config.data_dir, job_task, split)
-        if not os.path.exists(path):
-            if split == config.eval_split and job_task == task:
-                raise FileNotFoundError(f"{task} {split} split not found: {path}")
-            continue
+    for job in task_splits.evaluations:
         evaluator = evaluators.create_evaluator(
-            predictor.predict_fn(job_task),
-            task=job_task,
-            data_dir=config.data_dir,
-            split=split,
-            workdir=workdir,
+            predictor.predict_fn(job.data.task), task=job.data.task, data=job.data, workdir=workdir
         )
-        results[name] = dict(evaluator.run(params))
+        results[job.name] = dict(evaluator.run(params))
     results[task]["final_train_loss"] = losses[-1]
+    results[task]["train_skipped_records"] = float(len(task_splits.train.skipped))
     return results
 
 
@@ -283,28 +286,15 @@ def finetune_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str
 ) -> dict[str, dict[str, float]]:
     """Runs ``config.task`` (or every task with ``"all"``); writes metrics.json and tables."""
+    # Every file first: a bad or missing split fails here, before a model is loaded.
+    run_splits = splits.read_run_splits(config)
     os.makedirs(workdir, exist_ok=True)
-    if config.task == "all":
-        tasks = [
-            t for t in readers.available_tasks(config.data_dir) if t not in readers.DIAGNOSTIC_TASKS
-        ]
-        if not tasks:
-            raise FileNotFoundError(f"no SuperGLUE task folders under {config.data_dir}")
-        present = readers.available_tasks(config.data_dir)
-        if "RTE" not in tasks and any(t in present for t in readers.DIAGNOSTIC_TASKS):
-            logging.warning("AX-b/AX-g are scored with the RTE model; no RTE folder, skipping")
-    else:
-        if config.task not in readers.TASKS or config.task in readers.DIAGNOSTIC_TASKS:
-            trainable = [t for t in readers.TASKS if t not in readers.DIAGNOSTIC_TASKS]
-            raise ValueError(
-                f"task={config.task!r}; choose one of {trainable} or 'all' (AX-b and AX-g are "
-                "scored with the RTE model)"
-            )
-        tasks = [config.task]
     source = pretrained_lib.load_source(config)
     results: dict[str, dict[str, float]] = {}
-    for task in tasks:
-        results.update(run_task(task, config, workdir, source=source))
+    for task_splits in run_splits:
+        results.update(
+            run_task(task_splits.task, config, workdir, source=source, task_splits=task_splits)
+        )
         with open(os.path.join(workdir, "metrics.json"), "w") as f:
             json.dump(results, f, indent=2, sort_keys=True)
     table = tasks_report.markdown_table(results)

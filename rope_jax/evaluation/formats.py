@@ -12,13 +12,13 @@ spaces, and the label's name as the target (TFDS ``super_glue`` label names: "Fa
 * ReCoRD: ``record query: Q entities: E1, E2 passage: P`` with the ``@highlight`` markers
   turned into sentence breaks; one training example per gold answer, target = answer text
   (T5 ``preprocessors.record``).
-* WSC: ``wsc: <text with the pronoun (span2) marked as *it*>``, target = the referent
-  (span1) text; only examples whose candidate is the right referent are trained on, and a
-  prediction is True when it matches the candidate after dropping determiners, one word set
-  containing the other (T5 ``preprocessors.wsc_simple`` and ``postprocessors.wsc_simple``,
-  the setting of the T5 paper's SuperGLUE results).
-* AX-b and AX-g are cast as RTE (``rte sentence1: ... sentence2: ...``,
-  ``rte hypothesis: ... premise: ...``) so an RTE model scores them.
+* WSC: T5 ``preprocessors.wsc_simple`` (the setting of the T5 paper's SuperGLUE results):
+  ``wsc: <text with the pronoun marked as *it*>``, target = the candidate referent (span1)
+  text; only records whose candidate is the right referent are trained on, and decoded text
+  becomes True/False by T5 ``postprocessors.wsc_simple`` (see :mod:`.wsc`).
+* AX-b and AX-g are cast as RTE, the model that scores them: T5 renames AX-b's
+  ``sentence1``/``sentence2`` to ``premise``/``hypothesis`` (``t5/data/tasks.py``), so both
+  give ``rte hypothesis: ... premise: ...``.
 
 The encoder cast (BERT/RoBERTa style fine-tuning, as in the SuperGLUE paper's baselines):
 each record becomes one or more (text_a, text_b) pairs. Classification tasks have one pair
@@ -32,6 +32,7 @@ import dataclasses
 import re
 from typing import Any
 
+from rope_jax.evaluation import wsc
 from rope_jax.evaluation.readers import LABEL_NAMES
 
 TEXT_LABELS: dict[str, tuple[str, ...]] = {
@@ -94,7 +95,7 @@ def text_input(task: str, record: dict) -> str:
         name = "cb" if task == "CB" else "rte"
         return _t5_fields(name, [("hypothesis", r["hypothesis"]), ("premise", r["premise"])])
     if task == "AX-b":
-        return _t5_fields("rte", [("sentence1", r["sentence1"]), ("sentence2", r["sentence2"])])
+        return _t5_fields("rte", [("hypothesis", r["sentence2"]), ("premise", r["sentence1"])])
     if task == "COPA":
         keys = ("choice1", "choice2", "premise", "question")
         return _t5_fields("copa", [(k, r[k]) for k in keys])
@@ -113,7 +114,7 @@ def text_input(task: str, record: dict) -> str:
             ],
         )
     if task == "WSC":
-        return "wsc: " + mark_span(r["text"], r["span2_start"], r["span2_end"], "*")
+        return wsc.simple_input(r["text"], r["span2_text"], r["span2_index"])
     raise ValueError(f"unknown SuperGLUE task {task!r}")
 
 
@@ -150,39 +151,13 @@ def text_examples(task: str, records: list[dict], *, training: bool) -> list[Tex
     return examples
 
 
-_DETERMINERS = frozenset(
-    "a an few her his each every many much my our some that the their these this those "
-    "which whose your".split()
-)
-
-
-def _referent_words(text: str) -> tuple[str, set[str]]:
-    cleaned = text.lower().strip(' .,;:!?"')
-    words = [w for w in cleaned.split() if w not in _DETERMINERS]
-    return " ".join(words), set(words)
-
-
-def wsc_referent_matches(prediction: str, candidate: str) -> bool:
-    """Whether a predicted referent names the candidate (T5 postprocessors.wsc_simple rule):
-    determiners dropped, possessive mismatch is a miss, else one word set within the other."""
-    predicted, predicted_words = _referent_words(prediction)
-    referent, referent_words = _referent_words(candidate)
-    if not predicted_words or ("'" in predicted) != ("'" in referent):
-        return False
-    return predicted_words <= referent_words or referent_words <= predicted_words
-
-
 def parse_text_prediction(task: str, prediction: str, record: dict) -> Any:
     """Canonical prediction from decoded text; None when the text is not a valid answer."""
     prediction = prediction.strip()
     if task == "ReCoRD":
         return prediction
     if task == "WSC":
-        # No words left after dropping determiners names no referent: invalid, so it counts
-        # as wrong even on a False record (T5's wsc_simple returns -1 here).
-        if not _referent_words(prediction)[1]:
-            return None
-        return wsc_referent_matches(prediction, record["span1_text"])
+        return wsc.referent_prediction(prediction, record["span1_text"])
     words = TEXT_LABELS[task]
     if prediction not in words:
         return None
@@ -217,11 +192,9 @@ def encoder_example(task: str, record: dict, index: int) -> EncoderExample:
     elif task == "WiC":
         pair = tuple(mark_span(r[f"sentence{k}"], r[f"start{k}"], r[f"end{k}"], "*") for k in "12")
     elif task == "WSC":
-        # Both spans marked, candidate with * and pronoun with # (T5 preprocessors.wsc).
-        text, spans = r["text"], [("span1", "*"), ("span2", "#")]
-        for name, mark in sorted(spans, key=lambda s: -r[f"{s[0]}_start"]):
-            text = mark_span(text, r[f"{name}_start"], r[f"{name}_end"], f"{mark} ", f" {mark}")
-        pair = (text, "")
+        # Candidate in * ... * and pronoun in # ... #, as T5 preprocessors.wsc marks them.
+        spans = [(r[f"span{k}_text"], r[f"span{k}_index"]) for k in "12"]
+        pair = (wsc.marked_text(r["text"], *spans[0], *spans[1]), "")
     else:
         raise ValueError(f"unknown SuperGLUE task {task!r}")
     label = None if r["label"] is None else LABEL_NAMES[task].index(r["label"])

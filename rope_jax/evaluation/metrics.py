@@ -4,6 +4,12 @@ Pure Python/numpy on predictions and gold labels; each task's leaderboard score 
 mean of its metrics where it has two (CB: F1 and accuracy; MultiRC: F1a and EM; ReCoRD: F1
 and EM). Undefined ratios (0/0) count as 0, as scikit-learn's ``zero_division`` default
 does in the references the benchmark used.
+
+A prediction of ``None`` is an output that is not a valid answer, and it is always wrong, as
+in T5 (``t5/evaluation/metrics.py``): accuracy and exact match never count it; CB's
+per-class F1 counts it as no class (T5's -1 class id); the binary metrics (MultiRC F1a,
+AX-b MCC) count it as the opposite of the gold label, as T5's ``f1_score_with_invalid``
+does. An empty split is an error, not a score of 0.
 """
 
 from __future__ import annotations
@@ -41,14 +47,31 @@ def macro_f1(predictions: Sequence, labels: Sequence, classes: Sequence) -> floa
     return sum(f1_for_class(predictions, labels, c) for c in classes) / len(classes)
 
 
+def _invalid_as_wrong(predictions: Sequence, labels: Sequence, positive: Hashable) -> list:
+    """Binary predictions (is ``positive``) with None turned into the opposite of the gold
+    label (T5 ``f1_score_with_invalid``: ``predictions[invalid] = 1 - targets[invalid]``)."""
+    return [
+        (g != positive) if p is None else (p == positive)
+        for p, g in zip(predictions, labels, strict=True)
+    ]
+
+
 def matthews_corrcoef(predictions: Sequence, labels: Sequence, positive: Hashable) -> float:
-    """Matthews correlation of a binary prediction (AX-b): (tp tn - fp fn) / sqrt(...)."""
+    """Matthews correlation of a binary prediction (AX-b): (tp tn - fp fn) / sqrt(...).
+
+    An invalid prediction (None) counts as the opposite of the gold label."""
     _check_lengths(predictions, labels)
-    pairs = list(zip(predictions, labels, strict=True))
-    tp = sum(p == positive and g == positive for p, g in pairs)
-    tn = sum(p != positive and g != positive for p, g in pairs)
-    fp = sum(p == positive and g != positive for p, g in pairs)
-    fn = sum(p != positive and g == positive for p, g in pairs)
+    pairs = list(
+        zip(
+            _invalid_as_wrong(predictions, labels, positive),
+            [g == positive for g in labels],
+            strict=True,
+        )
+    )
+    tp = sum(p and g for p, g in pairs)
+    tn = sum(not p and not g for p, g in pairs)
+    fp = sum(p and not g for p, g in pairs)
+    fn = sum(not p and g for p, g in pairs)
     denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     return (tp * tn - fp * fn) / denominator if denominator else 0.0
 
@@ -58,7 +81,10 @@ def multirc_metrics(
 ) -> dict[str, float]:
     """MultiRC (Khashabi et al., 2018) as SuperGLUE scores it.
 
-    ``f1a``: binary F1 of the True class over ALL answer options pooled together;
+    ``f1a``: binary F1 of the True class over ALL answer options pooled together, an
+    invalid prediction (None) counted as the opposite of the gold label (T5
+    ``multirc_f1_over_all_answers`` = ``f1_score_with_invalid``: on a False option it is a
+    false positive, not a true negative);
     ``em``: fraction of questions whose answer options are ALL predicted correctly.
     ``question_ids`` identifies each option's question (e.g. (paragraph idx, question idx)).
     """
@@ -69,7 +95,8 @@ def multirc_metrics(
         # An unparsable prediction (None) is wrong whatever the gold label.
         correct_by_question[q] &= p is not None and bool(p) == bool(g)
     em = sum(correct_by_question.values()) / max(len(correct_by_question), 1)
-    f1a = f1_for_class([p is True for p in predictions], [bool(g) for g in labels], True)
+    gold = [bool(g) for g in labels]
+    f1a = f1_for_class(_invalid_as_wrong(predictions, gold, True), gold, True)
     return {"f1a": f1a, "em": em}
 
 
@@ -137,8 +164,11 @@ def task_metrics(task: str, records: Sequence[dict], predictions: Sequence) -> d
     """All official metrics of ``task`` plus its leaderboard ``score``.
 
     ``predictions`` are in the canonical form of :mod:`rope_jax.evaluation.readers` labels
-    (bool, label string, COPA choice int, ReCoRD answer text; MultiRC one bool per option).
+    (bool, label string, COPA choice int, ReCoRD answer text; MultiRC one bool per option),
+    None for an output that is not a valid answer.
     """
+    if not records:
+        raise ValueError(f"{task}: no records to score (an empty split)")
     if task == "ReCoRD":
         result = record_metrics(predictions, [r["answers"] for r in records])
         result["score"] = (result["f1"] + result["em"]) / 2

@@ -12,21 +12,33 @@ as the files, flattened where the file nests:
   entities are read from ``passage.entities`` character offsets with an INCLUSIVE end, as in
   the official files; ``entities`` is the sorted set of their texts (as TFDS' ``super_glue``
   builder does), ``answers`` the sorted set of gold answer texts.
-* WSC: span indices are word indices into ``text.split(" ")``; the reader resolves them to
-  character offsets (``span1_start``/``span1_end``, exclusive end) so formatters need not
-  re-tokenise. Case and trailing punctuation of the word are tolerated (the official data
-  writes "the demonstrators" for span text "The demonstrators" and 'him,"' for "him").
+* WSC: span texts as TFDS ``super_glue/wsc.fixed`` gives them (T5's source: a span written
+  "The demonstrators" for "the demonstrators" in the text gets the text's case), and span
+  indices resolved to the word (of ``text.split(" ")``) where the span starts, at or near the
+  file's index (the official validation file has a pronoun index one word early; see
+  :mod:`rope_jax.evaluation.wsc`). ``span{1,2}_index`` is the resolved index,
+  ``span{1,2}_start``/``_end`` its character offsets (exclusive end); trailing punctuation
+  of the word is tolerated (the official data writes 'him,"' for "him").
 
 A malformed record raises :class:`SuperGlueFormatError` whose message starts with
-``<file>:<line>:``.
+``<file>:<line>:``, with one exception: a WSC record whose span cannot be found near its
+index is skipped with a warning naming file and line (and counted: :class:`Split`
+``skipped``), except in a test split, where no record is ever dropped (a submission needs
+every ``idx``): there it is kept with that span's index and offsets ``None`` and left
+unmarked by the casts. A file with no records is an error naming the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
 from typing import Any
+
+from absl import logging
+
+from rope_jax.evaluation import wsc
 
 TASKS = ("BoolQ", "CB", "COPA", "MultiRC", "ReCoRD", "RTE", "WiC", "WSC", "AX-b", "AX-g")
 # The diagnostics ship as one file per task and are evaluated with a model trained on RTE.
@@ -118,32 +130,38 @@ def _read_wic(obj: dict, where: _Where) -> list[dict]:
     return [record]
 
 
-def _locate_span(words: list[str], index: int, span: str) -> tuple[int, int] | None:
-    """Character offsets of ``span`` starting at word ``index`` (case-insensitive prefix)."""
-    n = len(span.split(" "))
-    if not 0 <= index <= len(words) - n:
-        return None
-    candidate = " ".join(words[index : index + n])
-    if not candidate.lower().startswith(span.lower()):
-        return None
-    start = sum(len(w) + 1 for w in words[:index])
-    return start, start + len(span)
+class _Unplaced(SuperGlueFormatError):
+    """A record whose WSC span is not near its index; carries the record as far as read."""
+
+    def __init__(self, message: str, record: dict):
+        super().__init__(message)
+        self.record = record
 
 
 def _read_wsc(obj: dict, where: _Where) -> list[dict]:
     text = _get(obj, "text", str, where)
     target = _get(obj, "target", dict, where)
     record = {"idx": _get(obj, "idx", int, where), "text": text}
-    words = text.split(" ")
+    problems = []
     for k in ("1", "2"):
-        index = _get(target, f"span{k}_index", int, where, ctx=" in target")
+        file_index = _get(target, f"span{k}_index", int, where, ctx=" in target")
         span = _get(target, f"span{k}_text", str, where, ctx=" in target")
-        offsets = _locate_span(words, index, span)
-        if offsets is None:
-            raise where.fail(f"span{k}_text {span!r} is not at word {index} of the text")
-        record[f"span{k}_index"], record[f"span{k}_text"] = index, span
-        record[f"span{k}_start"], record[f"span{k}_end"] = offsets
+        if not span.strip():
+            raise where.fail(f"span{k}_text in target is empty")
+        span = wsc.fixed_span_text(text, span, file_index)
+        index = wsc.locate_span(text, file_index, span)
+        record[f"span{k}_text"], record[f"span{k}_index"] = span, index
+        record[f"span{k}_start"], record[f"span{k}_end"] = (
+            (None, None) if index is None else wsc.char_offsets(text, index, span)
+        )
+        if index is None:
+            problems.append(
+                f"span{k}_text {span!r} is not within {wsc.MAX_SHIFT} words of "
+                f"span{k}_index {file_index}"
+            )
     record["label"] = _label(obj, "WSC", where)
+    if problems:
+        raise _Unplaced(f"{where.path}:{where.line}: " + "; ".join(problems), record)
     return [record]
 
 
@@ -254,12 +272,29 @@ _READERS: dict[str, Callable[[dict, _Where], list[dict]]] = {
 }
 
 
-def read_jsonl(task: str, path: str) -> list[dict]:
-    """All records of one task file, validated; errors name ``path:line``."""
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """The records of one split file, and the records that could not be used."""
+
+    task: str
+    split: str
+    path: str
+    records: list[dict]
+    # "<file>:<line>: why" of each record skipped (WSC spans that could not be placed).
+    skipped: tuple[str, ...] = ()
+
+
+def read_file(task: str, path: str, split: str) -> Split:
+    """All records of one task file, validated; errors name ``path:line``.
+
+    ``split`` decides what happens to a record that cannot be placed (see module docstring):
+    skipped with a warning, or kept when ``split == "test"``. An empty file is an error.
+    """
     if task not in _READERS:
         raise ValueError(f"unknown SuperGLUE task {task!r}; known: {', '.join(TASKS)}")
     reader = _READERS[task]
     records: list[dict] = []
+    skipped: list[str] = []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
@@ -269,8 +304,27 @@ def read_jsonl(task: str, path: str) -> list[dict]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise where.fail(f"invalid JSON ({e.msg} at column {e.colno})") from None
-            records.extend(reader(obj, where))
-    return records
+            try:
+                records.extend(reader(obj, where))
+            except _Unplaced as unplaced:
+                if split == "test":
+                    logging.warning("%s (kept unmarked: a test record is never dropped)", unplaced)
+                    records.append(unplaced.record)
+                else:
+                    logging.warning("%s (record skipped)", unplaced)
+                    skipped.append(str(unplaced))
+    if not records:
+        what = f"all {len(skipped)} records were skipped" if skipped else "it has no records"
+        raise SuperGlueFormatError(
+            f"{path}: the {task} {split} split is empty ({what}); point data_dir (or "
+            "train_data_dir) at a folder with the official files"
+        )
+    return Split(task, split, path, records, tuple(skipped))
+
+
+def read_jsonl(task: str, path: str, split: str = "val") -> list[dict]:
+    """The records of :func:`read_file`."""
+    return read_file(task, path, split).records
 
 
 def task_file(data_dir: str, task: str, split: str) -> str:
@@ -285,11 +339,19 @@ def task_file(data_dir: str, task: str, split: str) -> str:
     return os.path.join(data_dir, task, f"{split}.jsonl")
 
 
-def read_split(data_dir: str, task: str, split: str) -> list[dict]:
+def load_split(data_dir: str, task: str, split: str) -> Split:
+    """The :class:`Split` ``split`` of ``task`` under ``data_dir`` (see :func:`task_file`)."""
     path = task_file(data_dir, task, split)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{task} {split} split not found: {path}")
-    return read_jsonl(task, path)
+        raise FileNotFoundError(
+            f"{task} {split} split not found: {path} (the folder needs one sub-folder per "
+            "task, e.g. CB/train.jsonl and CB/val.jsonl; FewGLUE has train and dev32)"
+        )
+    return read_file(task, path, "test" if task in DIAGNOSTIC_TASKS else split)
+
+
+def read_split(data_dir: str, task: str, split: str) -> list[dict]:
+    return load_split(data_dir, task, split).records
 
 
 def available_tasks(data_dir: str) -> list[str]:

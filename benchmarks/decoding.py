@@ -2,6 +2,15 @@
 
     python benchmarks/decoding.py --quick          # tiny models, a few seconds per row
     python benchmarks/decoding.py --json out.json  # larger shapes (run on a quiet machine)
+    python benchmarks/decoding.py --vs-hf [--quick]  # against HF's generate, same run
+
+``--vs-hf`` compares cached greedy and beam search (4 beams) with Hugging Face's Flax
+``generate`` (``FlaxT5ForConditionalGeneration``, transformers 4.x in ``.venv-hf``, see
+``make hf-venv``) on T5 v1.1-small with random weights: 8 encoder rows of 512 tokens,
+sequences of 64 (the start token and 63 generated), no EOS (both sides decode every slot),
+both jitted and compiled once, timed alternately (ours, HF, ours, ...) through the workers
+of ``benchmarks/peers.py``. Reported: generated tokens per second of each (batch x 63 /
+median seconds, beam hypotheses not counted) and their ratio, plus CPU seconds per call.
 
 For each model (a T5-style encoder-decoder, a RoPE decoder with softmax attention, and one
 with causal linear attention, which decodes with its running-sum state) it times
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
@@ -110,11 +120,87 @@ def run(mode: str) -> list[dict]:
     return rows
 
 
+def run_vs_hf(quick: bool, repeats: int) -> list[dict]:
+    """Cached greedy and beam decoding of rope_jax and HF's ``generate``, alternated."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import peer_shapes
+    import peers
+
+    shape = peer_shapes.DECODE_SHAPE
+    if quick:
+        shape = peer_shapes.quick_shape(shape)
+    print(peers.machine_line(), flush=True)
+    rows = []
+    with peers.Worker("ours") as ours, peers.Worker("hf") as hf:
+        workers = {"ours": ours, "hf": hf}
+        compile_s = {
+            side: w.request("build_decode", shape=shape)["compile_s"] for side, w in workers.items()
+        }
+        for method in ("greedy", "beam"):
+            load = peers.load_average()
+            wall, cpu = peers.alternate(workers, "generate", repeats, method=method)
+            seconds = {side: peers.median(t) for side, t in wall.items()}
+            tokens = shape["batch"] * (shape["max_length"] - 1)
+            rows.append(
+                {
+                    "method": method,
+                    "beam_size": shape["beam_size"] if method == "beam" else 1,
+                    "batch": shape["batch"],
+                    "inputs": shape["inputs"],
+                    "max_length": shape["max_length"],
+                    "num_layers": shape["model"]["num_layers"],
+                    "seconds": seconds,
+                    "times": wall,
+                    "cpu_seconds": {side: peers.median(t) for side, t in cpu.items()},
+                    "tokens_per_s": {side: tokens / s for side, s in seconds.items()},
+                    "ours_over_hf": seconds["hf"] / seconds["ours"],
+                    "compile_s": {side: c[method] for side, c in compile_s.items()},
+                    "load_average": f"{load} -> {peers.load_average()}",
+                }
+            )
+        peak = {side: w.request("info")["peak_rss_mb"] for side, w in workers.items()}
+    print()
+    print(peers.machine_line())
+    print(
+        "| T5 v1.1-small decoding | rope_jax tok/s | HF tok/s | ours / HF | CPU s ours / HF "
+        "| compile ours / HF | load |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for row in rows:
+        name = "greedy" if row["method"] == "greedy" else f"beam {row['beam_size']}"
+        print(
+            f"| {name}, {row['num_layers']}L, {row['batch']} x {row['inputs']} -> "
+            f"{row['max_length']} | {row['tokens_per_s']['ours']:.0f} "
+            f"| {row['tokens_per_s']['hf']:.0f} | **{row['ours_over_hf']:.2f}x** "
+            f"| {row['cpu_seconds']['ours']:.2f} / {row['cpu_seconds']['hf']:.2f} "
+            f"| {row['compile_s']['ours']:.0f} / {row['compile_s']['hf']:.0f} s "
+            f"| {row['load_average']} |"
+        )
+    print(f"peak RSS: rope_jax {peak['ours']:.0f} MB, HF {peak['hf']:.0f} MB")
+    if not quick:
+        greedy = rows[0]["ours_over_hf"]
+        print(f"cached greedy: {greedy:.2f}x HF, {'meets' if greedy >= 1.5 else 'misses'} 1.5x")
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CI, laptops)")
     parser.add_argument("--json", default="", help="write the rows to this file")
+    parser.add_argument("--vs-hf", action="store_true", help="against HF's generate")
+    parser.add_argument("--repeats", type=int, default=0, help="--vs-hf calls per side")
     args = parser.parse_args()
+    if args.vs_hf:
+        rows = run_vs_hf(args.quick, args.repeats or (2 if args.quick else 5))
+        output = args.json or "benchmarks/results/decoding_vs_hf.json"
+        os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+        with open(output, "w") as f:
+            json.dump(rows, f, indent=2)
+        print(f"wrote {output}")
+        return
     print(f"devices: {jax.devices()}")
     rows = run("quick" if args.quick else "full")
     if args.json:

@@ -40,7 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
     # SentencePiece model: empty path = train one with model.vocab_size ids on the training
     # corpus (cached in <workdir>/tokenizer); otherwise load it (e.g. mT5's spiece.model),
     # with extra ids filling up to model.vocab_size.
-    config.tokenizer = ml_collections.ConfigDict({"path": "", "num_extra_ids": 100})
+    # kind="jieba_bert": T5 PEGASUS' jieba + BERT vocab.txt tokenizer (no sentinels); empty
+    # vocab_path = build a model.vocab_size-token vocab.txt on the training corpus (cached).
+    config.tokenizer = ml_collections.ConfigDict(
+        {"kind": "sentencepiece", "path": "", "vocab_path": "", "num_extra_ids": 100}
+    )
     config.optimizer = optim.default_optimizer_config()
     # Mesh axis sizes; -1 fills with the remaining devices.
     config.mesh = sharding.default_mesh_config()
@@ -54,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.async_checkpointing = True
     # PaLM/T5X auxiliary loss weight on logsumexp(logits)**2 (0 = off).
     config.z_loss = 0.0
+    # MLM: run the output head only at up to this many masked positions per row (BERT's
+    # max_predictions_per_seq). -1 = derived from data.mlm_rate and data.inputs_length
+    # (losses.default_max_predictions); 0 = the head at every position.
+    config.mlm_max_predictions = -1
     # jax_default_prng_impl: "threefry" (jax default), "rbg" or "unsafe_rbg". rbg makes
     # dropout masks several times cheaper on CPU and TPU (T5X and MaxText use it).
     config.prng_impl = "rbg"

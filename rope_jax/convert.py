@@ -25,6 +25,11 @@ model's ``[E, H, D]`` / ``[H, D, E]`` kernels, whose head-major order matches HF
 are the target: a checkpoint tensor with the wrong shape is an error naming the tensor and
 both shapes, and so is a missing tensor or a model parameter nothing maps to. Tensors the
 model does not use are reported with a warning (or an error with ``strict=True``).
+
+``tokenizer_from_hf(path)`` reads the tokenizer of a T5-family folder: ``spiece.model``, or
+the ``vocab.txt`` of Chinese T5 PEGASUS (an ``MT5ForConditionalGeneration`` with a BERT
+vocabulary), which gives the jieba_bert tokenizer with ``[CLS]``/``[SEP]`` as decoder start
+and EOS.
 """
 
 from __future__ import annotations
@@ -594,6 +599,63 @@ def from_hf(
     flat = _params_from_tensors(architecture, cfg, tensors, param_shapes(model), strict=strict)
     params = jax.tree_util.tree_map(jnp.asarray, unflatten_params(flat))
     return model, params
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+SENTENCEPIECE_FILES = ("spiece.model", "tokenizer.model", "sentencepiece.model")
+BERT_VOCAB_FILE = "vocab.txt"
+
+
+def tokenizer_from_hf(path: str | os.PathLike, *, num_extra_ids: int = 100):
+    """The ``rope_jax.data`` tokenizer of a T5-family Hugging Face folder, from disk only.
+
+    * ``vocab.txt`` (a ``BertTokenizer`` vocabulary next to a ``T5``/``MT5`` model): the
+      Chinese T5 PEGASUS release in its Hugging Face form. Returns the jieba_bert tokenizer
+      (``JiebaBertTokenizer``): EOS ``[SEP]``, decoder start and encoder BOS ``[CLS]``, as
+      the model was trained by bert4keras (its fine-tuning script decodes from
+      ``start_id=[CLS]`` to ``end_id=[SEP]``). Whatever the folder's ``config.json`` records
+      as ``decoder_start_token_id`` / ``eos_token_id`` (a port may keep mT5's 0 and 1) is
+      not used: the ids come from the vocabulary; pass them to ``decoding.generate``.
+    * ``spiece.model`` (T5, mT5): the SentencePiece tokenizer with ``num_extra_ids``.
+
+    BERT and RoFormer folders keep their Hugging Face tokenizer files
+    (``rope_jax.evaluation.inputs.HFCodec``). A tokenizer with more ids than the model's
+    vocabulary is an error.
+    """
+    path = os.fspath(path)
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ConversionError(f"{path} has no config.json; is it a Hugging Face checkpoint?")
+    with open(config_file) as f:
+        hf_config = json.load(f)
+    if config_from_hf(hf_config).family != "encoder_decoder":
+        raise ConversionError(
+            f"{path} is a {_architecture(hf_config)}; its Hugging Face tokenizer files are read "
+            "by rope_jax.evaluation.inputs.HFCodec, not by a rope_jax.data tokenizer"
+        )
+    vocab_file = os.path.join(path, BERT_VOCAB_FILE)
+    spm_files = [os.path.join(path, n) for n in SENTENCEPIECE_FILES]
+    if os.path.isfile(vocab_file):
+        from rope_jax.data.bert_tokenizer import JiebaBertTokenizer
+
+        tokenizer = JiebaBertTokenizer.load(vocab_file)
+    elif any(os.path.isfile(f) for f in spm_files):
+        from rope_jax.data.tokenizer import Tokenizer
+
+        spm_file = next(f for f in spm_files if os.path.isfile(f))
+        tokenizer = Tokenizer.load(spm_file, num_extra_ids=num_extra_ids)
+    else:
+        raise ConversionError(
+            f"{path} has no tokenizer this project reads: a T5 folder needs "
+            f"{' or '.join(SENTENCEPIECE_FILES)}, a T5 PEGASUS folder {BERT_VOCAB_FILE}"
+        )
+    if tokenizer.vocab_size > hf_config["vocab_size"]:
+        raise ConversionError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+            f"{hf_config['vocab_size']} (vocab_size in config.json)"
+        )
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------- export

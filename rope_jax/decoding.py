@@ -12,7 +12,8 @@ state ``beam_size`` times and reorders it by the surviving beams after every ste
 leaf as per-row when its leading dimension equals the number of rows.
 
 Sequences follow Hugging Face ``generate``: ``[B, max_length]`` including the prompt (for an
-encoder-decoder the prompt is the decoder start id 0), padded with ``pad_id`` after EOS. Prompts
+encoder-decoder the prompt is the decoder start id: T5's 0, or the tokenizer's
+``decoder_start_id``, e.g. ``[CLS]`` for T5 PEGASUS), padded with ``pad_id`` after EOS. Prompts
 may differ in length per row: the first ``prompt_lengths[b]`` tokens of row ``b`` are forced,
 then the search takes over. All loops are ``lax.while_loop`` and stop when every row has
 produced EOS or ``max_length`` is reached; wrap calls in ``jax.jit`` (``make_*_step_fn`` and
@@ -523,6 +524,7 @@ def _generate(
     max_length,
     eos_id,
     pad_id,
+    decoder_start_id,
     temperature,
     top_k,
     top_p,
@@ -534,7 +536,7 @@ def _generate(
 ):
     batch = inputs_BL.shape[0]
     if model.config.family == "encoder_decoder":
-        prompt_BP = jnp.zeros((batch, 1), jnp.int32)  # T5's decoder start id
+        prompt_BP = jnp.full((batch, 1), decoder_start_id, jnp.int32)
         prompt_lengths_B = None
         if use_cache:
             state = encoder_decoder_state(model, params, inputs_BL, max_length, variables)
@@ -589,6 +591,7 @@ _generate_jit = jax.jit(
         "max_length",
         "eos_id",
         "pad_id",
+        "decoder_start_id",
         "temperature",
         "top_k",
         "top_p",
@@ -612,6 +615,7 @@ def generate(
     rng: jax.Array | None = None,
     eos_id: int = 1,
     pad_id: int = 0,
+    decoder_start_id: int = 0,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -625,12 +629,14 @@ def generate(
 
     Args:
       model: an ``EncoderDecoder`` (``inputs_BL`` = encoder input tokens, padding 0; the
-        decoder starts from id 0) or a ``Decoder`` (``inputs_BL`` = prompts, right-padded,
-        with ``prompt_lengths_B``; default: every row uses all ``L`` tokens).
+        decoder starts from ``decoder_start_id``) or a ``Decoder`` (``inputs_BL`` = prompts,
+        right-padded, with ``prompt_lengths_B``; default: every row uses all ``L`` tokens).
       params: the model's params; ``variables`` other collections it needs, e.g.
         ``{"random_features": ...}`` for Performer attention.
       max_length: length of the returned sequences (decoder start token / prompt included).
       method: "greedy", "sample" (needs ``rng``) or "beam".
+      eos_id, pad_id, decoder_start_id: the tokenizer's (``tokenizer.eos_id`` ...); the
+        defaults are T5's SentencePiece ids (EOS 1, pad 0, start 0).
       use_cache: False recomputes the decoder over the whole prefix at every step.
 
     Returns :class:`DecodeOutput` (greedy, sample) or :class:`BeamOutput` (beam).
@@ -672,6 +678,7 @@ def generate(
         max_length=max_length,
         eos_id=eos_id,
         pad_id=pad_id,
+        decoder_start_id=int(decoder_start_id),
         temperature=float(temperature),
         top_k=int(top_k),
         top_p=float(top_p),

@@ -4,9 +4,13 @@ Training FLOPs are ``3 x`` the forward matmul FLOPs (backward = 2 x forward), wi
 forward counted as
 
 * ``2 x (encoder matmul weights) x input tokens``,
-* ``2 x (decoder matmul weights + output layer) x target tokens``,
+* ``2 x (decoder matmul weights + output layer) x target tokens``, except the key and value
+  projections of cross-attention, which project the encoder output: ``x input tokens``
+  (T5's K/V of cross-attention see the 512 encoder tokens, not the 114 targets),
 * the attention matmuls of every layer (score and value products, or the feature-space
-  products of linear kernels), for the lengths each attention sees.
+  products of linear kernels), for the lengths each attention sees,
+* an MLM head at every position, or at ``mlm_predictions`` positions per row when the
+  step gathers the masked positions first (``training.losses.predict``).
 
 Embedding lookups, norms, biases, activations and softmax are not counted (they are not
 matmuls; the convention of Kaplan et al. 2020 and PaLM's MFU). Causal attention is counted
@@ -82,18 +86,23 @@ class TrainingFlops:
 
 
 def _layer_weights(cfg: ModelConfig, cross: bool) -> int:
-    attention = 4 * cfg.d_model * cfg.num_heads * cfg.head_dim
+    """Matmul weights a token of the layer's own sequence meets (cross K/V excluded)."""
+    projection = cfg.d_model * cfg.num_heads * cfg.head_dim
     mlp = (3 if cfg.gated_mlp else 2) * cfg.d_model * cfg.d_ff
-    return attention * (2 if cross else 1) + mlp
+    # Self-attention q, k, v, out; cross-attention adds q and out on the decoder side.
+    return projection * (6 if cross else 4) + mlp
 
 
-def training_flops(cfg: ModelConfig, input_len: int, target_len: int = 0) -> TrainingFlops:
+def training_flops(
+    cfg: ModelConfig, input_len: int, target_len: int = 0, *, mlm_predictions: int = 0
+) -> TrainingFlops:
     """Training FLOPs (forward + backward) of one example of the given lengths.
 
-    encoder: ``input_len`` tokens, MLM logits at every position (or a classifier on the
-    first token). decoder: ``input_len`` tokens (``target_len`` is ignored; inputs and
-    targets are the same sequence shifted). encoder_decoder: ``input_len`` encoder and
-    ``target_len`` decoder tokens.
+    encoder: ``input_len`` tokens, MLM logits at every position, or at ``mlm_predictions``
+    positions when > 0 (or a classifier on the first token). decoder: ``input_len`` tokens
+    (``target_len`` is ignored; inputs and targets are the same sequence shifted).
+    encoder_decoder: ``input_len`` encoder and ``target_len`` decoder tokens; the
+    cross-attention key/value projections run over the ``input_len`` encoder outputs.
     """
     e, v = cfg.d_model, cfg.vocab_size
     if cfg.family == "encoder":
@@ -101,7 +110,7 @@ def training_flops(cfg: ModelConfig, input_len: int, target_len: int = 0) -> Tra
         if cfg.num_labels:
             output = (e * e + e * cfg.num_labels) * 1
         else:
-            output = (e * e + e * v) * input_len
+            output = (e * e + e * v) * (mlm_predictions or input_len)
         attention = cfg.num_layers * attention_forward_flops(
             cfg, cfg.attention, input_len, input_len
         )
@@ -115,7 +124,10 @@ def training_flops(cfg: ModelConfig, input_len: int, target_len: int = 0) -> Tra
         )
     else:
         encoder = _layer_weights(cfg, cross=False) * cfg.num_layers * input_len
-        decoder = _layer_weights(cfg, cross=True) * cfg.decoder_layers * target_len
+        cross_key_value = 2 * e * cfg.num_heads * cfg.head_dim * input_len
+        decoder = cfg.decoder_layers * (
+            _layer_weights(cfg, cross=True) * target_len + cross_key_value
+        )
         output = e * v * target_len
         attention = cfg.num_layers * attention_forward_flops(
             cfg, cfg.attention, input_len, input_len

@@ -22,6 +22,14 @@ from rope_jax import attention as attention_lib
 from rope_jax.attention import masks
 from rope_jax.model_config import KERNEL_TRAITS, ModelConfig
 from rope_jax.positions import RopeSpec, apply_rope, rope_ntk_base
+from rope_jax.projections import (
+    DenseGeneral,
+    Projection,
+    add_bias,
+    dense_contract,
+    fused_projections,
+    lead,
+)
 
 Initializer = Callable[..., jax.Array]
 
@@ -40,67 +48,9 @@ def embedding_init(cfg: ModelConfig):
     return nn.initializers.normal(stddev=cfg.initializer_range or 1.0)
 
 
-def lead(v, ndim):
-    """``v`` with leading unit axes up to ``ndim`` (explicit broadcasting, no rank promotion)."""
-    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
-
-
 def constrain(x, names):
     """Activation sharding hint; a no-op unless logical axis rules are in context."""
     return nn.with_logical_constraint(x, names)
-
-
-class DenseGeneral(nn.Module):
-    """Contracts the trailing ``contract`` axes of x with a kernel ``[*in, *features]``.
-
-    ``kernel_axes`` names every kernel axis (input axes first); the bias, if any, is named
-    by the output names.
-    """
-
-    features: tuple[int, ...]
-    kernel_axes: tuple[str, ...]
-    kernel_init: Initializer
-    contract: int = 1
-    use_bias: bool = False
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    # Accumulate and return float32 (output logits) instead of the compute dtype.
-    float32_output: bool = False
-
-    @nn.compact
-    def __call__(self, x):
-        in_shape = x.shape[-self.contract :]
-        kernel_shape = tuple(in_shape) + tuple(self.features)
-        if len(self.kernel_axes) != len(kernel_shape):
-            raise ValueError(
-                f"{self.name}: kernel_axes {self.kernel_axes} do not name kernel shape "
-                f"{kernel_shape}."
-            )
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-            kernel_shape,
-            self.param_dtype,
-        )
-        x_axes = tuple(range(x.ndim - self.contract, x.ndim))
-        out = lax.dot_general(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            ((x_axes, tuple(range(self.contract))), ((), ())),
-            preferred_element_type=jnp.float32 if self.float32_output else None,
-        )
-        out_dtype = jnp.float32 if self.float32_output else self.dtype
-        if self.use_bias:
-            bias = self.param(
-                "bias",
-                nn.with_logical_partitioning(
-                    nn.initializers.zeros_init(), self.kernel_axes[self.contract :]
-                ),
-                tuple(self.features),
-                self.param_dtype,
-            )
-            out = out + lead(bias.astype(out_dtype), out.ndim)
-        return out.astype(out_dtype)
 
 
 class Embed(nn.Module):
@@ -225,13 +175,22 @@ class MLP(nn.Module):
             param_dtype=cfg.storage_dtype,
         )
         act = activation_fn(cfg)
-        wi_init = dense_init(cfg, (0,), (1,))
+        wi = functools.partial(
+            Projection,
+            cfg.d_model,
+            (cfg.d_ff,),
+            ("embed", "mlp"),
+            dense_init(cfg, (0,), (1,)),
+            use_bias=cfg.use_bias,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.storage_dtype,
+        )
         if cfg.gated_mlp:
-            gate_BLF = dense((cfg.d_ff,), ("embed", "mlp"), wi_init, name="wi_0")(x_BLE)
-            linear_BLF = dense((cfg.d_ff,), ("embed", "mlp"), wi_init, name="wi_1")(x_BLE)
+            # wi_0 and wi_1 as one [E, 2, F] product (projections.fused_projections).
+            gate_BLF, linear_BLF = fused_projections(x_BLE, [wi(name="wi_0"), wi(name="wi_1")])
             hidden_BLF = act(gate_BLF) * linear_BLF
         else:
-            hidden_BLF = act(dense((cfg.d_ff,), ("embed", "mlp"), wi_init, name="wi")(x_BLE))
+            hidden_BLF = act(wi(name="wi")(x_BLE))
         hidden_BLF = constrain(hidden_BLF, ("batch", "length", "mlp"))
         hidden_BLF = nn.Dropout(cfg.dropout_rate)(hidden_BLF, deterministic=deterministic)
         wo_init = dense_init(cfg, (0,), (1,))
@@ -321,14 +280,20 @@ class MultiHeadAttention(nn.Module):
             dtype=cfg.compute_dtype,
             param_dtype=cfg.storage_dtype,
         )
-        qkv_axes = ("embed", "heads", "kv")
+        projection = functools.partial(
+            Projection,
+            cfg.d_model,
+            (heads, head_dim),
+            ("embed", "heads", "kv"),
+            use_bias=cfg.use_bias,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.storage_dtype,
+        )
         # T5 has no 1/sqrt(D) on the logits and folds it into the query init instead.
         query_scale = 1.0 if cfg.scale_queries else head_dim**-0.5
-        self.query = dense(
-            (heads, head_dim), qkv_axes, dense_init(cfg, (0,), (1, 2), query_scale), name="query"
-        )
-        self.key = dense((heads, head_dim), qkv_axes, dense_init(cfg, (0,), (1, 2)), name="key")
-        self.value = dense((heads, head_dim), qkv_axes, dense_init(cfg, (0,), (1, 2)), name="value")
+        self.query = projection(dense_init(cfg, (0,), (1, 2), query_scale), name="query")
+        self.key = projection(dense_init(cfg, (0,), (1, 2)), name="key")
+        self.value = projection(dense_init(cfg, (0,), (1, 2)), name="value")
         self.out = dense(
             (cfg.d_model,),
             ("heads", "kv", "embed"),
@@ -419,9 +384,14 @@ class MultiHeadAttention(nn.Module):
             return self.config.head_dim**0.5
         return 1.0
 
+    def _keys_values(self, x_kv):
+        """Key and value projections of one input as one matmul."""
+        k_BSHD, v_BSHD = fused_projections(x_kv, [self.key, self.value])
+        return k_BSHD, v_BSHD
+
     def _cross_keys_values(self, x_kv, decode: bool):
         if not decode:
-            return self.key(x_kv), self.value(x_kv)
+            return self._keys_values(x_kv)
         initialized = self.has_variable("cache", "cross_key")
         shape = x_kv.shape[:2] + (self.config.num_heads, self.config.head_dim)
         dtype = self.config.compute_dtype
@@ -429,10 +399,10 @@ class MultiHeadAttention(nn.Module):
         cached_value = self.variable("cache", "cross_value", jnp.zeros, shape, dtype)
         filled = self.variable("cache", "cross_filled", lambda: jnp.zeros((), bool))
         if not initialized:
-            return self.key(x_kv), self.value(x_kv)
+            return self._keys_values(x_kv)
 
         def project(module, x):
-            return module.key(x), module.value(x)
+            return module._keys_values(x)
 
         def reuse(module, x):
             del x
@@ -482,11 +452,13 @@ class MultiHeadAttention(nn.Module):
           decode: incremental decoding with the "cache" collection (never drops weights).
         """
         cfg = self.config
-        q_BTHD = self.query(x_q_BTE) * self._query_multiplier()
         if self.cross:
+            q_BTHD = self.query(x_q_BTE)
             k_BSHD, v_BSHD = self._cross_keys_values(x_kv_BSE, decode)
         else:
-            k_BSHD, v_BSHD = self.key(x_q_BTE), self.value(x_q_BTE)
+            # q, k and v as one [E, 3, H, D] product (projections.fused_projections).
+            q_BTHD, k_BSHD, v_BSHD = fused_projections(x_q_BTE, [self.query, self.key, self.value])
+        q_BTHD = q_BTHD * self._query_multiplier()
         q_BTHD = constrain(q_BTHD, ("batch", "length", "heads", "kv"))
 
         if decode and not self.cross:
@@ -672,6 +644,10 @@ class MultiHeadAttention(nn.Module):
 
 __all__ = [
     "DenseGeneral",
+    "Projection",
+    "add_bias",
+    "dense_contract",
+    "fused_projections",
     "Embed",
     "LayerNorm",
     "MLP",

@@ -55,10 +55,10 @@ from rope_jax.layers import (
     Embed,
     MultiHeadAttention,
     activation_fn,
+    add_bias,
     constrain,
     dense_init,
     embedding_init,
-    lead,
     make_norm,
     slot_starts,
 )
@@ -471,8 +471,15 @@ class Encoder(nn.Module):
         segment_ids=None,
         positions=None,
         token_type_ids=None,
+        masked_positions=None,
         deterministic=True,
     ):
+        """MLM logits ``[B, L, V]``, or ``[B, P, V]`` at ``masked_positions`` ``[B, P]``.
+
+        ``masked_positions`` (int, MLM head only) runs the head on the hidden states of
+        those positions alone, as BERT's pretraining gathers its ``max_predictions_per_seq``
+        masked positions before the output layer; ``training.losses.predict`` picks them.
+        """
         hidden_BLE = self.encode(
             input_tokens,
             segment_ids=segment_ids,
@@ -481,9 +488,19 @@ class Encoder(nn.Module):
             deterministic=deterministic,
         )
         if self.config.num_labels:
+            if masked_positions is not None:
+                raise ValueError("masked_positions is for the MLM head; this model classifies.")
             pooled_BE = jnp.tanh(self.pooler(hidden_BLE[:, 0]))
             pooled_BE = self.classifier_dropout(pooled_BE, deterministic=deterministic)
             return self.classifier(pooled_BE)
+        if masked_positions is not None:
+            _check_tokens("masked_positions", masked_positions)
+            if masked_positions.shape[0] != hidden_BLE.shape[0]:
+                raise ValueError(
+                    f"masked_positions has {masked_positions.shape[0]} rows, the inputs "
+                    f"{hidden_BLE.shape[0]}."
+                )
+            hidden_BLE = jnp.take_along_axis(hidden_BLE, masked_positions[..., None], axis=1)
         return self.mlm_head(hidden_BLE, self.token_embedder)
 
 
@@ -516,7 +533,7 @@ class MLMHead(nn.Module):
             (cfg.vocab_size,),
             cfg.storage_dtype,
         )
-        return logits_BLV + lead(output_bias.astype(jnp.float32), logits_BLV.ndim)
+        return add_bias(logits_BLV, output_bias)
 
 
 class EncoderDecoder(nn.Module):

@@ -202,3 +202,41 @@ def test_mfu_peak_counts_every_accelerator_and_each_cpu_host_once():
     assert metrics.total_matmul_peak(100.0, devices("cpu", 8, 1)) == 100.0
     assert metrics.total_matmul_peak(100.0, devices("cpu", 2, 3)) == 300.0
     assert metrics.total_matmul_peak(100.0, jax.devices()) == 100.0
+
+
+@pytest.mark.parametrize("momentum,weight_decay", [(None, None), (0.9, 0.01)])
+def test_adafactor_matches_optax_adafactor(momentum, weight_decay):
+    """Same chain, state tree and updates as optax.adafactor: the product-based statistics
+    are the same means and RMS values."""
+    rng = np.random.default_rng(0)
+    shapes = {
+        "matrix": (130, 200),  # factored, reduce over both axes
+        "wide": (128, 1000),  # the output-layer case: column means over the leading axis
+        "heads": (140, 3, 150),  # 3-D kernel, factored over axes 0 and 2
+        "small": (50, 10),  # below min_dim_size_to_factor: full second moment
+        "vector": (20,),
+    }
+    params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+    kwargs = dict(
+        learning_rate=0.01,
+        momentum=momentum,
+        weight_decay_rate=weight_decay,
+        weight_decay_mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p),
+    )
+    ours, reference = optim.adafactor(**kwargs), optax.adafactor(**kwargs)
+    state, ref_state = ours.init(params), reference.init(params)
+    assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+    ours_params, ref_params = params, params
+    for index in range(3):
+        grads = {
+            k: jnp.asarray(rng.normal(size=s) * (index + 1), jnp.float32) for k, s in shapes.items()
+        }
+        updates, state = ours.update(grads, state, ours_params)
+        ref_updates, ref_state = reference.update(grads, ref_state, ref_params)
+        for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(ref_updates), strict=True):
+            # Float rounding of the sums in another order, relative to the update's scale.
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6 * np.abs(want).max())
+        ours_params = optax.apply_updates(ours_params, updates)
+        ref_params = optax.apply_updates(ref_params, ref_updates)
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6 * np.abs(want).max())

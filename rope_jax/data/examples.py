@@ -32,6 +32,13 @@ and then cuts inputs and targets to their lengths; T5 PEGASUS groups at least 3 
 while they fit 768 characters and cuts the source to 384 and the summary to 128 tokens.
 Grouping by the encoder's token budget instead means selection only sees text the model
 will see, and nothing is cut away but the tail of a single sentence longer than the row.
+
+Special ids come from the tokenizer (``data/tokenizers.py``): its ``eos_id`` ends inputs
+and targets, its ``decoder_start_id`` starts the shifted decoder inputs (T5: 0; jieba_bert:
+``[CLS]``), and for the sentence-level objectives its ``bos_id``, when it has one, starts
+the encoder input (jieba_bert: ``[CLS] source [SEP]``, as T5 PEGASUS' pretraining script
+encodes it; the budget is then ``inputs_length - 2``). The decoder-only objectives keep
+``objectives.causal_lm``'s start id 0.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from __future__ import annotations
 import numpy as np
 
 from rope_jax import objectives
-from rope_jax.data.tokenizer import Tokenizer
+from rope_jax.data.tokenizers import TextTokenizer
 
 ENCODER_DECODER = ("span_corruption", "gap_sentences", "pseudo_summary")
 ENCODER = ("mlm",)
@@ -64,10 +71,12 @@ def _chunks(tokens: np.ndarray, size: int) -> list[np.ndarray]:
     return [tokens[i : i + size] for i in range(0, tokens.size, size)]
 
 
-def _encoder_decoder(inputs: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+def _encoder_decoder(
+    inputs: np.ndarray, targets: np.ndarray, start_id: int
+) -> dict[str, np.ndarray]:
     return {
         "encoder_input_tokens": inputs,
-        "decoder_input_tokens": objectives.shift_right(targets),
+        "decoder_input_tokens": objectives.shift_right(targets, start_id=start_id),
         "decoder_target_tokens": targets,
         "decoder_loss_weights": np.ones(targets.size, np.int32),
     }
@@ -79,7 +88,7 @@ class ExampleMaker:
     def __init__(
         self,
         objective: str,
-        tokenizer: Tokenizer,
+        tokenizer: TextTokenizer,
         *,
         inputs_length: int,
         noise_density: float = 0.15,
@@ -128,8 +137,9 @@ class ExampleMaker:
                 vocab_size=self.tokenizer.vocab_size,
                 noise_density=self.noise_density,
                 mean_noise_span_length=self.mean_noise_span_length,
+                eos_id=self.tokenizer.eos_id,
             )
-            out.append(_encoder_decoder(inputs, targets))
+            out.append(_encoder_decoder(inputs, targets, self.tokenizer.decoder_start_id))
         return out
 
     def _mlm(self, tokens, rng):
@@ -147,7 +157,7 @@ class ExampleMaker:
         return out
 
     def _causal_lm(self, tokens, rng):
-        inputs, targets, weights = objectives.causal_lm(tokens)
+        inputs, targets, weights = objectives.causal_lm(tokens, eos_id=self.tokenizer.eos_id)
         size = self.inputs_length
         return [
             {
@@ -161,7 +171,9 @@ class ExampleMaker:
     def _prefix_lm(self, tokens, rng):
         out = []
         for chunk in _chunks(tokens, self.inputs_length - 1):
-            inputs, targets, weights, prefix = objectives.prefix_lm(chunk, rng=rng)
+            inputs, targets, weights, prefix = objectives.prefix_lm(
+                chunk, rng=rng, eos_id=self.tokenizer.eos_id
+            )
             out.append(
                 {
                     "input_tokens": inputs,
@@ -177,7 +189,10 @@ class ExampleMaker:
         sentences = objectives.split_sentences(text, max_chars=max_chars or None)
         if not sentences:
             return []
-        budget = self.inputs_length - 1
+        bos = self.tokenizer.bos_id
+        prefix = np.array([] if bos is None else [bos], np.int32)
+        eos = np.array([self.tokenizer.eos_id], np.int32)
+        budget = self.inputs_length - 1 - prefix.size
         token_lists = [t[:budget] for t in self.tokenizer.encode_batch(sentences)]
         groups: list[list[int]] = [[]]
         used = 0
@@ -202,6 +217,7 @@ class ExampleMaker:
                     mask2_id=self.tokenizer.mask2_id,
                     mlm_rate=self.gsg_mlm_rate,
                     random_token_range=self.tokenizer.random_token_range,
+                    eos_id=self.tokenizer.eos_id,
                 )
             else:
                 source, target = objectives.pseudo_summary_indices(
@@ -209,8 +225,8 @@ class ExampleMaker:
                 )
                 if not target:
                     continue
-                eos = np.array([objectives.EOS_ID], np.int32)
                 inputs = np.concatenate([token_lists[group[j]] for j in source] + [eos])
                 targets = np.concatenate([token_lists[group[j]] for j in target] + [eos])
-            out.append(_encoder_decoder(inputs, targets))
+            inputs = np.concatenate([prefix, inputs])
+            out.append(_encoder_decoder(inputs, targets, self.tokenizer.decoder_start_id))
         return out

@@ -45,7 +45,7 @@ from rope_jax.data.corpora import CorpusStats, DocumentIndex
 from rope_jax.data.embedded import embedded_corpus
 from rope_jax.data.examples import OBJECTIVES, ExampleMaker, model_kind
 from rope_jax.data.packing import PackSpec, RowPacker
-from rope_jax.data.tokenizer import Tokenizer
+from rope_jax.data.tokenizers import TextTokenizer
 
 __all__ = [
     "OBJECTIVES",
@@ -319,9 +319,15 @@ def _documents(config: DataConfig):
     return embedded_corpus()
 
 
-def _check_sentinels(config: DataConfig, tokenizer: Tokenizer) -> None:
+def _check_sentinels(config: DataConfig, tokenizer: TextTokenizer) -> None:
     if config.objective != "span_corruption":
         return
+    if tokenizer.num_sentinels == 0:
+        raise ValueError(
+            f"objective=span_corruption needs T5 sentinel ids, and the {tokenizer.kind} "
+            "tokenizer has none (a BERT vocabulary has words where T5 puts its sentinels); "
+            "use objective=pseudo_summary, gap_sentences or mlm"
+        )
     raw, _ = objectives.t5_span_corruption_lengths(
         config.inputs_length, config.noise_density, config.mean_noise_span_length
     )
@@ -486,7 +492,7 @@ def _build(config, tokenizer, documents, *, process_index, process_count, train,
 
 def make_pipeline(
     config: DataConfig | Mapping[str, Any],
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     *,
     process_index: int = 0,
     process_count: int = 1,
@@ -512,7 +518,7 @@ def make_pipeline(
 
 def make_eval_pipeline(
     config: DataConfig | Mapping[str, Any],
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     *,
     process_index: int = 0,
     process_count: int = 1,

@@ -91,9 +91,12 @@ class Tokenizer:
 
     # -- special ids
 
+    kind = "sentencepiece"
     pad_id = PAD_ID
     eos_id = EOS_ID
     unk_id = UNK_ID
+    decoder_start_id = PAD_ID  # T5 starts the decoder with the pad id
+    bos_id = None  # T5 puts nothing before encoder inputs
 
     @property
     def mask_id(self) -> int:

@@ -204,8 +204,10 @@ class Predictor:
             self.tm.model,
             params,
             batch["encoder_input_tokens"],
-            max_length=self.config.max_target_length + 1,  # + the start id 0
+            max_length=self.config.max_target_length + 1,  # + the decoder start id
             method=self.config.decode_method,
+            eos_id=self.tm.codec.eos_id,
+            decoder_start_id=getattr(self.tm.codec, "decoder_start_id", 0),  # T5's 0
             beam_size=self.config.beam_size,
             alpha=self.config.beam_alpha,
             variables=extra,

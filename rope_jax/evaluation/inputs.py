@@ -1,11 +1,14 @@
 """Token arrays for SuperGLUE fine-tuning: text codecs and fixed-shape numpy batches.
 
-Two codecs turn text into ids: :class:`SentencePieceCodec` (this project's tokenizer, T5/mT5
-ids: pad 0, EOS 1; a text pair is ``a EOS b EOS``, as T5 joins fields with separators) and
+Two codecs turn text into ids: :class:`SentencePieceCodec` (this project's tokenizers,
+``rope_jax.data.tokenizers``: SentencePiece with T5/mT5 ids, pad 0, EOS 1, or jieba_bert with
+EOS ``[SEP]``; a text pair is ``a EOS b EOS``, as T5 joins fields with separators) and
 :class:`HFCodec` (the tokenizer files of an imported Hugging Face BERT/RoFormer folder, read
 from disk only; a pair is ``[CLS] a [SEP] b [SEP]`` with token types 0/1, as BERT was
-pretrained). Truncation cuts the longer text of a pair first, one token at a time
-(BERT's ``truncate_seq_pair``), so short hypotheses survive long premises.
+pretrained). Codecs used for encoder-decoders may also give ``bos_id`` (put before every
+encoder input) and ``decoder_start_id``; without them, T5's none and 0. Truncation cuts the
+longer text of a pair first, one token at a time (BERT's ``truncate_seq_pair``), so short
+hypotheses survive long premises.
 
 Arrays follow the batch format of ``contracts.md``: encoder-decoder examples give
 ``encoder_input_tokens`` ... ``decoder_loss_weights`` (one row per example, no packing, so
@@ -23,30 +26,33 @@ import numpy as np
 
 from rope_jax.evaluation.formats import EncoderExample, TextExample
 
-PAD_ID, EOS_ID = 0, 1
-
 
 class SentencePieceCodec:
-    """Text <-> ids with ``rope_jax.data.tokenizer.Tokenizer`` (T5 id conventions)."""
+    """Text <-> ids with a ``rope_jax.data.tokenizers.TextTokenizer`` (SentencePiece or
+    jieba_bert), whose pad, EOS, decoder start and BOS ids it uses."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.eos_id = EOS_ID
+        self.eos_id = tokenizer.eos_id
+        self.pad_id = tokenizer.pad_id
+        self.decoder_start_id = tokenizer.decoder_start_id
+        self.bos_id = tokenizer.bos_id
 
     def encode(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(text)]
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = list(ids)
-        if EOS_ID in ids:
-            ids = ids[: ids.index(EOS_ID)]
-        return self.tokenizer.decode([i for i in ids if i != PAD_ID])
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.tokenizer.decode([i for i in ids if i != self.pad_id])
 
     def pair(self, a: list[int], b: list[int] | None, max_length: int):
         """(tokens, token types) of ``a EOS [b EOS]`` cut to ``max_length``."""
         specials = 1 if b is None else 2
         a, b = _truncate_pair(a, b or [], max_length - specials)
-        tokens = a + [EOS_ID] + (b + [EOS_ID] if specials == 2 else [])
+        eos = self.eos_id
+        tokens = a + [eos] + (b + [eos] if specials == 2 else [])
         types = [0] * (len(a) + 1) + [1] * (len(tokens) - len(a) - 1)
         return tokens, types
 
@@ -81,6 +87,11 @@ class HFCodec:
         return tokens, types
 
 
+def _special_ids(codec) -> tuple[int | None, int]:
+    """(BOS, decoder start) of a codec; a codec without them has T5's (none, 0)."""
+    return getattr(codec, "bos_id", None), getattr(codec, "decoder_start_id", 0)
+
+
 def _truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
     if budget < 1:
         raise ValueError(f"max length leaves no room for text ({budget} tokens)")
@@ -104,15 +115,20 @@ def seq2seq_arrays(
     enc = np.zeros((n, max_input_length), np.int32)
     dec_targets = np.zeros((n, max_target_length), np.int32)
     enc_len, dec_len = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    # jieba_bert (T5 PEGASUS) starts encoder inputs with [CLS] (bert4keras encode).
+    bos_id, start_id = _special_ids(codec)
+    prefix = [] if bos_id is None else [bos_id]
     for row, example in enumerate(examples):
-        inputs = codec.encode(example.inputs)[: max_input_length - 1] + [codec.eos_id]
+        budget = max_input_length - 1 - len(prefix)
+        inputs = prefix + codec.encode(example.inputs)[:budget] + [codec.eos_id]
         targets = codec.encode(example.targets)[: max_target_length - 1] + [codec.eos_id]
         enc[row, : len(inputs)] = inputs
         dec_targets[row, : len(targets)] = targets
         enc_len[row], dec_len[row] = len(inputs), len(targets)
-    # Decoder inputs: targets shifted right behind the start id 0 (T5).
+    # Decoder inputs: targets shifted right behind the start id (T5: 0; jieba_bert: [CLS]).
     dec_inputs = np.zeros_like(dec_targets)
     dec_inputs[:, 1:] = dec_targets[:, :-1]
+    dec_inputs[:, 0] = start_id
     enc_pos, enc_seg = _positions_and_segments(enc_len, max_input_length)
     dec_pos, dec_seg = _positions_and_segments(dec_len, max_target_length)
     return {

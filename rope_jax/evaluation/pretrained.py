@@ -6,13 +6,16 @@
   step; the model config is, in this order, the workdir's ``config.json`` ``model`` entry,
   the ``model`` of ``config.pretrain_config`` (the pretraining config as given to train.py,
   e.g. ``configs/mt5.py:tiny,attention=performer``), or ``config.model``; the tokenizer is
-  the one train.py cached in ``<workdir>/tokenizer/spm.model``;
+  the one train.py cached in ``<workdir>/tokenizer/spm.model`` (or ``vocab.txt`` for
+  ``tokenizer.kind=jieba_bert``);
 * a Hugging Face model folder (it has ``config.json`` and weights): imported with
-  ``rope_jax.convert.from_hf``; its ``spiece.model`` (T5/mT5) or tokenizer files (BERT,
-  RoFormer) are used for text;
+  ``rope_jax.convert.from_hf``; its ``spiece.model`` (T5/mT5), ``vocab.txt`` (an
+  encoder-decoder with a BERT vocabulary: T5 PEGASUS, read by ``convert.tokenizer_from_hf``
+  as the jieba_bert tokenizer) or tokenizer files (BERT, RoFormer) are used for text;
 * empty: ``config.model`` with random weights (smoke tests and from-scratch baselines).
 
-The tokenizer is ``config.tokenizer`` (a SentencePiece ``.model``) when set. For an encoder
+The tokenizer is ``config.tokenizer`` (a SentencePiece ``.model``, or a BERT ``vocab.txt``
+for the jieba_bert tokenizer) when set. For an encoder
 the classification head is new: its parameters are initialised and every other parameter
 is taken from the checkpoint; a parameter missing from the checkpoint is an error.
 """
@@ -42,6 +45,7 @@ _SPM_NAMES = (
     os.path.join("tokenizer", "spm.model"),
 )
 _HF_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json")
+_BERT_VOCAB_CACHE = os.path.join("tokenizer", "vocab.txt")
 
 
 @dataclasses.dataclass
@@ -79,20 +83,43 @@ def _find_spm(folder: str) -> str | None:
     return None
 
 
+def _bert_vocab_codec(path: str):
+    """The jieba_bert (T5 PEGASUS) tokenizer of a BERT ``vocab.txt``."""
+    from rope_jax.data.bert_tokenizer import JiebaBertTokenizer
+
+    return inputs_lib.SentencePieceCodec(JiebaBertTokenizer.load(path))
+
+
 def _codec(config, cfg, folder: str | None):
     # A HF T5 pads its embedding to 32128 beyond 32000 pieces + 100 extra ids, so the
     # tokenizer's vocabulary is its own, never the model's.
     if config.tokenizer:
+        if config.tokenizer.endswith(".txt"):
+            return _bert_vocab_codec(config.tokenizer)
         return _sentencepiece_codec(config.tokenizer)
     spm_path = _find_spm(folder) if folder else None
     if spm_path:
         return _sentencepiece_codec(spm_path)
+    # A train.py workdir run with tokenizer.kind=jieba_bert caches its vocab.txt there.
+    if folder and os.path.exists(os.path.join(folder, _BERT_VOCAB_CACHE)):
+        return _bert_vocab_codec(os.path.join(folder, _BERT_VOCAB_CACHE))
+    # An encoder-decoder folder with a BERT vocab.txt is T5 PEGASUS (jieba + BERT vocabulary).
+    if (
+        folder
+        and cfg is not None
+        and cfg.family == "encoder_decoder"
+        and os.path.exists(os.path.join(folder, "vocab.txt"))
+    ):
+        from rope_jax import convert
+
+        return inputs_lib.SentencePieceCodec(convert.tokenizer_from_hf(folder))
     # Hub BERT/RoFormer folders ship vocab.txt; transformers 5 save_pretrained writes only
     # tokenizer.json.
     if folder and any(os.path.exists(os.path.join(folder, n)) for n in _HF_TOKENIZER_FILES):
         return inputs_lib.HFCodec(folder)
     raise FileNotFoundError(
-        f"no tokenizer: set config.tokenizer to a SentencePiece .model file (nothing usable in "
+        f"no tokenizer: set config.tokenizer to a SentencePiece .model file or a BERT vocab.txt "
+        f"(T5 PEGASUS; nothing usable in "
         f"{folder or 'the config'})"
     )
 

@@ -159,8 +159,14 @@ def make_train_step(
     redraw_features_every: int = 0,
     example_batch: dict | None = None,
     debug_nan_step: int = -1,
+    mlm_max_predictions: int = 0,
 ) -> Callable:
     """Builds the pure ``train_step(state, batch, rng) -> (state, metrics)``.
+
+    ``mlm_max_predictions > 0`` runs an MLM model's output head only at the first that many
+    masked positions per row (``losses.predict``); ``metrics["mlm_dropped_tokens"]`` then
+    counts masked tokens beyond the cap, which are left out of the loss (0 when the cap
+    holds them all, and then the loss is the full head's).
 
     ``metrics["finite"]`` is 0 when the loss or the gradient norm is NaN/Inf. The loop reads
     every step's metrics before it saves a checkpoint and stops on a non-finite step, so a
@@ -173,11 +179,16 @@ def make_train_step(
         variables = {"params": params}
         if random_features:
             variables[RANDOM_FEATURES] = random_features
-        logits = losses.apply_model(
-            model, variables, micro, deterministic=False, rngs={"dropout": dropout_key}
+        logits, targets, weights, dropped = losses.predict(
+            model,
+            variables,
+            micro,
+            deterministic=False,
+            rngs={"dropout": dropout_key},
+            mlm_max_predictions=mlm_max_predictions,
         )
-        targets, weights = losses.targets_and_weights(micro)
         stats = losses.weighted_cross_entropy(logits, targets, weights, z_loss=z_loss)
+        stats["dropped_sum"] = dropped.astype(jnp.float32)
         return stats["loss_sum"], stats
 
     grad_fn = jax.value_and_grad(loss_and_stats, has_aux=True)
@@ -220,7 +231,7 @@ def make_train_step(
             zero_stats = {
                 k: jnp.zeros((), jnp.float32)
                 for k in ("loss_sum", "cross_entropy_sum", "z_loss_sum", "weight_sum")
-                + ("correct_sum",)
+                + ("correct_sum", "dropped_sum")
             }
             (grads, stats), _ = jax.lax.scan(
                 accumulate,
@@ -257,20 +268,30 @@ def make_train_step(
             "learning_rate": schedule(state.step),
             "finite": finite.astype(jnp.float32),
         }
+        if mlm_max_predictions:
+            metrics["mlm_dropped_tokens"] = stats["dropped_sum"]
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(model) -> Callable:
-    """``eval_step(params, random_features, batch) -> sums`` (deterministic, no dropout)."""
+def make_eval_step(model, *, mlm_max_predictions: int = 0) -> Callable:
+    """``eval_step(params, random_features, batch) -> sums`` (deterministic, no dropout).
+
+    ``mlm_max_predictions`` as in ``make_train_step``; the sums then include
+    ``dropped_sum``.
+    """
 
     def eval_step(params, random_features, batch):
         variables = {"params": params}
         if random_features:
             variables[RANDOM_FEATURES] = random_features
-        logits = losses.apply_model(model, variables, batch, deterministic=True)
-        targets, weights = losses.targets_and_weights(batch)
-        return losses.weighted_cross_entropy(logits, targets, weights)
+        logits, targets, weights, dropped = losses.predict(
+            model, variables, batch, deterministic=True, mlm_max_predictions=mlm_max_predictions
+        )
+        sums = losses.weighted_cross_entropy(logits, targets, weights)
+        if mlm_max_predictions:
+            sums["dropped_sum"] = dropped.astype(jnp.float32)
+        return sums
 
     return eval_step

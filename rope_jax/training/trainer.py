@@ -128,7 +128,8 @@ def data_settings(config: ml_collections.ConfigDict) -> dict:
 
 
 def build_tokenizer(config: ml_collections.ConfigDict, workdir: str):
-    """The configured SentencePiece model, or one trained on the training corpus (cached).
+    """The configured SentencePiece model, or one trained on the training corpus (cached);
+    with ``tokenizer.kind=jieba_bert`` the T5 PEGASUS tokenizer (``data/bert_vocab.py``).
 
     A loaded model keeps ``tokenizer.num_extra_ids`` extra ids after its pieces, whatever the
     model's vocabulary: mT5's ``spiece.model`` (250000 pieces + 100) puts ``<extra_id_0>`` at
@@ -140,7 +141,9 @@ def build_tokenizer(config: ml_collections.ConfigDict, workdir: str):
     from rope_jax.data.tokenizer import Tokenizer
 
     vocab_size = config.model.vocab_size
-    if config.tokenizer.path:
+    if _tokenizer_kind(config) == "jieba_bert":
+        tokenizer = _jieba_bert_tokenizer(config, workdir)
+    elif config.tokenizer.path:
         tokenizer = Tokenizer.load(
             config.tokenizer.path, num_extra_ids=config.tokenizer.num_extra_ids
         )
@@ -171,6 +174,52 @@ def build_tokenizer(config: ml_collections.ConfigDict, workdir: str):
     return tokenizer
 
 
+def _tokenizer_kind(config: ml_collections.ConfigDict) -> str:
+    """``config.tokenizer.kind``, checked against the keys given for it."""
+    from rope_jax.data.tokenizers import check_kind
+
+    kind = check_kind(config.tokenizer.get("kind", "sentencepiece"))
+    if kind == "jieba_bert" and config.tokenizer.path:
+        raise ValueError(
+            "tokenizer.path names a SentencePiece model; for tokenizer.kind=jieba_bert give a "
+            "BERT vocab.txt as --config.tokenizer.vocab_path (or nothing, to build one)"
+        )
+    if kind == "sentencepiece" and config.tokenizer.get("vocab_path"):
+        raise ValueError(
+            "tokenizer.vocab_path is a BERT vocab.txt, read by tokenizer.kind=jieba_bert; set "
+            "--config.tokenizer.kind=jieba_bert, or tokenizer.path for a SentencePiece model"
+        )
+    return kind
+
+
+def _jieba_bert_tokenizer(config: ml_collections.ConfigDict, workdir: str):
+    """T5 PEGASUS' jieba + BERT-vocabulary tokenizer: ``tokenizer.vocab_path``, or a
+    ``model.vocab_size``-token vocabulary built on the training corpus (cached)."""
+    from rope_jax.data import bert_vocab, embedded
+    from rope_jax.data.corpora import DocumentIndex
+
+    vocab_path = config.tokenizer.vocab_path
+    if vocab_path:
+        documents, corpus_name = None, ""
+    elif config.data.paths:
+        index = DocumentIndex(
+            config.data.paths,
+            format=config.data.format,
+            text_mode=config.data.text_mode,
+            text_field=config.data.text_field,
+        )
+        documents, corpus_name = (index[i] for i in range(len(index))), config.data.paths
+    else:
+        documents, corpus_name = embedded.embedded_documents(), embedded.EMBEDDED_NAME
+    return bert_vocab.load_or_build_tokenizer(
+        workdir,
+        vocab_size=config.model.vocab_size,
+        vocab_path=vocab_path,
+        documents=documents,
+        corpus_name=corpus_name,
+    )
+
+
 def build_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
     """Training and held-out inputs from ``config.data`` for this process."""
     from rope_jax.data import pipeline
@@ -187,12 +236,19 @@ def build_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
     return Inputs(train=train, eval_batches=eval_batches if config.eval_steps > 0 else None)
 
 
-def model_flops_per_step(model_cfg, batch: dict[str, np.ndarray], global_batch: int) -> float:
+def model_flops_per_step(
+    model_cfg, batch: dict[str, np.ndarray], global_batch: int, mlm_predictions: int = 0
+) -> float:
     """Training FLOPs (fwd + bwd) of one global batch, from the model's own FLOP count."""
-    from rope_jax.flops import flops_per_token
+    from rope_jax.flops import training_flops
 
-    per_token = flops_per_token(model_cfg, losses.input_length(batch), losses.target_length(batch))
-    return float(per_token) * global_batch * losses.input_length(batch)
+    per_example = training_flops(
+        model_cfg,
+        losses.input_length(batch),
+        losses.target_length(batch),
+        mlm_predictions=mlm_predictions,
+    ).total
+    return float(per_example) * global_batch
 
 
 def _check_batch_size(global_batch: int, grad_accum_steps: int, mesh) -> None:
@@ -288,6 +344,12 @@ def train_and_evaluate(
         logging.info("Resumed from %s at step %d.", checkpointer.directory / str(latest), latest)
     start_step = int(jax.device_get(state.step))
 
+    mlm_max_predictions = losses.resolve_max_predictions(
+        config.mlm_max_predictions,
+        objective=config.data.objective,
+        mask_rate=config.data.mlm_rate,
+        length=config.data.inputs_length,
+    )
     train_step = step_lib.make_train_step(
         model,
         tx,
@@ -298,6 +360,7 @@ def train_and_evaluate(
         redraw_features_every=config.redraw_features_every,
         example_batch=first_host_batch,
         debug_nan_step=config.debug_nan_step,
+        mlm_max_predictions=mlm_max_predictions,
     )
     batch_shardings = {name: batch_sharding for name in first_host_batch}
     jit_train_step = jax.jit(
@@ -307,7 +370,7 @@ def train_and_evaluate(
         donate_argnums=(0,),
     )
     jit_eval_step = jax.jit(
-        step_lib.make_eval_step(model),
+        step_lib.make_eval_step(model, mlm_max_predictions=mlm_max_predictions),
         in_shardings=(state_shardings.params, state_shardings.random_features, batch_shardings),
         out_shardings=sharding.replicated(mesh),
     )
@@ -318,7 +381,9 @@ def train_and_evaluate(
     peak = metrics.total_matmul_peak(device_peak, mesh.devices.flat)
     flops_per_step = 0.0
     if model_cfg is not None:
-        flops_per_step = model_flops_per_step(model_cfg, first_host_batch, config.batch_size)
+        flops_per_step = model_flops_per_step(
+            model_cfg, first_host_batch, config.batch_size, mlm_max_predictions
+        )
     tokens_per_step = config.batch_size * losses.input_length(first_host_batch)
     if jax.process_index() == 0:
         num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract_state.params))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 
 import ml_collections
 
@@ -25,6 +26,8 @@ BARE_KEY_SECTIONS = ("model", "data")
 def base_config() -> ml_collections.ConfigDict:
     """Every top-level key the trainer reads (so a typo in an override is an error)."""
     config = ml_collections.ConfigDict()
+    # Which entry point runs this config: train.py runs "pretrain", eval.py the others.
+    config.kind = "pretrain"
     config.seed = 0
     config.num_train_steps = 1000
     # Periods in steps; 0 = only at the end (logging, checkpoints) or never (evaluation).
@@ -71,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.debug_nan_step = -1
     # Time a float32 GEMM at start-up; MFU is reported against it.
     config.measure_matmul_peak = True
+    # Restarting a workdir: config keys whose change from the recorded run is intended,
+    # comma-separated ("optimizer.learning_rate,batch_size"; a section name accepts all its
+    # keys; "*" accepts everything). See rope_jax/training/workdir.py and docs/training.md.
+    config.accept_changes = ""
     return config
 
 
@@ -134,9 +141,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
                 raise KeyError(f"config override {item!r}: no config key {name!r}.")
             node = node[name]
         if leaf not in node:
+            close = difflib.get_close_matches(key, _dotted_keys(config), n=3, cutoff=0.75)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
             raise KeyError(
-                f"config override {item!r}: no config key {key!r} (model, data and top-level "
-                "keys can be given bare, others need their dotted path)."
+                f"config override {item!r}: no config key {key!r}; {hint}(model, data and "
+                "top-level keys can be given bare, others need their dotted path)."
             )
         current = node[leaf]
         if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -147,6 +156,19 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
             node[leaf] = value
         except TypeError as err:
             raise TypeError(f"config override {item!r}: {err}") from err
+
+
+def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every leaf key as a dotted path, plus bare names of model and data keys."""
+    keys = []
+    for name, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(_dotted_keys(value, f"{prefix}{name}."))
+        else:
+            keys.append(prefix + name)
+    if not prefix:
+        keys.extend(name for section in BARE_KEY_SECTIONS for name in config[section])
+    return keys
 
 
 def split_arg(arg: str | None, variants: tuple[str, ...]) -> tuple[str, list[str]]:

@@ -106,3 +106,60 @@ def restore_compilation_cache(previous) -> None:
     jax.config.update("jax_compilation_cache_dir", previous[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", previous[2])
+
+
+def toy_train_config(**overrides):
+    """A pretraining config for the toy encoder: 4 steps of 8 rows, checkpoints every 2,
+    a schedule that does not depend on num_train_steps (runs of other lengths agree)."""
+    from configs import common
+
+    config = common.base_config()
+    config.update(
+        num_train_steps=4,
+        log_every_steps=1,
+        checkpoint_every_steps=2,
+        eval_every_steps=0,
+        eval_steps=0,
+        batch_size=8,
+        measure_matmul_peak=False,
+        async_checkpointing=True,
+    )
+    config.optimizer.update(warmup_steps=1, learning_rate=3e-3, decay_steps=10)
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
+def train_toy(workdir, config, iterator=None, dropout_rate=0.1):
+    """``train_and_evaluate`` on the toy encoder and iterator, on one device."""
+    from rope_jax.training import trainer
+
+    return trainer.train_and_evaluate(
+        config,
+        str(workdir),
+        inputs=trainer.Inputs(train=iterator or ToyMLMIterator(config.batch_size)),
+        model=ToyEncoder(dropout_rate=dropout_rate),
+        devices=jax.devices()[:1],
+    )
+
+
+def tree_digest(root) -> str:
+    """sha256 over every file's and directory's relative path and modification time, and
+    every file's bytes: equal digests mean nothing was written, renamed or removed."""
+    import hashlib
+    import os
+
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        digest.update(f"{os.path.relpath(folder, root)} {os.stat(folder).st_mtime_ns}".encode())
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            digest.update(f"{os.path.relpath(path, root)} {os.stat(path).st_mtime_ns}".encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()

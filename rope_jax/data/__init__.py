@@ -11,7 +11,12 @@ Objectives themselves are pure functions in ``rope_jax.objectives``.
 
 from rope_jax.data.bert_tokenizer import JiebaBertTokenizer
 from rope_jax.data.corpora import CorpusStats, DocumentIndex, InMemoryDocuments, iter_documents
-from rope_jax.data.embedded import embedded_corpus, embedded_documents, load_or_train_tokenizer
+from rope_jax.data.embedded import (
+    TokenizerCacheError,
+    embedded_corpus,
+    embedded_documents,
+    load_or_train_tokenizer,
+)
 from rope_jax.data.packing import PackSpec, RowPacker, pack_examples
 from rope_jax.data.pipeline import (
     OBJECTIVES,
@@ -37,6 +42,7 @@ __all__ = [
     "RowPacker",
     "TextTokenizer",
     "Tokenizer",
+    "TokenizerCacheError",
     "data_config_from_dict",
     "embedded_corpus",
     "embedded_documents",

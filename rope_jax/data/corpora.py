@@ -12,9 +12,14 @@ Two ways to read the same files, with identical documents and identical bad-reco
     shuffle), instead of keeping shuffle buffers in the checkpoint.
 
 Formats: ``"text"`` with ``text_mode="blocks"`` (a document per blank-line-separated block)
-or ``"lines"`` (a document per line), and ``"jsonl"`` (one JSON object per line, text under
-``text_field``). Bad records -- invalid JSON, invalid UTF-8, empty documents, missing or
-non-string field -- are skipped and counted in a ``CorpusStats``; nothing raises halfway.
+or ``"lines"`` (a document per line), ``"jsonl"`` (one JSON object per line, text under
+``text_field``), and ``"auto"`` (the default): JSONL for files named ``*.jsonl`` or
+``*.ndjson``, text otherwise, decided per file, so a JSONL corpus is never tokenized as
+plain text with its JSON syntax. A UTF-8 byte-order mark at the start of a file (written by
+some Windows editors and exporters) is skipped; before, it made the first JSONL record
+invalid JSON, and the first text document started with U+FEFF. Bad records -- invalid
+JSON, invalid UTF-8, empty documents, missing or non-string field -- are skipped and counted
+in a ``CorpusStats``; nothing raises halfway.
 """
 
 from __future__ import annotations
@@ -29,10 +34,20 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["CorpusStats", "DocumentIndex", "InMemoryDocuments", "expand_paths", "iter_documents"]
+__all__ = [
+    "CorpusStats",
+    "DocumentIndex",
+    "InMemoryDocuments",
+    "expand_paths",
+    "file_format",
+    "iter_documents",
+]
 
-FORMATS = ("text", "jsonl")
+FORMATS = ("auto", "text", "jsonl")
 TEXT_MODES = ("blocks", "lines")
+# With format="auto", files with these endings are JSONL and every other file is text.
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclasses.dataclass
@@ -80,9 +95,21 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
 
 def _check_format(format: str, text_mode: str) -> None:
     if format not in FORMATS:
-        raise ValueError(f"unknown corpus format {format!r}; expected one of {FORMATS}")
+        raise ValueError(
+            f"unknown corpus format {format!r} (data.format); expected one of {FORMATS}"
+        )
     if text_mode not in TEXT_MODES:
-        raise ValueError(f"unknown text_mode {text_mode!r}; expected one of {TEXT_MODES}")
+        raise ValueError(
+            f"unknown text_mode {text_mode!r} (data.text_mode); expected one of {TEXT_MODES}"
+        )
+
+
+def file_format(path: str, format: str = "auto") -> str:
+    """The format a file is read in: ``format`` itself unless it is ``"auto"``, which picks
+    ``"jsonl"`` for ``JSONL_SUFFIXES`` (case-insensitive) and ``"text"`` for the rest."""
+    if format != "auto":
+        return format
+    return "jsonl" if path.lower().endswith(JSONL_SUFFIXES) else "text"
 
 
 def _parse_record(raw: bytes, format: str, text_field: str, stats: CorpusStats) -> str | None:
@@ -114,8 +141,10 @@ def _scan_file(
 ) -> Iterator[tuple[int, int, str]]:
     """Stream ``(byte_offset, byte_length, text)`` of each valid document of one file.
 
-    Holds at most one document (one line, or one blank-line block) in memory.
+    Holds at most one document (one line, or one blank-line block) in memory. A UTF-8 BOM
+    at the start of the file is not part of the first record (its offset starts after it).
     """
+    format = file_format(path, format)
     stats.files += 1
     blocks = format == "text" and text_mode == "blocks"
     offset = 0
@@ -129,6 +158,10 @@ def _scan_file(
             yield start, len(raw), text
 
     with open(path, "rb") as f:
+        if f.read(len(UTF8_BOM)) == UTF8_BOM:
+            offset = len(UTF8_BOM)
+        else:
+            f.seek(0)
         for line in f:
             line_start, offset = offset, offset + len(line)
             is_blank = not line.strip()
@@ -148,7 +181,7 @@ def _scan_file(
 def iter_documents(
     patterns: str | Sequence[str],
     *,
-    format: str = "text",
+    format: str = "auto",
     text_mode: str = "blocks",
     text_field: str = "text",
     seed: int | None = None,
@@ -187,13 +220,14 @@ class DocumentIndex:
         self,
         patterns: str | Sequence[str],
         *,
-        format: str = "text",
+        format: str = "auto",
         text_mode: str = "blocks",
         text_field: str = "text",
     ):
         _check_format(format, text_mode)
         self.paths = expand_paths(patterns)
         self.format, self.text_mode, self.text_field = format, text_mode, text_field
+        self.file_formats = [file_format(path, format) for path in self.paths]
         self.stats = CorpusStats()
         # Typed arrays, not lists of Python ints (~4x the memory while scanning 10^8 documents).
         file_ids, offsets, lengths = array.array("i"), array.array("q"), array.array("q")
@@ -222,7 +256,7 @@ class DocumentIndex:
         # shared handle would let one thread move another's file position.
         raw = os.pread(handle.fileno(), int(self._lengths[index]), int(self._offsets[index]))
         # The scan validated this record; a changed file is an error, not a skip.
-        text = _parse_record(raw, self.format, self.text_field, CorpusStats())
+        text = _parse_record(raw, self.file_formats[file_id], self.text_field, CorpusStats())
         if text is None:
             raise RuntimeError(f"{self.paths[file_id]} changed since it was indexed")
         return text

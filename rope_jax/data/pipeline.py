@@ -94,7 +94,7 @@ class DataConfig:
     batch_size: int = 8
     seed: int = 0
     paths: str = ""
-    format: str = "text"
+    format: str = "auto"
     text_mode: str = "blocks"
     text_field: str = "text"
     pack: bool = True
@@ -421,6 +421,16 @@ def _allow_worker_processes() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+    """Worker processes ignore SIGINT: Ctrl-C in a terminal reaches the whole process group,
+    and the main process, which owns the workers, decides how to stop (the trainer saves at
+    the next step boundary, with batches still coming from the workers)."""
+    del worker_index, worker_count
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _in_worker_processes(examples: grain.IterDataset, num_workers: int) -> grain.IterDataset:
     """``examples`` made in ``num_workers`` processes, in the same order and with the same state."""
     _allow_worker_processes()
@@ -431,7 +441,10 @@ def _in_worker_processes(examples: grain.IterDataset, num_workers: int) -> grain
         examples, grain.experimental.DatasetOptions(min_shm_size=_MIN_SHM_BYTES)
     )
     examples = examples.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=_WORKER_BUFFER)
+        grain.MultiprocessingOptions(
+            num_workers=num_workers, per_worker_buffer_size=_WORKER_BUFFER
+        ),
+        worker_init_fn=_ignore_interrupts,
     )
     return _WorkerExamples(examples, num_workers)
 

@@ -413,6 +413,11 @@ def _train(cell: Cell, config, workdir: str, track: Track, tokens: np.ndarray):
         devices=devices,
     )
     seconds = time.perf_counter() - started
+    if result.stop_signal is not None:
+        # Ctrl-C or SIGTERM: the cell's checkpoint is saved; stop the grid (a re-run resumes).
+        from rope_jax.training import interrupts
+
+        raise interrupts.StoppedBySignal(result.stop_signal)
     variables = {"params": jax.device_get(result.state.params)}
     if result.state.random_features:
         variables["random_features"] = jax.device_get(result.state.random_features)

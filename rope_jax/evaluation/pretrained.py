@@ -191,11 +191,13 @@ def load_source(config) -> Source:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"init_checkpoint {path} is not a directory")
     if os.path.isdir(os.path.join(path, "checkpoints")):
+        from rope_jax.training import workdir
+
         model_dict = config.model
-        saved = os.path.join(path, "config.json")
-        if os.path.exists(saved):
-            with open(saved) as f:
-                model_dict = json.load(f).get("model", model_dict)
+        # The config of the run's last start (config_history.jsonl), else config.json.
+        saved = workdir.recorded_config(path)
+        if saved is not None:
+            model_dict = saved.get("model", model_dict)
         elif config.pretrain_config:
             model_dict = _pretrain_model_dict(config.pretrain_config)
         cfg = _model_config(model_dict)

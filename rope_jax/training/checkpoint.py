@@ -51,6 +51,81 @@ def is_complete(step_dir: epath.Path) -> bool:
     return all(path.exists() for path in required)
 
 
+def complete_steps_on_disk(directory: str | os.PathLike) -> list[int]:
+    """Committed steps in ``directory``, oldest first, found without opening a manager: a
+    ``Checkpointer`` cleans up temporary and damaged step directories when it starts, and a
+    restart that is refused must leave the work directory as it was."""
+    directory = epath.Path(absolute_path(directory))
+    if not directory.is_dir():
+        return []
+    return sorted(
+        int(step_dir.name)
+        for step_dir in directory.iterdir()
+        if step_dir.name.isdigit() and step_dir.is_dir() and is_complete(step_dir)
+    )
+
+
+def _path_name(path) -> str:
+    """'params/decoder/layers_0/mlp/kernel' for a pytree key path (attribute, dict key or
+    index), the same for a train state and Orbax's metadata tree of it."""
+    parts = []
+    for entry in path:
+        for field in ("key", "name", "idx"):
+            if hasattr(entry, field):
+                parts.append(str(getattr(entry, field)))
+                break
+        else:
+            parts.append(str(entry))
+    return "/".join(parts)
+
+
+def saved_shapes(step_dir: epath.Path) -> dict[str, tuple[int, ...]] | None:
+    """Array shapes of a step's train state from its metadata (no array is read), or None
+    when the metadata cannot be read."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        tree = handler.metadata(step_dir / STATE)
+    except Exception:  # The restore itself will say what is wrong with the files.
+        return None
+    finally:
+        handler.close()
+    leaves = jax.tree_util.tree_leaves_with_path(getattr(tree, "item_metadata", tree))
+    return {_path_name(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def _check_shapes(step_dir: epath.Path, abstract_state: Any) -> None:
+    """Raises ``CheckpointError`` naming the arrays whose saved shape differs from the
+    model's, before any array is read: a restore that fails half way leaves TensorStore
+    callbacks running into a closed event loop, which print tracebacks after the error."""
+    saved = saved_shapes(step_dir)
+    if not saved:
+        return
+    wanted = {
+        _path_name(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)
+    }
+    differ = sorted(
+        (name for name in wanted.keys() & saved.keys() if wanted[name] != saved[name]),
+        key=lambda name: (not name.startswith("params/"), name),  # parameters first
+    )
+    if differ:
+        name = differ[0]
+        more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+        raise CheckpointError(
+            f"Cannot restore checkpoint {step_dir}: {name} has shape {saved[name]} there and "
+            f"{wanted[name]} in this model{more}. The model's sizes differ from the run that "
+            "wrote it: use the recorded model config, or a new workdir."
+        )
+
+
+def _first_line(error: BaseException, limit: int = 400) -> str:
+    """An Orbax/TensorStore error in one line: some embed a many-line spec dump after the
+    sentence that says what is wrong (the whole error stays in ``__cause__``)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _process_index_and_count() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
@@ -203,6 +278,7 @@ class Checkpointer:
                 f"Checkpoint {step_dir} is incomplete (missing commit markers or metadata); "
                 "move it aside to resume from an earlier step."
             )
+        _check_shapes(step_dir, abstract_state)
         try:
             restored = self._manager.restore(
                 step,
@@ -215,9 +291,10 @@ class Checkpointer:
             )
         except Exception as err:  # Orbax raises many types; the user needs the path.
             raise CheckpointError(
-                f"Cannot restore checkpoint {step_dir}: {type(err).__name__}: {err}. "
-                "If the config changed since it was written (model size, optimizer, prng_impl), "
-                "use a new workdir; if the files are damaged, move this step directory aside."
+                f"Cannot restore checkpoint {step_dir}: {type(err).__name__}: "
+                f"{_first_line(err)}. If the config changed since it was written (model size, "
+                "optimizer, prng_impl), use a new workdir; if the files are damaged, move this "
+                "step directory aside."
             ) from err
         return restored[STATE], select_data_state(restored[DATA], *_process_index_and_count())
 

@@ -64,15 +64,62 @@ def total_matmul_peak(per_device_peak: float, devices) -> float:
     return per_device_peak * len(devices)
 
 
+def drop_rows_after(path: str, step: int) -> int:
+    """Rewrites a ``metrics.jsonl`` keeping the rows of steps ``<= step`` (and no line cut
+    short by a kill); returns how many rows were dropped. The file is replaced atomically."""
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row_step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                dropped += 1
+                continue
+            if row_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return dropped
+
+
+def _event_file_suffix(logdir: str) -> str:
+    """A suffix that makes this start's TensorBoard event file sort after the earlier ones.
+
+    tensorboardX names a file ``events.out.tfevents.<unix second>.<host><suffix>`` and opens
+    it for writing, so a resume within the same second as the previous start (a quick
+    failure and retry, or a short run) reused the previous file's name and overwrote its
+    events; TensorBoard also reads a directory's files in name order, which the purge
+    marker relies on. Numbering the files of the directory keeps every name new and in
+    start order.
+    """
+    existing = len(os.listdir(logdir)) if os.path.isdir(logdir) else 0
+    return f".{existing:04d}"
+
+
 class MetricWriter:
     """Writes scalars to TensorBoard event files and one JSON object per line.
 
     Only process 0 writes; elsewhere every method is a no-op, so callers need no checks.
     ``metrics.jsonl`` lines look like
     ``{"step": 100, "loss": 5.1, "learning_rate": 0.001, "tokens_per_sec": 812.0, ...}``.
+
+    ``resume_step``: the step a restarted run continues from. Rows of later steps (written
+    after the last checkpoint by the run that stopped) are dropped from ``metrics.jsonl``,
+    and the new TensorBoard event file starts with tensorboardX's ``purge_step`` marker
+    (a ``SessionLog.START`` at ``resume_step + 1``), on which TensorBoard hides the earlier
+    files' events from that step on. Each step is then shown once.
     """
 
-    def __init__(self, workdir: str, *, enabled: bool | None = None):
+    def __init__(
+        self, workdir: str, *, enabled: bool | None = None, resume_step: int | None = None
+    ):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.workdir = workdir
         self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
@@ -83,7 +130,23 @@ class MetricWriter:
             os.makedirs(workdir, exist_ok=True)
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(self.tensorboard_dir)
+            purge_step = None
+            if resume_step is not None:
+                dropped = drop_rows_after(self.jsonl_path, resume_step)
+                if dropped:
+                    logging.info(
+                        "%s: dropped %d rows after step %d (that part is trained again)",
+                        self.jsonl_path,
+                        dropped,
+                        resume_step,
+                    )
+                if os.path.isdir(self.tensorboard_dir) and os.listdir(self.tensorboard_dir):
+                    purge_step = resume_step + 1
+            self._tb = SummaryWriter(
+                self.tensorboard_dir,
+                purge_step=purge_step,
+                filename_suffix=_event_file_suffix(self.tensorboard_dir),
+            )
             self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write_scalars(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
@@ -111,6 +174,22 @@ class MetricWriter:
             self._tb.close()
             self._jsonl.close()
             self.enabled = False
+
+
+def tensorboard_command(logdir: str) -> str:
+    """A command that shows ``logdir`` in TensorBoard from this Python environment: the
+    ``tensorboard`` script next to this interpreter (works without activating the venv),
+    preceded by its installation when the package is missing (it is not a dependency of
+    the main install; ``pip install -e '.[test]'`` and ``make demo`` bring it)."""
+    import importlib.util
+    import shlex
+    import sys
+
+    script = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+    show = f"{shlex.quote(script)} --logdir {shlex.quote(logdir)}"
+    if importlib.util.find_spec("tensorboard") is None or not os.path.exists(script):
+        return f"{shlex.quote(sys.executable)} -m pip install tensorboard && {show}"
+    return show
 
 
 def format_duration(seconds: float) -> str:

@@ -1,18 +1,22 @@
-"""``train_and_evaluate(config, workdir)``: the pretraining loop.
+"""``train_and_evaluate(config, workdir)``: a pretraining run from config to checkpoints.
 
-Order of work per step (STYLE.md "Numerics and scale"): fetch the host batch, dispatch step
-N, and only then fetch step N-1's metrics to the host, so the device never waits for Python.
-Process 0 writes metrics; every process saves its shards of the checkpoint. SIGTERM (the
-usual preemption notice) makes the loop save at the next step boundary and return.
+It checks the config, builds the model, mesh, optimizer and inputs, restores the latest
+checkpoint and hands the state to ``loop.run_steps`` (dispatch order, periods, NaN guard).
+Process 0 writes metrics; every process saves its shards of the checkpoint.
+
+The work directory is a contract (``workdir.py``): a restart is compared with the recorded
+config before anything is read or written and refused when the experiment would change;
+every check that can run before the first step does (``preflight.py``); the first SIGINT or
+SIGTERM saves at the next step boundary and returns (``interrupts.py``), and the caller exits
+with ``128 + signum``; after a resume, ``metrics.jsonl`` and TensorBoard show each step once.
+On an error the Orbax checkpointer is closed before the error propagates, so its background
+threads finish quietly and the error is the last thing printed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import signal
-import threading
-import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -23,12 +27,16 @@ import numpy as np
 from absl import logging
 
 from rope_jax.training import checkpoint as checkpoint_lib
-from rope_jax.training import losses, metrics, optim, sharding
+from rope_jax.training import loop, losses, metrics, optim, preflight, sharding
 from rope_jax.training import step as step_lib
+from rope_jax.training import workdir as workdir_lib
 
-
-class NonFiniteLossError(FloatingPointError):
-    """Raised when a step reports a NaN/Inf loss or gradient norm."""
+# Re-exported: callers and tests know them as trainer.*.
+from rope_jax.training.loop import (  # noqa: F401
+    NonFiniteLossError,
+    TrainResult,
+    model_flops_per_step,
+)
 
 
 class CheckpointableIterator(Protocol):
@@ -47,42 +55,6 @@ class Inputs:
 
     train: CheckpointableIterator
     eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None
-
-
-@dataclasses.dataclass
-class TrainResult:
-    """Returned to callers and tests: final state and the per-step host metrics."""
-
-    state: step_lib.TrainState
-    history: dict[int, dict[str, float]]
-    eval_history: dict[int, dict[str, float]]
-    workdir: str
-    stopped_by_signal: bool = False
-
-
-class _StopSignal:
-    """Records SIGTERM so the loop can checkpoint and exit between steps (Ctrl-C still
-    interrupts at once, without a save)."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM,):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del frame
-        logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        return False
 
 
 def set_prng_impl(name: str) -> None:
@@ -127,46 +99,73 @@ def data_settings(config: ml_collections.ConfigDict) -> dict:
     return data
 
 
-def build_tokenizer(config: ml_collections.ConfigDict, workdir: str):
-    """The configured SentencePiece model, or one trained on the training corpus (cached);
-    with ``tokenizer.kind=jieba_bert`` the T5 PEGASUS tokenizer (``data/bert_vocab.py``).
-
-    A loaded model keeps ``tokenizer.num_extra_ids`` extra ids after its pieces, whatever the
-    model's vocabulary: mT5's ``spiece.model`` (250000 pieces + 100) puts ``<extra_id_0>`` at
-    250099 while the mT5 embedding has 250112 rows. ``model.vocab_size`` must be at least
-    the tokenizer's; a trained tokenizer fills it exactly.
-    """
+def build_corpus(config: ml_collections.ConfigDict):
+    """The training corpus of ``config.data``: an index of its files (one scan), or the
+    embedded corpus when ``data.paths`` is empty."""
     from rope_jax.data import embedded
     from rope_jax.data.corpora import DocumentIndex
-    from rope_jax.data.tokenizer import Tokenizer
 
-    vocab_size = config.model.vocab_size
-    if _tokenizer_kind(config) == "jieba_bert":
-        tokenizer = _jieba_bert_tokenizer(config, workdir)
-    elif config.tokenizer.path:
-        tokenizer = Tokenizer.load(
-            config.tokenizer.path, num_extra_ids=config.tokenizer.num_extra_ids
-        )
-    elif config.data.paths:
-        documents = DocumentIndex(
+    if not config.data.paths:
+        return embedded.embedded_corpus()
+    with preflight.config_errors("data: "):
+        return DocumentIndex(
             config.data.paths,
             format=config.data.format,
             text_mode=config.data.text_mode,
             text_field=config.data.text_field,
         )
+
+
+def build_tokenizer(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    documents=None,
+    reuse_for_other_corpus: bool = False,
+):
+    """The configured SentencePiece model, or one trained on the training corpus (cached in
+    ``<workdir>/tokenizer``, never trained again: see ``load_or_train_tokenizer``); with
+    ``tokenizer.kind=jieba_bert`` the T5 PEGASUS tokenizer (``data/bert_vocab.py``).
+
+    A loaded model keeps ``tokenizer.num_extra_ids`` extra ids after its pieces, whatever the
+    model's vocabulary: mT5's ``spiece.model`` (250000 pieces + 100) puts ``<extra_id_0>`` at
+    250099 while the mT5 embedding has 250112 rows. ``model.vocab_size`` must be at least
+    the tokenizer's; a trained tokenizer fills it exactly. ``documents``: the corpus when
+    already indexed (``build_corpus``); ``reuse_for_other_corpus``: keep a cached tokenizer
+    for a changed ``data.paths``.
+    """
+    from rope_jax.data import embedded
+    from rope_jax.data.tokenizer import Tokenizer
+
+    vocab_size = config.model.vocab_size
+    with preflight.config_errors("tokenizer: "):
+        kind = _tokenizer_kind(config)
+    if kind == "jieba_bert":
+        with preflight.config_errors():
+            tokenizer = _jieba_bert_tokenizer(config, workdir, documents=documents)
+    elif config.tokenizer.path:
+        tokenizer = Tokenizer.load(
+            config.tokenizer.path, num_extra_ids=config.tokenizer.num_extra_ids
+        )
+    elif config.data.paths:
+        documents = build_corpus(config) if documents is None else documents
         tokenizer = embedded.load_or_train_tokenizer(
             workdir,
             vocab_size=vocab_size,
             num_extra_ids=config.tokenizer.num_extra_ids,
             documents=(documents[i] for i in range(len(documents))),
             corpus_name=config.data.paths,
+            reuse_for_other_corpus=reuse_for_other_corpus,
         )
     else:
         tokenizer = embedded.load_or_train_tokenizer(
-            workdir, vocab_size=vocab_size, num_extra_ids=config.tokenizer.num_extra_ids
+            workdir,
+            vocab_size=vocab_size,
+            num_extra_ids=config.tokenizer.num_extra_ids,
+            reuse_for_other_corpus=reuse_for_other_corpus,
         )
     if tokenizer.vocab_size > vocab_size:
-        raise ValueError(
+        raise preflight.ConfigError(
             f"tokenizer has {tokenizer.vocab_size} ids ({tokenizer.piece_size} pieces + "
             f"{tokenizer.num_extra_ids} extra ids) but model.vocab_size={vocab_size}; set "
             f"--config.model.vocab_size={tokenizer.vocab_size} or more."
@@ -192,22 +191,16 @@ def _tokenizer_kind(config: ml_collections.ConfigDict) -> str:
     return kind
 
 
-def _jieba_bert_tokenizer(config: ml_collections.ConfigDict, workdir: str):
+def _jieba_bert_tokenizer(config: ml_collections.ConfigDict, workdir: str, *, documents=None):
     """T5 PEGASUS' jieba + BERT-vocabulary tokenizer: ``tokenizer.vocab_path``, or a
     ``model.vocab_size``-token vocabulary built on the training corpus (cached)."""
     from rope_jax.data import bert_vocab, embedded
-    from rope_jax.data.corpora import DocumentIndex
 
     vocab_path = config.tokenizer.vocab_path
     if vocab_path:
         documents, corpus_name = None, ""
     elif config.data.paths:
-        index = DocumentIndex(
-            config.data.paths,
-            format=config.data.format,
-            text_mode=config.data.text_mode,
-            text_field=config.data.text_field,
-        )
+        index = build_corpus(config) if documents is None else documents
         documents, corpus_name = (index[i] for i in range(len(index))), config.data.paths
     else:
         documents, corpus_name = embedded.embedded_documents(), embedded.EMBEDDED_NAME
@@ -220,35 +213,43 @@ def _jieba_bert_tokenizer(config: ml_collections.ConfigDict, workdir: str):
     )
 
 
-def build_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
-    """Training and held-out inputs from ``config.data`` for this process."""
+def build_inputs(
+    config: ml_collections.ConfigDict, workdir: str, *, reuse_tokenizer: bool = False
+) -> Inputs:
+    """Training and held-out inputs from ``config.data`` for this process.
+
+    The corpus is indexed once and the held-out split checked before a tokenizer is trained
+    on it (minutes on a real corpus), so a corpus too small to evaluate on fails at start.
+    """
     from rope_jax.data import pipeline
 
     data = data_settings(config)
-    tokenizer = build_tokenizer(config, workdir)
+    with preflight.config_errors("data: "):
+        pipeline.data_config_from_dict(data)
+    documents = build_corpus(config)
+    evaluates = config.eval_steps > 0 and config.eval_every_steps > 0
+    preflight.check_held_out_split(
+        len(documents),
+        eval_every=config.data.eval_every,
+        evaluates=evaluates,
+        process_count=jax.process_count(),
+        source=config.data.paths or "the embedded corpus",
+        first_eval_step=config.eval_every_steps if evaluates else 0,
+    )
+    tokenizer = build_tokenizer(
+        config, workdir, documents=documents, reuse_for_other_corpus=reuse_tokenizer
+    )
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    train = pipeline.make_pipeline(data, tokenizer, **shard)
+    with preflight.config_errors("data: "):
+        train = pipeline.make_pipeline(data, tokenizer, documents=documents, **shard)
     train.stats.log("training corpus")
 
     def eval_batches():
-        return pipeline.make_eval_pipeline(data, tokenizer, num_batches=config.eval_steps, **shard)
+        return pipeline.make_eval_pipeline(
+            data, tokenizer, num_batches=config.eval_steps, documents=documents, **shard
+        )
 
-    return Inputs(train=train, eval_batches=eval_batches if config.eval_steps > 0 else None)
-
-
-def model_flops_per_step(
-    model_cfg, batch: dict[str, np.ndarray], global_batch: int, mlm_predictions: int = 0
-) -> float:
-    """Training FLOPs (fwd + bwd) of one global batch, from the model's own FLOP count."""
-    from rope_jax.flops import training_flops
-
-    per_example = training_flops(
-        model_cfg,
-        losses.input_length(batch),
-        losses.target_length(batch),
-        mlm_predictions=mlm_predictions,
-    ).total
-    return float(per_example) * global_batch
+    return Inputs(train=train, eval_batches=eval_batches if evaluates else None)
 
 
 def _check_batch_size(global_batch: int, grad_accum_steps: int, mesh) -> None:
@@ -271,6 +272,16 @@ def _check_batch_rows(batch, global_batch: int) -> None:
         raise ValueError(f"input batch rows {rows} differ from batch_size per process {expected}.")
 
 
+def _close_after_error(*closers) -> None:
+    """Closes the checkpointer (waits for a save in flight) and the metric writer while an
+    error propagates; a failure here is logged, never raised over the original error."""
+    for close in closers:
+        try:
+            close()
+        except Exception as err:  # The original error is the one the user needs.
+            logging.warning("while stopping after an error: %s: %s", type(err).__name__, err)
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -285,24 +296,42 @@ def train_and_evaluate(
     ``inputs``, ``model`` and ``model_cfg`` default to what ``config`` describes; passing
     them lets tests and notebooks supply their own. ``devices`` (default: all) restricts the
     mesh to a subset, e.g. one device as the reference for sharded runs.
-    """
-    set_prng_impl(config.prng_impl)
-    sharding.maybe_initialize_distributed(config)
-    workdir = os.fspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    if model is None:
-        model, model_cfg = build_model(config)
-    # Config errors surface before the tokenizer is trained and the corpus is read.
-    mesh = sharding.make_mesh(config.mesh, devices)
-    rules = sharding.rules_from_config(config.logical_axis_rules)
-    tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
-    _check_batch_size(config.batch_size, config.optimizer.grad_accum_steps, mesh)
-    if inputs is None:
-        inputs = build_inputs(config, workdir)
 
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    Raises ``preflight.ConfigError`` (``workdir.ResumeError`` for a refused restart) before
+    anything is written, ``KeyboardInterrupt`` on a second Ctrl-C. A run stopped by a first
+    SIGINT/SIGTERM returns with ``stop_signal`` set after saving.
+    """
+    workdir = os.fspath(workdir)
+    if "kind" in config:
+        preflight.check_kind(config, "train.py")
+    preflight.check_pretraining_config(config, model_given=model is not None)
+    # Read-only: a refused restart leaves the work directory as it was.
+    resume = workdir_lib.plan_resume(config, workdir)
+    with preflight.config_errors():
+        set_prng_impl(config.prng_impl)
+    sharding.maybe_initialize_distributed(config)
+    if model is None:
+        with preflight.config_errors():
+            model, model_cfg = build_model(config)
+    # Config errors surface before the tokenizer is trained and the corpus is read.
+    with preflight.config_errors():
+        mesh = sharding.make_mesh(config.mesh, devices)
+        rules = sharding.rules_from_config(config.logical_axis_rules)
+        tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
+        _check_batch_size(config.batch_size, config.optimizer.grad_accum_steps, mesh)
+        mlm_max_predictions = losses.resolve_max_predictions(
+            config.mlm_max_predictions,
+            objective=config.data.objective,
+            mask_rate=config.data.mlm_rate,
+            length=config.data.inputs_length,
+        )
+    if inputs is None:
+        # An accepted change of corpus keeps the cached tokenizer (the vocabulary of the
+        # checkpoints); otherwise a cached tokenizer of another corpus is an error.
+        reuse = workdir_lib.accepts(resume.accepted, "data.paths")
+        inputs = build_inputs(config, workdir, reuse_tokenizer=reuse)
+    os.makedirs(workdir, exist_ok=True)
+
     logging.info(
         "%s model (%s attention, %s positions), %s objective, batch %d, %d steps; config in %s",
         config.model.family,
@@ -311,7 +340,7 @@ def train_and_evaluate(
         config.data.objective,
         config.batch_size,
         config.num_train_steps,
-        os.path.join(workdir, "config.json"),
+        os.path.join(workdir, workdir_lib.CONFIG_FILE),
     )
     logging.info("mesh: %s over %d devices", sharding.describe(mesh), mesh.size)
 
@@ -329,209 +358,59 @@ def train_and_evaluate(
         keep=config.keep_checkpoints,
         async_save=config.async_checkpointing,
     )
-    latest = checkpointer.latest_step()
-    if latest is None:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            state = init_state(base_key)
-    else:
-        abstract = checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings)
-        state, data_state = checkpointer.restore(latest, abstract)
-        if data_state is not None:
-            inputs.train.set_state(data_state)
-            first_host_batch = next(inputs.train)
-        # The run's key comes from the checkpoint (a changed seed does not fork a resumed run).
-        base_key = jax.random.wrap_key_data(np.asarray(jax.device_get(state.rng)))
-        logging.info("Resumed from %s at step %d.", checkpointer.directory / str(latest), latest)
-    start_step = int(jax.device_get(state.step))
-
-    mlm_max_predictions = losses.resolve_max_predictions(
-        config.mlm_max_predictions,
-        objective=config.data.objective,
-        mask_rate=config.data.mlm_rate,
-        length=config.data.inputs_length,
-    )
-    train_step = step_lib.make_train_step(
-        model,
-        tx,
-        schedule,
-        grad_clip_norm=config.optimizer.grad_clip_norm,
-        grad_accum_steps=config.optimizer.grad_accum_steps,
-        z_loss=config.z_loss,
-        redraw_features_every=config.redraw_features_every,
-        example_batch=first_host_batch,
-        debug_nan_step=config.debug_nan_step,
-        mlm_max_predictions=mlm_max_predictions,
-    )
-    batch_shardings = {name: batch_sharding for name in first_host_batch}
-    jit_train_step = jax.jit(
-        train_step,
-        in_shardings=(state_shardings, batch_shardings, sharding.replicated(mesh)),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-    jit_eval_step = jax.jit(
-        step_lib.make_eval_step(model, mlm_max_predictions=mlm_max_predictions),
-        in_shardings=(state_shardings.params, state_shardings.random_features, batch_shardings),
-        out_shardings=sharding.replicated(mesh),
-    )
-
-    writer = metrics.MetricWriter(workdir)
-    # The step's FLOPs are those of the global batch, so MFU divides by the whole mesh's rate.
-    device_peak = metrics.measure_matmul_peak() if config.measure_matmul_peak else 0.0
-    peak = metrics.total_matmul_peak(device_peak, mesh.devices.flat)
-    flops_per_step = 0.0
-    if model_cfg is not None:
-        flops_per_step = model_flops_per_step(
-            model_cfg, first_host_batch, config.batch_size, mlm_max_predictions
-        )
-    tokens_per_step = config.batch_size * losses.input_length(first_host_batch)
-    if jax.process_index() == 0:
-        num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract_state.params))
-        logging.info(
-            "%.2fM params; %.2f GFLOP and %d tokens per step; float32 matmul peak %.1f GFLOP/s "
-            "on one device, %.1f for the mesh",
-            num_params / 1e6,
-            flops_per_step / 1e9,
-            tokens_per_step,
-            device_peak / 1e9,
-            peak / 1e9,
-        )
-
-    def run_eval(state_now) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            for host_batch in inputs.eval_batches():
-                sums = jit_eval_step(
-                    state_now.params,
-                    state_now.random_features,
-                    sharding.host_local_to_global(host_batch, batch_sharding),
+    writer = None
+    try:
+        latest = checkpointer.latest_step()
+        if latest is None:
+            if resume.has_record:
+                logging.warning(
+                    "No complete checkpoint in %s: starting at step 0.", checkpointer.directory
                 )
-                for name, value in jax.device_get(sums).items():
-                    totals[name] = totals.get(name, 0.0) + float(value)
-        weight = max(totals.get("weight_sum", 0.0), 1.0)
-        return {
-            "loss": totals.get("cross_entropy_sum", float("nan")) / weight,
-            "accuracy": totals.get("correct_sum", float("nan")) / weight,
-        }
-
-    def save(step_number: int, state_now, *, force: bool = False) -> None:
-        checkpointer.save(step_number, state_now, inputs.train.get_state(), force=force)
-
-    history: dict[int, dict[str, float]] = {}
-    eval_history: dict[int, dict[str, float]] = {}
-    window: list[dict[str, float]] = []
-    window_start = time.perf_counter()
-    timed_steps = 0  # steps in the window that count for throughput (not the compiling one)
-    pending: tuple[int, Any] | None = None
-    num_steps = config.num_train_steps
-    stopped_by_signal = False
-
-    def consume(step_number: int, device_metrics) -> None:
-        """Host side of a finished step: NaN guard, logging."""
-        nonlocal window_start, timed_steps
-        host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        history[step_number] = host
-        if host["finite"] < 1.0:
-            checkpointer.wait()
-            last = checkpointer.latest_step()
-            raise NonFiniteLossError(
-                f"Non-finite loss ({host['loss']}) or gradient norm ({host['grad_norm']}) at "
-                f"step {step_number}; stopping without saving. The last good checkpoint is "
-                f"step {last} in {checkpointer.directory} (lower the learning rate, enable "
-                "clipping or z_loss, or check the data before resuming)."
-            )
-        window.append(host)
-        if step_number == start_step + 1:
-            # The first step includes compilation: time the window from its end instead.
-            window_start = time.perf_counter()
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                state = init_state(base_key)
         else:
-            timed_steps += 1
-        log_every = config.log_every_steps  # 0 = only the last step, like the other periods
-        if (log_every > 0 and step_number % log_every == 0) or step_number == num_steps:
-            scalars = metrics.mean_of_step_metrics(window)
-            scalars.pop("finite", None)
-            scalars["learning_rate"] = host["learning_rate"]
-            # A window holding only the compiling step has no timing: no throughput, ETA "?".
-            seconds_per_step = float("nan")
-            if timed_steps > 0:
-                seconds_per_step = (time.perf_counter() - window_start) / timed_steps
-                scalars["steps_per_sec"] = 1.0 / max(seconds_per_step, 1e-9)
-                scalars["tokens_per_sec"] = tokens_per_step / max(seconds_per_step, 1e-9)
-                if peak > 0 and flops_per_step > 0:
-                    scalars["mfu"] = flops_per_step / max(seconds_per_step, 1e-9) / peak
-            writer.write_scalars(step_number, scalars)
-            if jax.process_index() == 0:
-                logging.info(
-                    metrics.progress_line(step_number, num_steps, scalars, seconds_per_step)
-                )
-            window.clear()
-            window_start = time.perf_counter()
-            timed_steps = 0
-
-    host_batch = first_host_batch
-    with _StopSignal() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        try:
-            for step_number in range(start_step, num_steps):
-                if step_number > start_step:
-                    host_batch = next(inputs.train)
-                batch = sharding.host_local_to_global(host_batch, batch_sharding)
-                rng = jax.random.fold_in(base_key, step_number)
-                state, device_metrics = jit_train_step(state, batch, rng)
-                if pending is not None:
-                    consume(*pending)
-                pending = (step_number + 1, device_metrics)
-                done = step_number + 1
-                if stop.received is not None:
-                    consume(*pending)
-                    pending = None
-                    save(done, state, force=True)
-                    stopped_by_signal = True
-                    break
-                if config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0:
-                    consume(*pending)
-                    pending = None
-                    save(done, state)
-                if (
-                    inputs.eval_batches is not None
-                    and config.eval_every_steps > 0
-                    and done % config.eval_every_steps == 0
-                ):
-                    if pending is not None:
-                        consume(*pending)
-                        pending = None
-                    eval_start = time.perf_counter()
-                    eval_history[done] = run_eval(state)
-                    # Evaluation time does not count against training throughput.
-                    window_start += time.perf_counter() - eval_start
-                    writer.write_scalars(done, eval_history[done], prefix="eval_")
-                    logging.info("eval at step %d: loss %.4f", done, eval_history[done]["loss"])
-            if pending is not None:
-                consume(*pending)
-                pending = None
-            final_step = int(jax.device_get(state.step))
-            if not stopped_by_signal and final_step > start_step:
-                save(final_step, state, force=True)
-        finally:
-            checkpointer.close()
-            writer.close()
-    if jax.process_index() == 0:
-        last = history[max(history)] if history else {}
-        summary = f"loss {last['loss']:.4f}" if last else "no steps run"
-        if eval_history:
-            summary += f", held-out loss {eval_history[max(eval_history)]['loss']:.4f}"
-        logging.info(
-            "Done at step %d (%s).\n  checkpoints: %s (run the same command again to resume)"
-            "\n  metrics:     %s\n  TensorBoard: tensorboard --logdir %s",
-            int(jax.device_get(state.step)),
-            summary,
-            checkpointer.directory,
-            writer.jsonl_path,
-            writer.tensorboard_dir,
+            abstract = checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings)
+            state, data_state = checkpointer.restore(latest, abstract)
+            if data_state is not None:
+                inputs.train.set_state(data_state)
+                first_host_batch = next(inputs.train)
+            # The run's key comes from the checkpoint (the seed is part of the experiment).
+            base_key = jax.random.wrap_key_data(np.asarray(jax.device_get(state.rng)))
+            logging.info(
+                "Resumed from %s at step %d.", checkpointer.directory / str(latest), latest
+            )
+        start_step = int(jax.device_get(state.step))
+        workdir_lib.record_start(resume, start_step, is_primary=jax.process_index() == 0)
+        workdir_lib.log_accepted_changes(resume)
+        note = workdir_lib.schedule_note(resume)
+        if note:
+            logging.warning(note)
+        writer = metrics.MetricWriter(workdir, resume_step=start_step)
+        result = loop.run_steps(
+            config,
+            workdir,
+            model=model,
+            model_cfg=model_cfg,
+            tx=tx,
+            schedule=schedule,
+            mesh=mesh,
+            rules=rules,
+            inputs=inputs,
+            state=state,
+            state_shardings=state_shardings,
+            abstract_state=abstract_state,
+            first_host_batch=first_host_batch,
+            batch_sharding=batch_sharding,
+            base_key=base_key,
+            checkpointer=checkpointer,
+            writer=writer,
+            mlm_max_predictions=mlm_max_predictions,
         )
-    return TrainResult(
-        state=state,
-        history=history,
-        eval_history=eval_history,
-        workdir=workdir,
-        stopped_by_signal=stopped_by_signal,
-    )
+    except BaseException:
+        _close_after_error(checkpointer.close, *([writer.close] if writer else []))
+        raise
+    checkpointer.close()
+    writer.close()
+    if jax.process_index() == 0:
+        loop.log_summary(result, checkpointer, writer)
+    return result

@@ -32,10 +32,14 @@ import argparse
 import importlib
 import json
 import os
+import sys
 import tempfile
 import time
 
 import numpy as np
+
+# configs/ sits next to benchmarks/, not in the installed package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONFIG_FILES = {"mlm": "roformer", "causal_lm": "decoder", "span_corruption": "mt5"}
 SIZE = dict(

@@ -40,9 +40,11 @@ def main(argv):
 
         run, what = ablation.run_ablation, "Ablation"
     else:
-        from rope_jax.evaluation import finetune
+        from rope_jax.evaluation import finetune, readers
 
         run, what = finetune.finetune_and_evaluate, "Fine-tuning"
+        # Missing or malformed data, a missing checkpoint or tokenizer: one line, no traceback.
+        errors += (FileNotFoundError, readers.SuperGlueFormatError)
     try:
         with cli.reported_errors(errors):
             run(config, _WORKDIR.value)

@@ -150,7 +150,9 @@ class DecoderTask(ModelTask):
         super().check_batch(batch, wanted)
 
     def example_batch(self, length: int = 8):
-        return {key: np.zeros((1, length), np.int32) for key in self.batch_keys}
+        # A causal-LM row: no prefix mask, which linear-family kernels do not take.
+        keys = [k for k in self.batch_keys if k != "prefix_mask"]
+        return {key: np.zeros((1, length), np.int32) for key in keys}
 
     # ------------------------------------------------------------- decoding
 

@@ -39,20 +39,28 @@ from rope_jax.training.runner import (  # noqa: F401
 
 
 def build_model(config: ml_collections.ConfigDict):
-    """(flax module, frozen model config) from ``config.model``; packing from ``config.data``
-    decides which attention kernels are allowed (packed rows need full masks), and its row
-    lengths how long a learned position table must be."""
+    """(flax module, frozen model config) from ``config.model``; packing and the objective
+    from ``config.data`` decide which attention kernels are allowed (packed rows need full
+    masks or segment ids, a prefix LM a full mask), and its row lengths how long a learned
+    position table must be."""
     from rope_jax.model_config import model_config_from_dict
     from rope_jax.models import build_model as build
 
     try:
         cfg = model_config_from_dict(config.model)
         longest = max(config.data.inputs_length, config.data.targets_length)
-        return build(cfg, packed_inputs=bool(config.data.pack), max_sequence_length=longest), cfg
+        model = build(
+            cfg,
+            packed_inputs=bool(config.data.pack),
+            max_sequence_length=longest,
+            prefix_lm=config.data.objective == "prefix_lm",
+        )
+        return model, cfg
     except ValueError as err:
         raise ValueError(
             f"config.model: {err} (model keys are --config.model.<key>; packing is "
-            f"--config.data.pack={config.data.pack})"
+            f"--config.data.pack={config.data.pack}, the objective "
+            f"--config.data.objective={config.data.objective})"
         ) from err
 
 

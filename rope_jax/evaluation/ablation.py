@@ -48,6 +48,7 @@ from absl import logging
 
 from rope_jax import families, objectives
 from rope_jax.evaluation import ablation_report
+from rope_jax.training import evaluators
 
 POSITION_VARIANTS: dict[str, dict[str, Any]] = {
     "none": {"position": "none"},
@@ -347,15 +348,8 @@ def position_losses(
     return loss_sums, batch["loss_weights"].sum(axis=0).astype(np.float64)
 
 
-def bucket_losses(loss_sums: np.ndarray, weights: np.ndarray, width: int) -> list[float | None]:
-    """Mean loss over the targets in each bucket of ``width`` positions (the last may be
-    shorter): summed loss / summed weight, None for a bucket without targets."""
-    means = []
-    for start in range(0, len(loss_sums), width):
-        weight = float(np.sum(weights[start : start + width]))
-        total = float(np.sum(loss_sums[start : start + width]))
-        means.append(total / weight if weight > 0 else None)
-    return means
+# Mean loss per bucket of positions: the same measure as the loop's loss-by-position evaluator.
+bucket_losses = evaluators.bucket_means
 
 
 def length_summary(

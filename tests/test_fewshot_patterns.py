@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (the published patterns are quoted whole, one per line)
 """PET / P-tuning patterns rendered on records in the official JSONL layout, against the
 published patterns (timoschick/pet ``pet/pvp.py``, THUDM/P-tuning
 ``PT-Fewshot/data_utils/task_pvps.py``), re-stated here part for part."""

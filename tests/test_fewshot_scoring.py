@@ -184,6 +184,8 @@ def test_prompt_positions_take_the_prompt_encoder_vectors_in_order():
             slots = arrays["slot_positions"][i, k][arrays["slot_weights"][i, k] > 0]
             tokens = arrays["candidate_tokens"][i, k][: len(slots)]
             np.testing.assert_allclose(
-                np.asarray(scores)[i, k], sum(lp[p, t] for p, t in zip(slots, tokens)), rtol=1e-5
+                np.asarray(scores)[i, k],
+                sum(lp[p, t] for p, t in zip(slots, tokens, strict=True)),
+                rtol=1e-5,
             )
     assert changed  # the prompt vector reaches the output

@@ -1,6 +1,12 @@
-"""End-to-end tiny few-shot runs through the shared train loop: PET and P-tuning on a
-classification task (CB) and a multiple-choice task (COPA); with the LM frozen, every
-non-prompt parameter is bit-identical after training; the seeds table."""
+"""End-to-end tiny few-shot runs through the shared train loop, one per method, each on a
+classification task (RTE) and a multiple-choice task (COPA): PET with its auxiliary MLM loss
+over two seeds (outputs and the seeds table), P-tuning with the LM frozen (every non-prompt
+parameter bit-identical after training).
+
+The data is chosen so RTE and COPA give arrays of one shape (2 candidates, one row each,
+at most 3 byte tokens: "Yes"/"No" and "abc"/"de"), so each method compiles its train
+step and evaluation programs once for both tasks; each run is shared by the tests below it.
+"""
 
 import json
 import os
@@ -13,6 +19,8 @@ from test_fewshot_scoring import ByteCodec
 
 from rope_jax.evaluation import cloze, fewshot, pretrained, readers
 
+TASKS = ("RTE", "COPA")
+
 
 def _write(root, task, split, rows):
     folder = root / task
@@ -21,12 +29,12 @@ def _write(root, task, split, rows):
 
 
 def _data(root):
-    labels = ("entailment", "contradiction", "neutral")
-    cb = [{"premise": f"s {i}.", "hypothesis": f"t{i % 3}", "label": labels[i % 3], "idx": i}
-          for i in range(8)]  # fmt: skip
-    copa = [{"premise": f"q{i}.", "choice1": "Ab", "choice2": "Cd", "question": "cause",
+    labels = ("entailment", "not_entailment")
+    rte = [{"premise": f"s {i}.", "hypothesis": f"t{i % 3}", "label": labels[i % 2], "idx": i}
+           for i in range(8)]  # fmt: skip
+    copa = [{"premise": f"q{i}.", "choice1": "Abc", "choice2": "De", "question": "cause",
              "label": i % 2, "idx": i} for i in range(8)]  # fmt: skip
-    for task, rows in (("CB", cb), ("COPA", copa)):
+    for task, rows in (("RTE", rte), ("COPA", copa)):
         _write(root, task, "train", rows)
         _write(root, task, "dev32", rows[:4])
 
@@ -44,74 +52,90 @@ def _config(data, method):
     return config
 
 
-@pytest.fixture
-def source(monkeypatch):
-    def load(config):
-        cfg = pretrained._model_config(config.model)
-        return pretrained.Source(cfg, None, None, ByteCodec(), "random init")
+def _load(config):
+    cfg = pretrained._model_config(config.model)
+    return pretrained.Source(cfg, None, None, ByteCodec(), "random init")
 
-    monkeypatch.setattr(pretrained, "load_source", load)
-    return load
+
+def _run(tmp_path_factory, method, **overrides):
+    root = tmp_path_factory.mktemp(method)
+    _data(root / "data")
+    config = _config(root / "data", method)
+    config.update(overrides)
+    workdir = str(root / "run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pretrained, "load_source", _load)
+        by_seed = fewshot.run_fewshot(config, workdir, devices=jax.devices()[:1])
+    return config, workdir, by_seed
+
+
+@pytest.fixture(scope="module")
+def pet_run(tmp_path_factory):
+    # Two seeds for the table; PET's auxiliary MLM loss on an encoder.
+    return _run(tmp_path_factory, "pet", num_seeds=2, pet_alpha=0.5)
+
+
+@pytest.fixture(scope="module")
+def ptuning_run(tmp_path_factory):
+    return _run(tmp_path_factory, "ptuning", freeze_lm=True, prompt_encoder="mlp")
 
 
 def _check_outputs(workdir, results):
     with open(os.path.join(workdir, "metrics.json")) as f:
         assert json.load(f) == results
-    for task in ("CB", "COPA"):
+    for task in TASKS:
         assert results[task]["num_examples"] == 4 and 0 <= results[task]["accuracy"] <= 1
+        assert results[task]["final_train_loss"] > 0
         lines = [
             json.loads(x) for x in open(os.path.join(workdir, "predictions", f"{task}_dev32.jsonl"))
         ]
-        assert all(x["label"] in readers.LABEL_NAMES[task] for x in lines)
+        assert len(lines) == 4 and all(x["label"] in readers.LABEL_NAMES[task] for x in lines)
 
 
-def test_pet_on_cb_and_copa_with_seeds_table(tmp_path, source):
-    _data(tmp_path / "data")
-    config = _config(tmp_path / "data", "pet")
-    config.num_seeds = 2
-    config.pet_alpha = 0.5  # PET's auxiliary MLM loss on an encoder
-    workdir = str(tmp_path / "run")
-    by_seed = fewshot.run_fewshot(config, workdir, devices=jax.devices()[:1])
+def test_pet_writes_each_seeds_metrics_and_predictions(pet_run):
+    _, workdir, by_seed = pet_run
     assert sorted(by_seed) == [0, 1]
     for seed, results in by_seed.items():
         _check_outputs(os.path.join(workdir, f"seed_{seed}"), results)
+
+
+def test_pet_seeds_table_is_the_mean_and_std_over_seeds(pet_run):
+    _, workdir, by_seed = pet_run
     with open(os.path.join(workdir, "fewshot.json")) as f:
         summary = json.load(f)["summary"]
-    scores = [100 * by_seed[s]["CB"]["score"] for s in (0, 1)]
-    assert summary["CB"]["score"]["mean"] == pytest.approx(np.mean(scores))
-    assert summary["CB"]["score"]["std"] == pytest.approx(np.std(scores, ddof=1))
-    average = [
-        (100 * by_seed[s]["CB"]["score"] + 100 * by_seed[s]["COPA"]["score"]) / 2 for s in (0, 1)
-    ]
+    for task in TASKS:
+        scores = [100 * by_seed[s][task]["score"] for s in (0, 1)]
+        assert summary[task]["score"]["mean"] == pytest.approx(np.mean(scores))
+        assert summary[task]["score"]["std"] == pytest.approx(np.std(scores, ddof=1))
+    average = [np.mean([100 * by_seed[s][t]["score"] for t in TASKS]) for s in (0, 1)]
     assert summary["average"]["mean"] == pytest.approx(np.mean(average))
     table = open(os.path.join(workdir, "fewshot.md")).read()
-    assert "| CB (Acc./F1) |" in table and "COPA (Acc.)" in table and "±" in table
+    assert "| RTE (Acc.) |" in table and "COPA (Acc.)" in table and "±" in table
 
 
 def _leaves(tree):
     return traverse_util.flatten_dict(jax.device_get(tree), sep="/")
 
 
-def test_ptuning_with_the_lm_frozen_changes_only_the_prompts(tmp_path, source):
-    _data(tmp_path / "data")
-    config = _config(tmp_path / "data", "ptuning")
-    config.freeze_lm = True
-    config.prompt_encoder = "lstm"
-    workdir = str(tmp_path / "run")
-    results = fewshot.run_fewshot(config, workdir, devices=jax.devices()[:1])[0]
-    _check_outputs(workdir, results)
-    for task in ("CB", "COPA"):
-        _, initial, _ = fewshot.build_task(task, config, source(config))
-        trained, _, where = pretrained._restore_params(os.path.join(workdir, task))
-        assert where.endswith("/2")
-        before, after = _leaves(initial), _leaves(trained)
-        assert before.keys() == after.keys()
-        prompt_changed = False
-        for name, value in before.items():
-            new = np.asarray(after[name])
-            if name.startswith(cloze.PROMPT_PARAMS):
-                prompt_changed |= not np.array_equal(new, value)
-            else:
-                assert new.dtype == value.dtype
-                assert new.tobytes() == np.asarray(value).tobytes(), f"{task}: {name} changed"
-        assert prompt_changed, f"{task}: the prompt encoder did not train"
+def test_ptuning_writes_metrics_and_predictions(ptuning_run):
+    _, workdir, results = ptuning_run
+    _check_outputs(workdir, results[0])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_ptuning_with_the_lm_frozen_changes_only_the_prompts(ptuning_run, task):
+    config, workdir, _ = ptuning_run
+    _, initial, _ = fewshot.build_task(task, config, _load(config))
+    trained, _, where = pretrained._restore_params(os.path.join(workdir, task))
+    assert where.endswith("/2")
+    before, after = _leaves(initial), _leaves(trained)
+    assert before.keys() == after.keys()
+    prompt_changed = False
+    for name, value in before.items():
+        new = np.asarray(after[name])
+        if name.startswith(cloze.PROMPT_PARAMS):
+            prompt_changed |= not np.array_equal(new, value)
+        else:
+            assert new.dtype == value.dtype
+            assert new.tobytes() == np.asarray(value).tobytes(), f"{task}: {name} changed"
+    assert prompt_changed, f"{task}: the prompt encoder did not train"

@@ -41,8 +41,13 @@ COPA = [{"premise": "p.", "choice1": "Ab", "choice2": "Cde", "question": "effect
          "idx": 0}]  # fmt: skip
 
 
+LENGTH = 48  # every encoder and decoder row, so each program compiles once
+
+
 @functools.cache
 def _task(family, **kwargs):
+    """The cloze task and random variables drawn on the host from the init's shapes (any
+    values do: the tests compare the cloze code with the same model run by hand)."""
     cfg = model_config_from_dict(
         dict(
             common.model_config(
@@ -53,13 +58,31 @@ def _task(family, **kwargs):
     )  # fmt: skip
     inner = families.for_model(build_model(cfg))
     task = cloze.ClozeTask(inner, **kwargs)
-    variables = jax.jit(lambda key: nn.unbox(task.init(task.init_rngs(key))))(jax.random.key(0))
+    shapes = jax.eval_shape(lambda key: nn.unbox(task.init(task.init_rngs(key))), jax.random.key(0))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: rng.normal(0.0, 0.5, s.shape).astype(s.dtype), shapes)
     return task, variables
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, variables, *args, **kwargs):
+    """The model run by hand (jitted once per model and shape)."""
+    return model.apply(variables, *args, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="iterative")
+def _candidate_scores(task, variables, batch, iterative=None):
+    return task.candidate_scores(variables, batch, iterative=iterative)
+
+
 def _scores(task, variables, batch, **kwargs):
-    fn = jax.jit(task.candidate_scores, static_argnames=("iterative",))
-    return np.asarray(fn(variables, {k: jnp.asarray(v) for k, v in batch.items()}, **kwargs))
+    return np.asarray(
+        _candidate_scores(task, variables, {k: jnp.asarray(v) for k, v in batch.items()}, **kwargs)
+    )
+
+
+def _pad(ids, length):
+    return np.asarray([list(ids) + [0] * (length - len(ids))], np.int32)
 
 
 def _log_softmax64(logits):
@@ -71,9 +94,9 @@ def _log_softmax64(logits):
 def test_encoder_verbalizer_scores_are_the_mlm_log_probs_at_the_mask():
     clozes = pvp.cloze_examples("RTE", RTE, method="pet", pattern_id=4, training=False)
     codec = ByteCodec()
-    arrays = cloze_inputs.cloze_arrays(clozes, codec, family="encoder", max_length=48)
+    arrays = cloze_inputs.cloze_arrays(clozes, codec, family="encoder", max_length=LENGTH)
     task, variables = _task("encoder")
-    apply = jax.jit(task.model.apply)
+    apply = functools.partial(_apply, task.model)
     # The row as PET builds it: parts tokenised one by one, one mask per verbalizer token, EOS.
     ids = []
     for part in clozes[0].parts_a:
@@ -81,7 +104,7 @@ def test_encoder_verbalizer_scores_are_the_mlm_log_probs_at_the_mask():
     np.testing.assert_array_equal(arrays["tokens"][0, 0, : len(ids) + 1], ids + [1])
     # One-token verbalizers (a byte each): PET's single mask.
     one_token = [pvp.Cloze(c.parts_a, c.parts_b, ("Y", "N"), c.label, c.record) for c in clozes]
-    arrays = cloze_inputs.cloze_arrays(one_token, codec, family="encoder", max_length=48)
+    arrays = cloze_inputs.cloze_arrays(one_token, codec, family="encoder", max_length=LENGTH)
     assert arrays["tokens"].shape[1] == 1  # one shared row scores both labels
     batch = {k: jnp.asarray(v) for k, v in arrays.items()}
     scores = _scores(task, variables, batch)
@@ -94,7 +117,8 @@ def test_encoder_verbalizer_scores_are_the_mlm_log_probs_at_the_mask():
         # PET's convert_mlm_logits_to_cls_logits takes raw logits: the same ranking.
         raw = logits[mask_at][[ord("Y") + 3, ord("N") + 3]]
         assert np.argmax(raw) == np.argmax(scores[i])
-    sums = task.loss_sums(variables, batch, deterministic=True)
+    loss_sums = jax.jit(functools.partial(task.loss_sums, deterministic=True))
+    sums = loss_sums(variables, batch)
     log_norm = np.log(np.exp(np.asarray(scores, np.float64)).sum(-1))
     gold = np.asarray(scores, np.float64)[[0, 1], [0, 1]]
     np.testing.assert_allclose(sums["loss_sum"], np.sum(log_norm - gold), rtol=1e-5)
@@ -104,9 +128,9 @@ def test_encoder_multi_token_candidates_iterative_and_parallel():
     """PET's default decoding: fill the most probable remaining mask, run again, sum."""
     clozes = pvp.cloze_examples("COPA", COPA, method="pet", pattern_id=1, training=False)
     codec = ByteCodec()
-    arrays = cloze_inputs.cloze_arrays(clozes, codec, family="encoder", max_length=64)
+    arrays = cloze_inputs.cloze_arrays(clozes, codec, family="encoder", max_length=LENGTH)
     task, variables = _task("encoder")
-    apply = jax.jit(task.model.apply)
+    apply = functools.partial(_apply, task.model)
     batch = {k: jnp.asarray(v) for k, v in arrays.items()}
     iterative = _scores(task, variables, batch, iterative=True)[0]
     parallel = _scores(task, variables, batch, iterative=False)[0]
@@ -132,7 +156,7 @@ def test_encoder_multi_token_candidates_iterative_and_parallel():
 def test_decoder_and_encoder_decoder_scores_are_manual_log_likelihoods(family):
     clozes = pvp.cloze_examples("COPA", COPA, method="pet", pattern_id=1, training=False)
     codec = ByteCodec()
-    arrays = cloze_inputs.cloze_arrays(clozes, codec, family=family, max_length=64)
+    arrays = cloze_inputs.cloze_arrays(clozes, codec, family=family, max_length=LENGTH)
     task, variables = _task(family)
     batch = {k: jnp.asarray(v) for k, v in arrays.items()}
     scores = _scores(task, variables, batch)[0]
@@ -143,17 +167,14 @@ def test_decoder_and_encoder_decoder_scores_are_manual_log_likelihoods(family):
     for k, choice in enumerate(("ab", "cde")):
         target = codec.encode(choice)
         if family == "decoder":
-            tokens = prefix + target
-            log_probs = _log_softmax64(
-                jax.jit(task.model.apply)(variables, jnp.asarray([tokens]))[0]
-            )
+            # Padded on the right to one length: a causal LM's earlier outputs are the same.
+            logits = _apply(task.model, variables, _pad(prefix + target, LENGTH))
+            log_probs = _log_softmax64(logits[0])
             expected = sum(log_probs[len(prefix) + j - 1, t] for j, t in enumerate(target))
         else:
             encoder = prefix + [SENTINEL_ID] + [codec.encode(".")[0], 1]
-            decoder = [0, SENTINEL_ID] + target
-            logits = jax.jit(task.model.apply)(
-                variables, jnp.asarray([encoder]), jnp.asarray([decoder])
-            )
+            decoder = _pad([0, SENTINEL_ID] + target, 8)  # causal decoder: padding after
+            logits = _apply(task.model, variables, jnp.asarray([encoder]), decoder)
             log_probs = _log_softmax64(logits[0])
             expected = sum(log_probs[1 + j, t] for j, t in enumerate(target))
         np.testing.assert_allclose(scores[k], expected, rtol=1e-5)
@@ -161,7 +182,7 @@ def test_decoder_and_encoder_decoder_scores_are_manual_log_likelihoods(family):
 
 def test_prompt_positions_take_the_prompt_encoder_vectors_in_order():
     clozes = pvp.cloze_examples("RTE", RTE, method="ptuning", pattern_id=1, training=True)
-    arrays = cloze_inputs.cloze_arrays(clozes, ByteCodec(), family="encoder", max_length=48)
+    arrays = cloze_inputs.cloze_arrays(clozes, ByteCodec(), family="encoder", max_length=LENGTH)
     assert (arrays["prompt_mask"].sum(-1) == 1).all()
     task, variables = _task("encoder", num_prompts=1, prompt_kind="embedding")
     batch = {k: jnp.asarray(v) for k, v in arrays.items()}
@@ -172,15 +193,14 @@ def test_prompt_positions_take_the_prompt_encoder_vectors_in_order():
     assert arrays["tokens"].shape[1] == 2  # "Yes"/"No" are 3/2 bytes: a row per candidate
     changed = False
     for k in range(2):
-        rows, mask = arrays["tokens"][:, k], arrays["prompt_mask"][:, k]
-        prompts = np.broadcast_to(np.asarray(vector), rows.shape + vector.shape)
-        logits = task.model.apply(
-            lm, jnp.asarray(rows), prompt_embeddings=jnp.asarray(prompts),
-            prompt_mask=jnp.asarray(mask),
-        )  # fmt: skip
-        changed |= not np.allclose(logits, task.model.apply(lm, jnp.asarray(rows)))
         for i in range(len(clozes)):
-            lp = _log_softmax64(logits[i])
+            row, mask = arrays["tokens"][i, k][None], arrays["prompt_mask"][i, k][None]
+            prompts = np.broadcast_to(np.asarray(vector), row.shape + vector.shape)
+            logits = _apply(
+                task.model, lm, row, prompt_embeddings=jnp.asarray(prompts), prompt_mask=mask
+            )[0]
+            changed |= not np.allclose(logits, _apply(task.model, lm, row)[0])
+            lp = _log_softmax64(logits)
             slots = arrays["slot_positions"][i, k][arrays["slot_weights"][i, k] > 0]
             tokens = arrays["candidate_tokens"][i, k][: len(slots)]
             np.testing.assert_allclose(

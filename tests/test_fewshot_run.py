@@ -139,3 +139,28 @@ def test_ptuning_with_the_lm_frozen_changes_only_the_prompts(ptuning_run, task):
             assert new.dtype == value.dtype
             assert new.tobytes() == np.asarray(value).tobytes(), f"{task}: {name} changed"
     assert prompt_changed, f"{task}: the prompt encoder did not train"
+
+
+def test_seeds_table_numbers():
+    """fewshot_report on made-up scores: mean and sample std (ddof=1) x100, per task and for
+    the per-seed average of the task scores."""
+    from rope_jax.evaluation import fewshot_report
+
+    cb = [(0.5, 0.25), (0.75, 0.5), (1.0, 0.5)]
+    copa = [0.6, 0.4, 0.5]
+    by_seed = {
+        seed: {
+            "CB": {"accuracy": acc, "f1": f1, "score": (acc + f1) / 2},
+            "COPA": {"accuracy": copa[seed], "score": copa[seed]},
+        }
+        for seed, (acc, f1) in enumerate(cb)
+    }
+    summary = fewshot_report.summarize(by_seed)
+    assert summary["CB"]["f1"]["mean"] == pytest.approx(125 / 3)
+    assert summary["CB"]["accuracy"]["std"] == pytest.approx(25.0)  # ddof=1: sqrt(1250 / 2)
+    assert summary["COPA"]["accuracy"]["std"] == pytest.approx(10.0)
+    average = [(37.5 + 60) / 2, (62.5 + 40) / 2, (75 + 50) / 2]
+    assert summary["average"]["mean"] == pytest.approx(np.mean(average))
+    assert summary["average"]["std"] == pytest.approx(np.std(average, ddof=1))
+    table = fewshot_report.markdown(summary, "pet", 3)
+    assert "| 75.0 ±25.0 / 41.7 ±14.4 | 50.0 ±10.0 |" in table

@@ -180,22 +180,30 @@ def test_decoder_and_encoder_decoder_scores_are_manual_log_likelihoods(family):
         np.testing.assert_allclose(scores[k], expected, rtol=1e-5)
 
 
+WIC = [
+    {"word": "bank", "sentence1": "A bank.", "sentence2": "The bank.", "start1": 2, "end1": 6,
+     "start2": 4, "end2": 8, "idx": 0, "label": False},
+]  # fmt: skip
+
+
 def test_prompt_positions_take_the_prompt_encoder_vectors_in_order():
-    clozes = pvp.cloze_examples("RTE", RTE, method="ptuning", pattern_id=1, training=True)
+    # WiC's P-tuning pattern 4 has four prompt positions: the i-th takes vector i.
+    clozes = pvp.cloze_examples("WiC", WIC, method="ptuning", pattern_id=4, training=True)
     arrays = cloze_inputs.cloze_arrays(clozes, ByteCodec(), family="encoder", max_length=LENGTH)
-    assert (arrays["prompt_mask"].sum(-1) == 1).all()
-    task, variables = _task("encoder", num_prompts=1, prompt_kind="embedding")
+    assert (arrays["prompt_mask"].sum(-1) == 4).all()
+    task, variables = _task("encoder", num_prompts=4, prompt_kind="embedding")
     batch = {k: jnp.asarray(v) for k, v in arrays.items()}
     scores = _scores(task, variables, batch, iterative=False)  # one pass, as below
-    # Manually: embed, overwrite the prompt position with the table's vector, run the stack.
-    vector = variables["params"][cloze.PROMPT_PARAMS]["embedding"][0]
+    # Manually: embed, overwrite the prompt positions with the table's rows, run the stack.
+    table = np.asarray(variables["params"][cloze.PROMPT_PARAMS]["embedding"])
     lm = {"params": {k: v for k, v in variables["params"].items() if k != cloze.PROMPT_PARAMS}}
     assert arrays["tokens"].shape[1] == 2  # "Yes"/"No" are 3/2 bytes: a row per candidate
     changed = False
     for k in range(2):
         for i in range(len(clozes)):
             row, mask = arrays["tokens"][i, k][None], arrays["prompt_mask"][i, k][None]
-            prompts = np.broadcast_to(np.asarray(vector), row.shape + vector.shape)
+            prompts = np.zeros(row.shape + table.shape[-1:], table.dtype)
+            prompts[0, np.flatnonzero(mask[0])] = table
             logits = _apply(
                 task.model, lm, row, prompt_embeddings=jnp.asarray(prompts), prompt_mask=mask
             )[0]
@@ -208,4 +216,34 @@ def test_prompt_positions_take_the_prompt_encoder_vectors_in_order():
                 sum(lp[p, t] for p, t in zip(slots, tokens, strict=True)),
                 rtol=1e-5,
             )
-    assert changed  # the prompt vector reaches the output
+    assert changed  # the prompt vectors reach the output
+    # freeze_lm: the LM's gradient is zero (so the clipping norm is the prompts' alone).
+    frozen = cloze.ClozeTask(task.inner, num_prompts=4, prompt_kind="embedding", freeze_lm=True)
+    grads = jax.jit(
+        jax.grad(lambda p: frozen.loss_sums({"params": p}, batch, deterministic=True)["loss_sum"])
+    )(variables["params"])
+    for name, grad in grads.items():
+        nonzero = bool(jnp.any(jax.tree.reduce(lambda a, g: a | jnp.any(g != 0), grad, False)))
+        assert nonzero == (name == cloze.PROMPT_PARAMS), name
+
+
+def test_pet_auxiliary_mlm_loss_mixes_linearly_with_the_cloze_loss():
+    """PET ``mlm_train_step``: ``alpha * L_cloze + (1 - alpha) * L_mlm`` (same dropout key,
+    so the same BERT masking at every alpha)."""
+    clozes = pvp.cloze_examples("RTE", RTE, method="pet", pattern_id=4, training=True)
+    arrays = cloze_inputs.cloze_arrays(clozes, ByteCodec(), family="encoder", max_length=LENGTH)
+    task, variables = _task("encoder")
+    batch = {k: jnp.asarray(v) for k, v in arrays.items()}
+
+    @jax.jit
+    def losses(variables, batch, key):
+        out = []
+        for alpha in (1.0, 0.0, 0.25):
+            mixed = cloze.ClozeTask(task.inner, pet_alpha=alpha, mask_id=MASK_ID)
+            sums = mixed.loss_sums(variables, batch, deterministic=False, rngs={"dropout": key})
+            out.append(sums["loss_sum"])
+        return out
+
+    cloze_only, mlm_only, mixed = (float(x) for x in losses(variables, batch, jax.random.key(1)))
+    assert mlm_only > 0 and abs(mlm_only - cloze_only) > 1e-3
+    np.testing.assert_allclose(mixed, 0.25 * cloze_only + 0.75 * mlm_only, rtol=1e-5)

@@ -12,10 +12,13 @@ for selection)::
 ``init_checkpoint`` as in ``configs/superglue.py`` (a train.py workdir or a Hugging Face
 folder; "" = random init of ``config.model``); any family: encoders score the mask (MLM
 head), decoders the next token at the pattern's end, encoder-decoders the sentinel's span.
-Official validation instead of dev32: ``--config.train_data_dir=<FewGLUE>
---config.data_dir=<SuperGLUE> --config.eval_split=val``. ``num_train_steps=0`` scores
-zero-shot. ``pattern_id=-1`` takes the method's first pattern (``rope_jax/evaluation/pvp.py``
-lists them). ``freeze_lm=True`` (P-tuning) trains only the prompt encoder.
+Evaluation (``eval_split="auto"``): every split present among ``dev32`` (selection) and
+``val`` (the official validation set, reported, as the paper does): copy SuperGLUE's
+``val.jsonl`` into the FewGLUE task folders, or ``--config.train_data_dir=<FewGLUE>
+--config.data_dir=<SuperGLUE>`` (``val`` only); ``--config.eval_split=dev32`` names one.
+``num_train_steps=0`` scores zero-shot. ``pattern_id=-1`` takes the method's first pattern
+(``rope_jax/evaluation/pvp.py`` lists them). ``freeze_lm=True`` (P-tuning) trains only the
+prompt encoder.
 """
 
 import ml_collections
@@ -38,7 +41,8 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
     config.data_dir = ""
     config.train_data_dir = ""
     config.train_split = "train"
-    config.eval_split = "dev32"
+    # "auto": every split present among dev32 (selects) and val (reported); or one name.
+    config.eval_split = "auto"
     config.test_split = "test"
     config.init_checkpoint = ""
     config.pretrain_config = ""

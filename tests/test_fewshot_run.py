@@ -37,6 +37,7 @@ def _data(root):
     for task, rows in (("RTE", rte), ("COPA", copa)):
         _write(root, task, "train", rows)
         _write(root, task, "dev32", rows[:4])
+    _write(root, "RTE", "val", rte[4:])  # RTE: selected on dev32, reported on val
 
 
 def _config(data, method):
@@ -83,13 +84,15 @@ def ptuning_run(tmp_path_factory):
 def _check_outputs(workdir, results):
     with open(os.path.join(workdir, "metrics.json")) as f:
         assert json.load(f) == results
-    for task in TASKS:
-        assert results[task]["num_examples"] == 4 and 0 <= results[task]["accuracy"] <= 1
-        assert results[task]["final_train_loss"] > 0
-        lines = [
-            json.loads(x) for x in open(os.path.join(workdir, "predictions", f"{task}_dev32.jsonl"))
-        ]
+    assert sorted(results) == ["COPA", "RTE", "RTE/dev32"]
+    for name, split in (("RTE", "val"), ("RTE/dev32", "dev32"), ("COPA", "dev32")):
+        task = name.split("/")[0]
+        assert results[name]["num_examples"] == 4 and 0 <= results[name]["accuracy"] <= 1
+        path = os.path.join(workdir, "predictions", f"{task}_{split}.jsonl")
+        lines = [json.loads(x) for x in open(path)]
         assert len(lines) == 4 and all(x["label"] in readers.LABEL_NAMES[task] for x in lines)
+    for task in TASKS:
+        assert results[task]["final_train_loss"] > 0
 
 
 def test_pet_writes_each_seeds_metrics_and_predictions(pet_run):
@@ -164,3 +167,45 @@ def test_seeds_table_numbers():
     assert summary["average"]["std"] == pytest.approx(np.std(average, ddof=1))
     table = fewshot_report.markdown(summary, "pet", 3)
     assert "| 75.0 ±25.0 / 41.7 ±14.4 | 50.0 ±10.0 |" in table
+
+
+def _split_config(root, eval_split="auto"):
+    from configs import fewshot as fewshot_config
+
+    config = fewshot_config.get_config("tiny")
+    config.task, config.data_dir, config.eval_split = "RTE", str(root), eval_split
+    return config
+
+
+def test_auto_evaluation_splits_select_on_dev32_and_report_val(tmp_path):
+    from rope_jax.evaluation import splits
+
+    _data(tmp_path)
+    (rte,) = splits.read_run_splits(_split_config(tmp_path))
+    assert [(e.name, e.data.split) for e in rte.evaluations] == [
+        ("RTE", "val"),
+        ("RTE/dev32", "dev32"),
+    ]
+    assert rte.select.data.split == "dev32"
+    (tmp_path / "RTE" / "val.jsonl").unlink()
+    (rte,) = splits.read_run_splits(_split_config(tmp_path))
+    assert [(e.name, e.data.split) for e in rte.evaluations] == [("RTE", "dev32")]
+    assert rte.select.name == "RTE"
+    (tmp_path / "RTE" / "dev32.jsonl").unlink()
+    with pytest.raises(FileNotFoundError) as error:
+        splits.read_run_splits(_split_config(tmp_path))
+    message = str(error.value)
+    assert "\n" not in message and str(tmp_path / "RTE") in message
+    assert "neither dev32 nor val" in message and "files there: train.jsonl" in message
+
+
+def test_a_named_evaluation_split_that_is_missing_names_the_folder_and_its_files(tmp_path):
+    from rope_jax.evaluation import splits
+
+    _data(tmp_path)
+    with pytest.raises(FileNotFoundError) as error:
+        splits.read_run_splits(_split_config(tmp_path, "test"))
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("RTE test split not found")
+    assert f"RTE test split not found: {tmp_path / 'RTE' / 'test.jsonl'} (" in message
+    assert "files there: dev32.jsonl, train.jsonl, val.jsonl" in message

@@ -279,7 +279,7 @@ def run_task(task: str, config, workdir: str, *, source, task_splits, devices=No
         process_count=jax.process_count(),
     )
     predictor = ClozePredictor(task_obj, codec, config)
-    val = task_splits.evaluations[0]
+    val = task_splits.select
     _, held_arrays = _arrays(
         task, task_obj, val.data.records, config, codec, training=True, seed=config.seed
     )

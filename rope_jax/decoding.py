@@ -424,14 +424,26 @@ def _variables(params, variables, cache=None):
     return collections
 
 
-def encoder_decoder_step_fn(model, params, variables=None) -> StepFn:
-    """Step function of an ``EncoderDecoder``; state from :func:`encoder_decoder_state`."""
+def encoder_decoder_step_fn(model, params, variables=None, encoder=None) -> StepFn:
+    """Step function of an ``EncoderDecoder``.
+
+    ``encoder`` (from :func:`encode_for_decoding`): the encoder output, its tokens and the
+    cross-attention keys/values of every decoder layer, closed over as loop constants, with
+    ``{"cache": ...}`` as the state; they are read at every step and never carried, copied
+    or, in beam search, repeated per beam and reordered (the decoder's beam rows attend to
+    their encoder row, ``layers.MultiHeadAttention._grouped_cross``). Without it the state
+    from :func:`encoder_decoder_state` carries them.
+    """
 
     def step_fn(token_ids_B, state):
+        source = state if encoder is None else encoder
+        collections = _variables(params, variables, state["cache"])
+        if "cross_cache" in source:
+            collections["cross_cache"] = source["cross_cache"]
         logits_BTV, mutated = model.apply(
-            _variables(params, variables, state["cache"]),
-            state["encoded"],
-            state["encoder_tokens"],
+            collections,
+            source["encoded"],
+            source["encoder_tokens"],
             token_ids_B[:, None],
             decode=True,
             mutable=["cache"],
@@ -442,14 +454,46 @@ def encoder_decoder_step_fn(model, params, variables=None) -> StepFn:
     return step_fn
 
 
-def encoder_decoder_state(model, params, encoder_input_tokens, max_length, variables=None):
-    """Encodes once and allocates the decoder cache for ``max_length`` decoder tokens."""
+def encode_for_decoding(model, params, encoder_input_tokens, variables=None) -> dict:
+    """Encoder output, encoder tokens and every decoder layer's cross-attention keys/values.
+
+    The keys/values (the "cross_cache" collection, ``[B, S, H, D]`` per layer) are the
+    projections one decoder call stores when "cross_cache" is mutable; that call runs on a
+    throw-away one-slot cache.
+    """
     from rope_jax import models as models_lib
 
     batch, encoder_length = encoder_input_tokens.shape
     encoded = model.apply(_variables(params, variables), encoder_input_tokens, method="encode")
+    scratch = models_lib.init_cache(model, batch, 1, encoder_length=encoder_length)
+    _, mutated = model.apply(
+        _variables(params, variables, scratch),
+        encoded,
+        encoder_input_tokens,
+        jnp.zeros((batch, 1), jnp.int32),
+        decode=True,
+        mutable=["cache", "cross_cache"],
+        method="decode",
+    )
+    return {
+        "encoded": encoded,
+        "encoder_tokens": encoder_input_tokens,
+        "cross_cache": mutated["cross_cache"],
+    }
+
+
+def encoder_decoder_state(model, params, encoder_input_tokens, max_length, variables=None):
+    """Encodes once and allocates the decoder cache for ``max_length`` decoder tokens.
+
+    The state carries the encoder side (:func:`encode_for_decoding`); :func:`generate`
+    keeps that out of the state instead (``encoder_decoder_step_fn(..., encoder=...)``).
+    """
+    from rope_jax import models as models_lib
+
+    batch, encoder_length = encoder_input_tokens.shape
     cache = models_lib.init_cache(model, batch, max_length, encoder_length=encoder_length)
-    return {"cache": cache, "encoded": encoded, "encoder_tokens": encoder_input_tokens}
+    encoder = encode_for_decoding(model, params, encoder_input_tokens, variables)
+    return {"cache": cache, **encoder}
 
 
 def decoder_step_fn(model, params, variables=None) -> StepFn:
@@ -539,8 +583,15 @@ def _generate(
         prompt_BP = jnp.full((batch, 1), decoder_start_id, jnp.int32)
         prompt_lengths_B = None
         if use_cache:
-            state = encoder_decoder_state(model, params, inputs_BL, max_length, variables)
-            step_fn = encoder_decoder_step_fn(model, params, variables)
+            from rope_jax import models as models_lib
+
+            encoder = encode_for_decoding(model, params, inputs_BL, variables)
+            state = {
+                "cache": models_lib.init_cache(
+                    model, batch, max_length, encoder_length=inputs_BL.shape[1]
+                )
+            }
+            step_fn = encoder_decoder_step_fn(model, params, variables, encoder=encoder)
         else:
             encoded = model.apply(_variables(params, variables), inputs_BL, method="encode")
             state = {"encoded": encoded, "encoder_tokens": inputs_BL}

@@ -390,30 +390,26 @@ class MultiHeadAttention(nn.Module):
         return k_BSHD, v_BSHD
 
     def _cross_keys_values(self, x_kv, decode: bool):
-        if not decode:
-            return self._keys_values(x_kv)
-        initialized = self.has_variable("cache", "cross_key")
-        shape = x_kv.shape[:2] + (self.config.num_heads, self.config.head_dim)
-        dtype = self.config.compute_dtype
-        cached_key = self.variable("cache", "cross_key", jnp.zeros, shape, dtype)
-        cached_value = self.variable("cache", "cross_value", jnp.zeros, shape, dtype)
-        filled = self.variable("cache", "cross_filled", lambda: jnp.zeros((), bool))
-        if not initialized:
-            return self._keys_values(x_kv)
+        """Cross-attention keys and values; while decoding, read from "cross_cache" if given.
 
-        def project(module, x):
-            return module._keys_values(x)
-
-        def reuse(module, x):
-            del x
+        The encoder output is the same at every decoding step, so its key/value projections
+        are computed once before the loop (``decoding.encoder_decoder_state`` applies the
+        decoder with ``mutable=["cross_cache"]``, which stores them here) and then read
+        each step from a collection that is not mutable: they stay loop constants instead
+        of being carried, copied and (in beam search) repeated and reordered per step. A
+        decode call without that collection computes them from ``x_kv`` (Hugging Face's
+        Flax T5 does that at every step).
+        """
+        if decode and self.has_variable("cross_cache", "key"):
             return (
-                module.get_variable("cache", "cross_key"),
-                module.get_variable("cache", "cross_value"),
+                self.get_variable("cross_cache", "key"),
+                self.get_variable("cross_cache", "value"),
             )
-
-        k_BSHD, v_BSHD = nn.cond(filled.value, reuse, project, self, x_kv)
-        cached_key.value, cached_value.value = k_BSHD, v_BSHD
-        filled.value = jnp.ones((), bool)
+        k_BSHD, v_BSHD = self._keys_values(x_kv)
+        if decode and self.is_mutable_collection("cross_cache"):
+            dtype = self.config.compute_dtype
+            self.put_variable("cross_cache", "key", k_BSHD.astype(dtype))
+            self.put_variable("cross_cache", "value", v_BSHD.astype(dtype))
         return k_BSHD, v_BSHD
 
     @nn.compact
@@ -471,6 +467,9 @@ class MultiHeadAttention(nn.Module):
             return self.out(out_BTHD)
 
         q_offset = self._cross_query_offset(q_BTHD.shape[1]) if decode and self.cross else 0
+        if self.cross and q_BTHD.shape[0] != k_BSHD.shape[0]:
+            out_BTHD = self._grouped_cross(q_BTHD, k_BSHD, v_BSHD, mask, kv_valid_BS, q_offset)
+            return self.out(out_BTHD)
         out_BTHD = self._attend(
             q_BTHD,
             k_BSHD,
@@ -484,6 +483,39 @@ class MultiHeadAttention(nn.Module):
             dropout_kwargs=self._dropout_kwargs(deterministic or decode),
         )
         return self.out(out_BTHD)
+
+    def _grouped_cross(self, q_RTHD, k_BSHD, v_BSHD, mask, kv_valid_BS, q_offset):
+        """Cross-attention of ``R = B * G`` query rows to ``B`` encoder rows (beam search).
+
+        Query row ``b * G + g`` belongs to encoder row ``b`` (``jnp.repeat`` order, as
+        ``decoding.beam_search`` expands rows). Softmax attention treats every query on its
+        own, so the ``G`` rows of one encoder row are attended as ``G * T`` queries of one
+        row: the same result without repeating the encoder keys/values ``G`` times. Other
+        kernels (Nystrom landmarks are means over the queries; the random synthesizer's
+        logits depend on the query slot) get the keys, values and masks repeated.
+        """
+        rows, length, heads, head_dim = q_RTHD.shape
+        kv_rows = k_BSHD.shape[0]
+        if rows % kv_rows:
+            raise ValueError(
+                f"{self.name}: {rows} query rows cannot share {kv_rows} encoder rows; the "
+                f"decoder batch must be a multiple of the encoder batch (beam rows b * K + k)."
+            )
+        group = rows // kv_rows
+        if self.kernel_name == "softmax":
+            q_BGHD = q_RTHD.reshape(kv_rows, group * length, heads, head_dim)
+            out_BGHD = self._attend(q_BGHD, k_BSHD, v_BSHD, mask, kv_valid_BS, None, None, None)
+            return out_BGHD.reshape(rows, length, heads, head_dim)
+
+        def repeat(x):
+            if x is None or x.ndim == 0 or x.shape[0] != kv_rows:
+                return x
+            return jnp.repeat(x, group, axis=0)
+
+        k_RSHD, v_RSHD, mask, kv_valid_RS = (repeat(x) for x in (k_BSHD, v_BSHD, mask, kv_valid_BS))
+        return self._attend(
+            q_RTHD, k_RSHD, v_RSHD, mask, kv_valid_RS, None, None, None, q_offset=q_offset
+        )
 
     def _dropout_kwargs(self, deterministic: bool) -> dict:
         """Attention-weight dropout arguments for kernels that take them (T5, BERT)."""

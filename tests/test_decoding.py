@@ -413,6 +413,52 @@ def test_beam_search_on_model_scores_at_least_greedy():
     np.testing.assert_array_equal(single.sequences[:, 0], greedy.sequences)
 
 
+def _beam_with_encoder_in_state(model, params, variables, inputs, **kwargs):
+    """Beam search whose state carries the encoder side (repeated per beam, reordered)."""
+    state = decoding.encoder_decoder_state(
+        model, params, jnp.asarray(inputs), kwargs["max_length"], variables
+    )
+    step_fn = decoding.encoder_decoder_step_fn(model, params, variables)
+    prompt = jnp.zeros((inputs.shape[0], 1), jnp.int32)
+    return jax.jit(lambda s: decoding.beam_search(step_fn, s, prompt, **kwargs))(state)
+
+
+@pytest.mark.parametrize("cross_attention", ["softmax", "performer", "random_synthesizer"])
+def test_beam_search_with_shared_encoder_keys_equals_repeated(cross_attention):
+    """generate keeps one copy of each encoder row's cross-attention keys/values for its
+    beams (softmax: beams attended as queries of one row; other kernels: repeated per step);
+    scores and sequences equal beam search with the encoder side repeated in the state."""
+    model, params, variables = _tiny_model("encoder_decoder", cross_attention=cross_attention)
+    inputs = np.array([[5, 6, 7, 8, 9, 1], [10, 11, 1, 0, 0, 0], [4, 9, 9, 2, 1, 0]], np.int32)
+    kwargs = dict(beam_size=3, max_length=9, alpha=0.6)
+    want = _beam_with_encoder_in_state(model, params, variables, inputs, **kwargs)
+    got = decoding.generate(model, params, inputs, method="beam", variables=variables, **kwargs)
+    np.testing.assert_array_equal(got.sequences, want.sequences)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_cache_holds_encoder_projections_once():
+    """The cross-attention keys/values are the key/value projections of the encoder output,
+    one [B, S, H, D] array per layer, and the carried decode cache has none."""
+    model, params, variables = _tiny_model("encoder_decoder")
+    inputs = jnp.asarray([[5, 6, 7, 8, 9, 1], [10, 11, 1, 0, 0, 0]], jnp.int32)
+    encoder = decoding.encode_for_decoding(model, params, inputs, variables)
+    layer = params["decoder"]["layers_1"]["cross_attention"]
+    want_key = np.einsum("BSE,EHD->BSHD", encoder["encoded"], layer["key"]["kernel"])
+    got = encoder["cross_cache"]["decoder"]["layers_1"]["cross_attention"]
+    np.testing.assert_allclose(got["key"], want_key, rtol=1e-5, atol=1e-5)
+    assert got["value"].shape == want_key.shape == (2, 6, 4, 8)
+    cache = models_init_cache(model, 2, 9, 6)
+    names = {path[-1].key for path, _ in jax.tree_util.tree_leaves_with_path(cache)}
+    assert not names & {"key", "value", "cross_key", "cross_value"}, names
+
+
+def models_init_cache(model, batch, max_length, encoder_length):
+    from rope_jax import models
+
+    return models.init_cache(model, batch, max_length, encoder_length=encoder_length)
+
+
 def test_greedy_matches_hf_t5_generate(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

@@ -20,6 +20,7 @@ from jax import lax
 
 from rope_jax import attention as attention_lib
 from rope_jax.attention import masks
+from rope_jax.dropout import Dropout
 from rope_jax.model_config import KERNEL_TRAITS, ModelConfig
 from rope_jax.positions import RopeSpec, apply_rope, rope_ntk_base
 from rope_jax.projections import (
@@ -192,7 +193,7 @@ class MLP(nn.Module):
         else:
             hidden_BLF = act(wi(name="wi")(x_BLE))
         hidden_BLF = constrain(hidden_BLF, ("batch", "length", "mlp"))
-        hidden_BLF = nn.Dropout(cfg.dropout_rate)(hidden_BLF, deterministic=deterministic)
+        hidden_BLF = Dropout(cfg.dropout_rate)(hidden_BLF, deterministic=deterministic)
         wo_init = dense_init(cfg, (0,), (1,))
         return dense((cfg.d_model,), ("mlp", "embed"), wo_init, name="wo")(hidden_BLF)
 

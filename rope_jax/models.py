@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rope_jax.attention import masks
+from rope_jax.dropout import Dropout
 from rope_jax.layers import (
     MLP,
     DenseGeneral,
@@ -116,7 +117,7 @@ class TransformerLayer(nn.Module):
     ):
         cfg = self.config
         pre = cfg.norm_placement == "pre"
-        dropout = nn.Dropout(cfg.dropout_rate)
+        dropout = Dropout(cfg.dropout_rate)
 
         def sublayer(x, norm_name, fn):
             if pre:
@@ -291,7 +292,7 @@ class TransformerStack(nn.Module):
             x_BLE = x_BLE + self._absolute_positions(positions_BL, table_length)
         if cfg.norm_placement == "post":
             x_BLE = make_norm(cfg, "embedding_norm")(x_BLE)
-        x_BLE = nn.Dropout(cfg.dropout_rate)(x_BLE, deterministic=deterministic)
+        x_BLE = Dropout(cfg.dropout_rate)(x_BLE, deterministic=deterministic)
         x_BLE = constrain(x_BLE.astype(cfg.compute_dtype), ("batch", "length", "embed"))
 
         self_bias = None
@@ -349,7 +350,7 @@ class TransformerStack(nn.Module):
             )
         if cfg.norm_placement == "pre":
             x_BLE = make_norm(cfg, "final_norm")(x_BLE)
-            x_BLE = nn.Dropout(cfg.dropout_rate)(x_BLE, deterministic=deterministic)
+            x_BLE = Dropout(cfg.dropout_rate)(x_BLE, deterministic=deterministic)
         return x_BLE
 
 
@@ -417,7 +418,7 @@ class Encoder(nn.Module):
                 dense_init(cfg, (0,), (1,)),
                 float32_output=True,
             )
-            self.classifier_dropout = nn.Dropout(cfg.dropout_rate)
+            self.classifier_dropout = Dropout(cfg.dropout_rate)
         else:
             self.mlm_head = MLMHead(cfg)
 

@@ -174,11 +174,15 @@ def test_dropout_matches_float64_reference_with_documented_keep_mask():
     rate, key = 0.4, jax.random.key(3)
     out = eager_softmax_attention(q, k, v, mask=mask, bias=bias, dropout_rate=rate, dropout_rng=key)
     # The documented rule, drawn here independently of the kernel.
-    keep = np.asarray(jax.random.bernoulli(key, 1.0 - rate, (2, 2, 6, 6)))
+    # 16 random bits per weight, low half of each 32-bit word first (rope_jax.dropout).
+    words = np.asarray(jax.random.bits(key, (2 * 2 * 6 * 6 // 2,), jnp.uint32))
+    threshold = round(rate * 65536)
+    keep = (words.astype("<u4").view("<u2") >= threshold).reshape(2, 2, 6, 6)
+    keep_prob = 1.0 - threshold / 65536
     weights = _reference_weights(q, k, mask, bias)
     assert keep[weights > 0].any() and not keep[weights > 0].all()
     v64 = np.asarray(v, np.float64)
-    expected = np.einsum("bhts,bshd->bthd", weights * keep / (1.0 - rate), v64)
+    expected = np.einsum("bhts,bshd->bthd", weights * keep / keep_prob, v64)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
     # The comparison tells apart a missing rescale and a different keep mask.
     unscaled = np.einsum("bhts,bshd->bthd", weights * keep, v64)

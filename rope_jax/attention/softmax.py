@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rope_jax import dropout as dropout_lib
 from rope_jax.attention import _inputs
 from rope_jax.attention.masks import causal_mask, combine_masks
 
@@ -77,9 +78,10 @@ def softmax_attention(
         other dropout layers).
       dropout_rng: PRNG key; dropout applies only when it is given and ``dropout_rate > 0``
         (otherwise the result is exactly that of plain attention, as for evaluation).
-        The keep mask is ``jax.random.bernoulli(dropout_rng, 1 - dropout_rate, [B, H, T,
-        S])`` and kept weights are scaled by ``1 / (1 - dropout_rate)`` (inverted dropout),
-        in float32, before the weighted sum of values. Each batch row and head draws its
+        The keep mask is ``rope_jax.dropout.keep_mask(dropout_rng, dropout_rate, [B, H, T,
+        S])`` (16 random bits per weight: the rate is resolved to 2**-16) and kept weights
+        are scaled by the inverse keep probability (inverted dropout), in float32, before
+        the weighted sum of values. Each batch row and head draws its
         own mask, as in BERT and the Hugging Face T5; Flax's ``dot_product_attention``
         defaults instead to one mask shared across batch and heads.
 
@@ -108,9 +110,7 @@ def softmax_attention(
         logits_BHTS = logits_BHTS + jnp.asarray(bias).astype(jnp.float32)
     weights_BHTS = masked_softmax(logits_BHTS, mask)
     if dropout_rng is not None and dropout_rate > 0.0:
-        keep_prob = 1.0 - dropout_rate
-        keep_BHTS = jax.random.bernoulli(dropout_rng, keep_prob, weights_BHTS.shape)
         # Masked weights are exactly 0 and stay 0 whether kept or dropped.
-        weights_BHTS = jnp.where(keep_BHTS, weights_BHTS / jnp.float32(keep_prob), 0.0)
+        weights_BHTS = dropout_lib.dropout(weights_BHTS, dropout_rate, dropout_rng)
     out_BTHD = jnp.einsum("BHTS,BSHD->BTHD", weights_BHTS.astype(v_BSHD.dtype), v_BSHD)
     return out_BTHD.astype(q_BTHD.dtype)

@@ -29,7 +29,10 @@ brackets; ``bias`` entries only with ``use_bias``)::
 ``<stack>`` is ``encoder`` (Encoder, EncoderDecoder) or ``decoder`` (EncoderDecoder, Decoder).
 RMSNorm has only ``scale``. Non-trainable Performer projections live in the
 "random_features" collection at ``<stack>/layers_{i}/<attention>/projection`` ``[M, D]``;
-the decode cache in the "cache" collection (see ``init_cache``).
+the decode cache in the "cache" collection (see ``init_cache``); the decoder's
+cross-attention keys/values, computed once per encoder input, in the read-only
+"cross_cache" collection at ``decoder/layers_{i}/cross_attention/{key,value}`` ``[B, S, H,
+D]`` (``decoding.encode_for_decoding``).
 
 The relative-position bias table lives at stack level: T5 computes it in layer 0 and every
 layer of the stack reuses it, which is what the stack does (HF name

@@ -394,8 +394,8 @@ class MultiHeadAttention(nn.Module):
         """Cross-attention keys and values; while decoding, read from "cross_cache" if given.
 
         The encoder output is the same at every decoding step, so its key/value projections
-        are computed once before the loop (``decoding.encoder_decoder_state`` applies the
-        decoder with ``mutable=["cross_cache"]``, which stores them here) and then read
+        are computed once before the loop (``EncoderDecoderTask.encode_for_decoding`` applies
+        the decoder with ``mutable=["cross_cache"]``, which stores them here) and then read
         each step from a collection that is not mutable: they stay loop constants instead
         of being carried, copied and (in beam search) repeated and reordered per step. A
         decode call without that collection computes them from ``x_kv`` (Hugging Face's
@@ -424,6 +424,8 @@ class MultiHeadAttention(nn.Module):
         bias=None,
         q_positions=None,
         kv_positions=None,
+        segment_ids=None,
+        kv_segment_ids=None,
         deterministic: bool = True,
         decode: bool = False,
     ):
@@ -437,6 +439,10 @@ class MultiHeadAttention(nn.Module):
           kv_valid_BS: key validity ``[B, S]`` for kernels that only take key padding.
           bias: additive ``[B|1, H, T, S]`` (T5 relative bias, ALiBi).
           q_positions, kv_positions: ``[B|1, T]`` / ``[B|1, S]`` positions for RoPE.
+          segment_ids, kv_segment_ids: packed-row segment ids ``[B, T]`` (and ``[B, S]`` of
+            the keys for cross-attention) for kernels that keep packed examples apart
+            without a full mask (``KernelTraits.segments``); full-mask kernels get the
+            segments through ``mask`` and ignore these.
           deterministic: no attention dropout; when False, kernels that take
             ``dropout_rng`` drop attention weights at ``config.dropout_rate`` (needs a
             "dropout" rng).
@@ -482,6 +488,8 @@ class MultiHeadAttention(nn.Module):
             kv_positions,
             q_offset,
             dropout_kwargs=self._dropout_kwargs(deterministic or decode),
+            segment_ids=None if decode else segment_ids,
+            kv_segment_ids=None if decode else kv_segment_ids,
         )
         return self.out(out_BTHD)
 
@@ -554,6 +562,8 @@ class MultiHeadAttention(nn.Module):
         kv_positions,
         q_offset=0,
         dropout_kwargs=None,
+        segment_ids=None,
+        kv_segment_ids=None,
     ):
         kwargs = self._kernel_kwargs(
             q_positions, kv_positions, q_BTHD.shape[1], k_BSHD.shape[1], q_offset=q_offset
@@ -562,6 +572,11 @@ class MultiHeadAttention(nn.Module):
         if self.traits.full_mask:
             return self.attention_fn(q_BTHD, k_BSHD, v_BSHD, mask=mask, bias=bias, **kwargs)
         key_mask = None if kv_valid_BS is None else masks.padding_mask(kv_valid_BS)
+        if self.traits.segments and segment_ids is not None:
+            if not self.cross:
+                kwargs["segment_ids"] = segment_ids
+            elif kv_segment_ids is not None:
+                kwargs.update(segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
         if self.causal:
             kwargs["causal"] = True
         return self.attention_fn(q_BTHD, k_BSHD, v_BSHD, mask=key_mask, bias=bias, **kwargs)

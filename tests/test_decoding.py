@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rope_jax import decoding
+from rope_jax import decoding, families
 
 VOCAB = 11
 EOS = 1
@@ -413,12 +413,47 @@ def test_beam_search_on_model_scores_at_least_greedy():
     np.testing.assert_array_equal(single.sequences[:, 0], greedy.sequences)
 
 
+def test_beam_search_neither_repeats_nor_reorders_the_shared_entry():
+    """State under families.SHARED stays one row per input (the step maps beam rows to
+    it); the search equals one whose state carries the same values repeated per beam."""
+    params = _toy_params(2, eos_bias=0.5)
+    batch, beam_size = 3, 3
+    bias_BV = jnp.asarray(np.random.default_rng(7).normal(size=(batch, VOCAB)), jnp.float32)
+    prompt = np.array([[3], [6], [7]], np.int32)
+    toy_step_fn = _toy_step_fn(params)
+
+    def shared_step_fn(token_ids_R, state):
+        shared_BV = state[families.SHARED]["bias"]
+        assert shared_BV.shape == (batch, VOCAB), shared_BV.shape
+        logits_RV, toy = toy_step_fn(token_ids_R, state["toy"])
+        group = token_ids_R.shape[0] // batch
+        return logits_RV + jnp.repeat(shared_BV, group, axis=0), {**state, "toy": toy}
+
+    def per_row_step_fn(token_ids_R, state):
+        logits_RV, toy = toy_step_fn(token_ids_R, state["toy"])
+        return logits_RV + state["bias"], {**state, "toy": toy}
+
+    kwargs = dict(beam_size=beam_size, max_length=10, eos_id=EOS, alpha=0.6)
+    shared = {"toy": _toy_state(batch), families.SHARED: {"bias": bias_BV}}
+    got = jax.jit(lambda s: decoding.beam_search(shared_step_fn, s, prompt, **kwargs))(shared)
+    per_row = {"toy": _toy_state(batch), "bias": bias_BV}
+    want = jax.jit(lambda s: decoding.beam_search(per_row_step_fn, s, prompt, **kwargs))(per_row)
+    np.testing.assert_array_equal(got.sequences, want.sequences)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6)
+
+
 def _beam_with_encoder_in_state(model, params, variables, inputs, **kwargs):
-    """Beam search whose state carries the encoder side (repeated per beam, reordered)."""
-    state = decoding.encoder_decoder_state(
-        model, params, jnp.asarray(inputs), kwargs["max_length"], variables
+    """Beam search whose state carries the encoder side per row (repeated, reordered)."""
+    task = families.as_task(model)
+    state, _ = task.decode_start(
+        params,
+        jnp.asarray(inputs),
+        max_length=kwargs["max_length"],
+        variables=variables,
+        use_cache=True,
     )
-    step_fn = decoding.encoder_decoder_step_fn(model, params, variables)
+    state = {"cache": state["cache"], **state[families.SHARED]}
+    step_fn = task.step_fn(params, variables)
     prompt = jnp.zeros((inputs.shape[0], 1), jnp.int32)
     return jax.jit(lambda s: decoding.beam_search(step_fn, s, prompt, **kwargs))(state)
 
@@ -442,7 +477,7 @@ def test_cross_cache_holds_encoder_projections_once():
     one [B, S, H, D] array per layer, and the carried decode cache has none."""
     model, params, variables = _tiny_model("encoder_decoder")
     inputs = jnp.asarray([[5, 6, 7, 8, 9, 1], [10, 11, 1, 0, 0, 0]], jnp.int32)
-    encoder = decoding.encode_for_decoding(model, params, inputs, variables)
+    encoder = families.as_task(model).encode_for_decoding(params, inputs, variables)
     layer = params["decoder"]["layers_1"]["cross_attention"]
     want_key = np.einsum("BSE,EHD->BSHD", encoder["encoded"], layer["key"]["kernel"])
     got = encoder["cross_cache"]["decoder"]["layers_1"]["cross_attention"]

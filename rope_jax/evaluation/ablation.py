@@ -43,12 +43,12 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from rope_jax import objectives
+from rope_jax import families, objectives
 from rope_jax.evaluation import ablation_report
+from rope_jax.training import evaluators
 
 POSITION_VARIANTS: dict[str, dict[str, Any]] = {
     "none": {"position": "none"},
@@ -335,18 +335,7 @@ def position_losses(
     """Cross entropy summed over the rows of ``batch`` at each position, weighted by its
     ``loss_weights``, and the weight at each position -> ``([length], [length])``."""
 
-    @jax.jit
-    def per_token(chunk):
-        logits = model.apply(
-            variables,
-            chunk["input_tokens"],
-            segment_ids=chunk["segment_ids"],
-            positions=chunk["positions"],
-            deterministic=True,
-        ).astype(jnp.float32)
-        log_probs = jax.nn.log_softmax(logits, axis=-1)
-        picked = jnp.take_along_axis(log_probs, chunk["target_tokens"][..., None], axis=-1)
-        return -picked[..., 0]
+    per_token = jax.jit(families.as_task(model).token_losses)
 
     rows = len(batch["input_tokens"])
     loss_sums = np.zeros(batch["input_tokens"].shape[1])
@@ -354,20 +343,13 @@ def position_losses(
         # The last chunk is padded with copies of its last row (same shape, one compile).
         index = np.minimum(np.arange(start, start + batch_size), rows - 1)
         chunk = {key: value[index] for key, value in batch.items()}
-        losses = np.asarray(per_token(chunk), np.float64)[: rows - start]
+        losses = np.asarray(per_token(variables, chunk), np.float64)[: rows - start]
         loss_sums += (losses * chunk["loss_weights"][: rows - start]).sum(axis=0)
     return loss_sums, batch["loss_weights"].sum(axis=0).astype(np.float64)
 
 
-def bucket_losses(loss_sums: np.ndarray, weights: np.ndarray, width: int) -> list[float | None]:
-    """Mean loss over the targets in each bucket of ``width`` positions (the last may be
-    shorter): summed loss / summed weight, None for a bucket without targets."""
-    means = []
-    for start in range(0, len(loss_sums), width):
-        weight = float(np.sum(weights[start : start + width]))
-        total = float(np.sum(loss_sums[start : start + width]))
-        means.append(total / weight if weight > 0 else None)
-    return means
+# Mean loss per bucket of positions: the same measure as the loop's loss-by-position evaluator.
+bucket_losses = evaluators.bucket_means
 
 
 def length_summary(

@@ -391,27 +391,53 @@ class MultiHeadAttention(nn.Module):
         return k_BSHD, v_BSHD
 
     def _cross_keys_values(self, x_kv, decode: bool):
-        """Cross-attention keys and values; while decoding, read from "cross_cache" if given.
+        """Cross-attention keys and values ``[B, S, H, D]``; stored in "cross_cache" when
+        decoding with that collection mutable.
 
         The encoder output is the same at every decoding step, so its key/value projections
         are computed once before the loop (``EncoderDecoderTask.encode_for_decoding`` applies
         the decoder with ``mutable=["cross_cache"]``, which stores them here) and then read
-        each step from a collection that is not mutable: they stay loop constants instead
-        of being carried, copied and (in beam search) repeated and reordered per step. A
-        decode call without that collection computes them from ``x_kv`` (Hugging Face's
-        Flax T5 does that at every step).
+        each step (:meth:`_read_cross_cache`) from a collection that is not mutable: they
+        stay loop constants instead of being carried, copied and (in beam search) repeated
+        and reordered per step. Stored heads-major, keys ``[B, H, D, S]`` and values ``[B,
+        H, S, D]``, the layouts of ``softmax_attention_heads_major``. A decode call without
+        that collection computes them from ``x_kv`` (Hugging Face's Flax T5 does that at
+        every step).
         """
-        if decode and self.has_variable("cross_cache", "key"):
-            return (
-                self.get_variable("cross_cache", "key"),
-                self.get_variable("cross_cache", "value"),
-            )
         k_BSHD, v_BSHD = self._keys_values(x_kv)
         if decode and self.is_mutable_collection("cross_cache"):
             dtype = self.config.compute_dtype
-            self.put_variable("cross_cache", "key", k_BSHD.astype(dtype))
-            self.put_variable("cross_cache", "value", v_BSHD.astype(dtype))
+            self.put_variable("cross_cache", "key", jnp.einsum("BSHD->BHDS", k_BSHD).astype(dtype))
+            self.put_variable(
+                "cross_cache", "value", jnp.einsum("BSHD->BHSD", v_BSHD).astype(dtype)
+            )
         return k_BSHD, v_BSHD
+
+    def _read_cross_cache(self, decode: bool):
+        """``(k_BHDS, v_BHSD)`` from "cross_cache" while decoding, else None."""
+        if decode and self.cross and self.has_variable("cross_cache", "key"):
+            return self.get_variable("cross_cache", "key"), self.get_variable(
+                "cross_cache", "value"
+            )
+        return None
+
+    def _cached_cross(self, q_RTHD, k_BHDS, v_BHSD, mask):
+        """Softmax cross-attention to the stored keys/values; ``R = B * G`` query rows (beam
+        search: row ``b * G + g`` belongs to encoder row ``b``) are attended as ``G * T``
+        queries of their encoder row, as in :meth:`_grouped_cross`."""
+        rows, length, heads, head_dim = q_RTHD.shape
+        kv_rows = k_BHDS.shape[0]
+        if rows % kv_rows:
+            raise ValueError(
+                f"{self.name}: {rows} query rows cannot share {kv_rows} encoder rows; the "
+                f"decoder batch must be a multiple of the encoder batch (beam rows b * K + k)."
+            )
+        group = rows // kv_rows
+        q_BGHD = q_RTHD.reshape(kv_rows, group * length, heads, head_dim)
+        out_BGHD = attention_lib.softmax_attention_heads_major(
+            q_BGHD, k_BHDS, v_BHSD, mask=mask, **self._kernel_kwargs(None, None, 0, 0)
+        )
+        return out_BGHD.reshape(rows, length, heads, head_dim)
 
     @nn.compact
     def __call__(
@@ -449,14 +475,23 @@ class MultiHeadAttention(nn.Module):
           decode: incremental decoding with the "cache" collection (never drops weights).
         """
         cfg = self.config
+        cross_cache = self._read_cross_cache(decode)
         if self.cross:
             q_BTHD = self.query(x_q_BTE)
-            k_BSHD, v_BSHD = self._cross_keys_values(x_kv_BSE, decode)
+            if cross_cache is None:
+                k_BSHD, v_BSHD = self._cross_keys_values(x_kv_BSE, decode)
+            elif self.kernel_name != "softmax":
+                k_BHDS, v_BHSD = cross_cache
+                k_BSHD = jnp.einsum("BHDS->BSHD", k_BHDS)
+                v_BSHD = jnp.einsum("BHSD->BSHD", v_BHSD)
+                cross_cache = None
         else:
             # q, k and v as one [E, 3, H, D] product (projections.fused_projections).
             q_BTHD, k_BSHD, v_BSHD = fused_projections(x_q_BTE, [self.query, self.key, self.value])
         q_BTHD = q_BTHD * self._query_multiplier()
         q_BTHD = constrain(q_BTHD, ("batch", "length", "heads", "kv"))
+        if cross_cache is not None:
+            return self.out(self._cached_cross(q_BTHD, *cross_cache, mask))
 
         if decode and not self.cross:
             # The new keys sit at the new tokens' positions; kv_positions covers the cache.

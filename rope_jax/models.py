@@ -31,8 +31,8 @@ RMSNorm has only ``scale``. Non-trainable Performer projections live in the
 "random_features" collection at ``<stack>/layers_{i}/<attention>/projection`` ``[M, D]``;
 the decode cache in the "cache" collection (see ``init_cache``); the decoder's
 cross-attention keys/values, computed once per encoder input, in the read-only
-"cross_cache" collection at ``decoder/layers_{i}/cross_attention/{key,value}`` ``[B, S, H,
-D]`` (``families.EncoderDecoderTask.encode_for_decoding``).
+"cross_cache" collection at ``decoder/layers_{i}/cross_attention/{key,value}``, keys ``[B,
+H, D, S]`` and values ``[B, H, S, D]`` (``families.EncoderDecoderTask.encode_for_decoding``).
 
 The relative-position bias table lives at stack level: T5 computes it in layer 0 and every
 layer of the stack reuses it, which is what the stack does (HF name

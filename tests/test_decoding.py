@@ -474,15 +474,18 @@ def test_beam_search_with_shared_encoder_keys_equals_repeated(cross_attention):
 
 def test_cross_cache_holds_encoder_projections_once():
     """The cross-attention keys/values are the key/value projections of the encoder output,
-    one [B, S, H, D] array per layer, and the carried decode cache has none."""
+    one array per layer, and the carried decode cache has none."""
     model, params, variables = _tiny_model("encoder_decoder")
     inputs = jnp.asarray([[5, 6, 7, 8, 9, 1], [10, 11, 1, 0, 0, 0]], jnp.int32)
     encoder = families.as_task(model).encode_for_decoding(params, inputs, variables)
     layer = params["decoder"]["layers_1"]["cross_attention"]
-    want_key = np.einsum("BSE,EHD->BSHD", encoder["encoded"], layer["key"]["kernel"])
+    # Stored heads-major: keys [B, H, D, S], values [B, H, S, D].
+    want_key = np.einsum("BSE,EHD->BHDS", encoder["encoded"], layer["key"]["kernel"])
+    want_value = np.einsum("BSE,EHD->BHSD", encoder["encoded"], layer["value"]["kernel"])
     got = encoder["cross_cache"]["decoder"]["layers_1"]["cross_attention"]
     np.testing.assert_allclose(got["key"], want_key, rtol=1e-5, atol=1e-5)
-    assert got["value"].shape == want_key.shape == (2, 6, 4, 8)
+    np.testing.assert_allclose(got["value"], want_value, rtol=1e-5, atol=1e-5)
+    assert got["key"].shape == (2, 4, 8, 6)
     cache = models_init_cache(model, 2, 9, 6)
     names = {path[-1].key for path, _ in jax.tree_util.tree_leaves_with_path(cache)}
     assert not names & {"key", "value", "cross_key", "cross_value"}, names

@@ -32,7 +32,7 @@ def main(argv):
     quiet_library_logs()
     logging.info("JAX devices: %s", jax.devices())
     if config.kind == "ablation":
-        from rope_jax.evaluation import ablation
+        from rope_jax.experiments import ablation
 
         # Each grid cell is a pretraining run in <workdir>/runs/...: its restart checks,
         # signals and errors are the trainer's.

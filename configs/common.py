@@ -126,7 +126,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
         key, text = (part.strip() for part in item.split("=", 1))
         value = parse_value(text)
         if "." not in key:
-            sections = [name for name in BARE_KEY_SECTIONS if key in config[name]]
+            sections = [n for n in BARE_KEY_SECTIONS if n in config and key in config[n]]
             if len(sections) > 1:
                 raise KeyError(
                     f"config override {item!r}: {key!r} exists in {sections}; give the dotted "
@@ -147,15 +147,57 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
                 f"config override {item!r}: no config key {key!r}; {hint}(model, data and "
                 "top-level keys can be given bare, others need their dotted path)."
             )
-        current = node[leaf]
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(current, str) and not isinstance(value, str):
+        if isinstance(node[leaf], str) and not isinstance(value, str):
             value = text
-        try:
-            node[leaf] = value
-        except TypeError as err:
-            raise TypeError(f"config override {item!r}: {err}") from err
+        _set(node, leaf, value, f"config override {item!r}")
+
+
+def _set(node: ml_collections.ConfigDict, leaf: str, value, where: str) -> None:
+    """``node[leaf] = value`` with the field's type kept (an int is a float where a float is
+    wanted, a list a tuple where a tuple is); a wrong type names ``where``."""
+    current = node[leaf]
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    try:
+        node[leaf] = value
+    except TypeError as err:
+        raise TypeError(f"{where}: {err}") from err
+
+
+def from_record(path: str) -> ml_collections.ConfigDict:
+    """The pretraining config recorded in ``path`` (a ``config.json`` or a workdir), as
+    ``base_config()`` with every recorded value set; a recorded key the defaults do not have
+    or a value of the wrong type is an error naming it."""
+    import json
+    import os
+
+    from rope_jax.training import workdir
+
+    if os.path.isdir(path):
+        recorded = workdir.recorded_config(path)
+        if recorded is None:
+            raise FileNotFoundError(f"{path} holds no {workdir.CONFIG_FILE}")
+    else:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+    config = base_config()
+    _set_tree(config, recorded, path)
+    return config
+
+
+def _set_tree(node: ml_collections.ConfigDict, values: dict, path: str, prefix: str = "") -> None:
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in node:
+            raise KeyError(f"{path}: recorded key {name!r} is not a pretraining config key.")
+        if isinstance(node[key], ml_collections.ConfigDict):
+            if not isinstance(value, dict):
+                raise TypeError(f"{path}: recorded {name!r} must be a section, got {value!r}.")
+            _set_tree(node[key], value, path, f"{name}.")
+        else:
+            _set(node, key, value, f"{path}: recorded key {name!r}")
 
 
 def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -167,7 +209,7 @@ def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[st
         else:
             keys.append(prefix + name)
     if not prefix:
-        keys.extend(name for section in BARE_KEY_SECTIONS for name in config[section])
+        keys.extend(name for s in BARE_KEY_SECTIONS if s in config for name in config[s])
     return keys
 
 

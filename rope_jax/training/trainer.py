@@ -117,7 +117,8 @@ def build_tokenizer(
 ):
     """The configured SentencePiece model, or one trained on the training corpus (cached in
     ``<workdir>/tokenizer``, never trained again: see ``load_or_train_tokenizer``); with
-    ``tokenizer.kind=jieba_bert`` the T5 PEGASUS tokenizer (``data/bert_vocab.py``).
+    ``tokenizer.kind=jieba_bert`` the T5 PEGASUS tokenizer (``data/bert_vocab.py``), with
+    ``tokenizer.kind=bytes`` UTF-8 bytes (``data/byte_tokenizer.py``).
 
     A loaded model keeps ``tokenizer.num_extra_ids`` extra ids after its pieces, whatever the
     model's vocabulary: mT5's ``spiece.model`` (250000 pieces + 100) puts ``<extra_id_0>`` at
@@ -135,6 +136,10 @@ def build_tokenizer(
     if kind == "jieba_bert":
         with preflight.config_errors():
             tokenizer = _jieba_bert_tokenizer(config, workdir, documents=documents)
+    elif kind == "bytes":
+        from rope_jax.data.byte_tokenizer import ByteTokenizer
+
+        tokenizer = ByteTokenizer()
     elif config.tokenizer.path:
         tokenizer = Tokenizer.load(
             config.tokenizer.path, num_extra_ids=config.tokenizer.num_extra_ids
@@ -174,6 +179,11 @@ def _tokenizer_kind(config: ml_collections.ConfigDict) -> str:
         raise ValueError(
             "tokenizer.path names a SentencePiece model; for tokenizer.kind=jieba_bert give a "
             "BERT vocab.txt as --config.tokenizer.vocab_path (or nothing, to build one)"
+        )
+    if kind == "bytes" and (config.tokenizer.path or config.tokenizer.get("vocab_path")):
+        raise ValueError(
+            "tokenizer.kind=bytes reads no tokenizer file; clear tokenizer.path and "
+            "tokenizer.vocab_path, or choose tokenizer.kind=sentencepiece or jieba_bert"
         )
     if kind == "sentencepiece" and config.tokenizer.get("vocab_path"):
         raise ValueError(
@@ -232,6 +242,15 @@ def build_inputs(
         config, workdir, documents=documents, reuse_for_other_corpus=reuse_tokenizer
     )
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if data["sampling"] == "windows":
+        from rope_jax.data import windows
+
+        with preflight.config_errors("data: "):
+            data_config = pipeline.data_config_from_dict(data)
+            train, eval_batches = windows.make_window_inputs(
+                data_config, tokenizer, documents, eval_steps=config.eval_steps, **shard
+            )
+        return Inputs(train=train, eval_batches=eval_batches if evaluates else None)
     with preflight.config_errors("data: "):
         train = pipeline.make_pipeline(data, tokenizer, documents=documents, **shard)
     train.stats.log("training corpus")

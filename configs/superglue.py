@@ -4,6 +4,11 @@ Launch (``tiny`` runs on a laptop CPU; ``base`` is the T5-paper-like setting)::
 
   python eval.py --config=configs/superglue.py:tiny --config.task=CB \
       --config.data_dir=/data/super_glue --config.init_checkpoint=runs/t5_tiny --workdir=runs/cb
+  python eval.py --config=configs/superglue.py:tiny,task=CB,data_dir=/data/super_glue \
+      --config.init_checkpoint=runs/t5_tiny --workdir=runs/cb
+
+The argument after the file is a variant and comma-separated overrides, parsed as for the
+pretraining configs (``configs/common.py``: ``split_arg``, ``apply_overrides``).
 
 ``init_checkpoint``: a train.py workdir, a Hugging Face folder (T5/mT5/BERT/RoFormer) or
 "" (random init from ``config.model``, needs ``config.tokenizer``). ``task=all`` runs every
@@ -13,6 +18,7 @@ Few-shot (FewGLUE): ``--config.train_data_dir=<fewglue> --config.data_dir=<super
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import common
 from rope_jax.training import optim
@@ -20,10 +26,8 @@ from rope_jax.training import optim
 VARIANTS = ("base", "tiny")
 
 
-def get_config(arg: str = "base") -> ml_collections.ConfigDict:
-    variant = arg or "base"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant, overrides = common.split_arg(arg, VARIANTS)
     config = ml_collections.ConfigDict()
     config.kind = "superglue"
     config.task = "CB"
@@ -44,7 +48,8 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
     config.eval_batch_size = 32
     config.num_train_steps = 2000
     config.log_every_steps = 50
-    # Fine-tuning dropout (-1 = keep the checkpoint's).
+    # Fine-tuning dropout (None = keep the checkpoint's): a float field that may be None.
+    config.dropout_rate = config_dict.placeholder(float)
     config.dropout_rate = 0.1
     # Text-to-text decoding: "greedy" or "beam" (beam_size, length penalty alpha of Wu et al.).
     config.decode_method = "greedy"
@@ -89,4 +94,5 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
                 "max_length": 64,
             }
         )
+    common.apply_overrides(config, overrides)
     return config

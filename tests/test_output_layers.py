@@ -114,8 +114,8 @@ def test_default_max_predictions_follows_bert_and_leaves_room_for_packing():
     assert losses.default_max_predictions(1.0, 10) == 10  # never more than the row
     with pytest.raises(ValueError, match="mask_rate"):
         losses.default_max_predictions(0.0, 128)
-    assert losses.resolve_max_predictions(-1, objective="mlm", mask_rate=0.15, length=512) == 96
-    assert losses.resolve_max_predictions(-1, objective="span_corruption", mask_rate=0.15,
+    assert losses.resolve_max_predictions(None, objective="mlm", mask_rate=0.15, length=512) == 96
+    assert losses.resolve_max_predictions(None, objective="span_corruption", mask_rate=0.15,
                                           length=512) == 0  # fmt: skip
     assert losses.resolve_max_predictions(0, objective="mlm", mask_rate=0.15, length=512) == 0
     with pytest.raises(ValueError, match="exceeds the row length"):

@@ -40,7 +40,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from rope_jax import objectives
+from rope_jax import config_fields, objectives
 from rope_jax.data.corpora import CorpusStats, DocumentIndex
 from rope_jax.data.embedded import embedded_corpus
 from rope_jax.data.examples import OBJECTIVES, ExampleMaker, model_kind
@@ -162,14 +162,9 @@ class DataConfig:
 
 
 def data_config_from_dict(mapping: Mapping[str, Any] | Any) -> DataConfig:
-    """``DataConfig`` from a dict or ``ml_collections.ConfigDict``; an unknown key is an error."""
-    if hasattr(mapping, "to_dict"):
-        mapping = mapping.to_dict()
-    known = {f.name for f in dataclasses.fields(DataConfig)}
-    unknown = sorted(set(mapping) - known)
-    if unknown:
-        raise ValueError(f"unknown data config keys {unknown}; known keys: {sorted(known)}")
-    return DataConfig(**mapping)
+    """``DataConfig`` from a dict or ``ml_collections.ConfigDict``; an unknown key or a value
+    of the wrong type is an error naming it (``config_fields.from_mapping``)."""
+    return config_fields.from_mapping(DataConfig, mapping, "data")
 
 
 def pack_spec(config: DataConfig) -> PackSpec:

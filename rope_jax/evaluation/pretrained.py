@@ -267,7 +267,7 @@ def load_for_task(task: str, config, *, source: Source | None = None):
             f"SuperGLUE fine-tuning needs an encoder or an encoder_decoder, not a {cfg.family} "
             "model (casts exist for these two families only)"
         )
-    if config.dropout_rate >= 0:
+    if config.dropout_rate is not None:
         cfg = dataclasses.replace(cfg, dropout_rate=config.dropout_rate)
     model = build_model(cfg)
     # Jitted: an eager init runs op by op and costs seconds even for a tiny model.

@@ -132,6 +132,7 @@ def train_length_of(cell: Cell) -> int:
 def grid(config, track: str = "causal_lm") -> list[Cell]:
     """All (kernel, position) cells of ``track``, with the model's own reason for the
     meaningless ones."""
+    from rope_jax import config_fields
     from rope_jax.training import trainer
 
     if track not in TRACKS:
@@ -151,6 +152,8 @@ def grid(config, track: str = "causal_lm") -> list[Cell]:
             cell = Cell(track, kernel, position, cell_config(config, track, kernel, position))
             try:
                 trainer.build_model(cell.config)
+            except config_fields.ConfigKeyError:
+                raise  # a mistyped key is the config's mistake, not the pair's
             except ValueError as err:
                 cell.skip_reason = str(err.__cause__ or err)
             landmarks = cell.config.model.num_landmarks

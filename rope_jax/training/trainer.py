@@ -26,6 +26,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from rope_jax import config_boundary
+from rope_jax.data.pipeline import DataConfig
 from rope_jax.training import checkpoint as checkpoint_lib
 from rope_jax.training import loop, losses, metrics, optim, preflight, sharding
 from rope_jax.training import step as step_lib
@@ -68,13 +70,16 @@ def build_model(config: ml_collections.ConfigDict):
     """(flax module, frozen model config) from ``config.model``; packing from ``config.data``
     decides which attention kernels are allowed (packed rows need full masks), and its row
     lengths how long a learned position table must be."""
-    from rope_jax.model_config import model_config_from_dict
     from rope_jax.models import build_model as build
 
     try:
-        cfg = model_config_from_dict(config.model)
-        longest = max(config.data.inputs_length, config.data.targets_length)
-        return build(cfg, packed_inputs=bool(config.data.pack), max_sequence_length=longest), cfg
+        cfg = config_boundary.model_section(config)
+        data = config_boundary.data_section(config)
+        longest = max(data.inputs_length, data.decoder_length())
+        packed = data.pack and data.sampling == "documents"
+        return build(cfg, packed_inputs=packed, max_sequence_length=longest), cfg
+    except config_boundary.ConfigKeyError:
+        raise
     except ValueError as err:
         raise ValueError(
             f"config.model: {err} (model keys are --config.model.<key>; packing is "
@@ -82,13 +87,9 @@ def build_model(config: ml_collections.ConfigDict):
         ) from err
 
 
-def data_settings(config: ml_collections.ConfigDict) -> dict:
-    """``config.data`` as ``DataConfig`` fields (batch size and seed from the top level)."""
-    data = config.data.to_dict()
-    data["targets_length"] = None if data["targets_length"] < 0 else data["targets_length"]
-    data["num_epochs"] = data["num_epochs"] or None
-    data.update(batch_size=config.batch_size, seed=config.seed)
-    return data
+def data_settings(config: ml_collections.ConfigDict) -> DataConfig:
+    """``config.data`` as a ``DataConfig`` (batch size and seed from the top level)."""
+    return config_boundary.data_section(config)
 
 
 def build_corpus(config: ml_collections.ConfigDict):
@@ -225,9 +226,8 @@ def build_inputs(
     """
     from rope_jax.data import pipeline
 
-    data = data_settings(config)
-    with preflight.config_errors("data: "):
-        pipeline.data_config_from_dict(data)
+    with preflight.config_errors():
+        data = data_settings(config)
     documents = build_corpus(config)
     evaluates = config.eval_steps > 0 and config.eval_every_steps > 0
     preflight.check_held_out_split(
@@ -242,13 +242,12 @@ def build_inputs(
         config, workdir, documents=documents, reuse_for_other_corpus=reuse_tokenizer
     )
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    if data["sampling"] == "windows":
+    if data.sampling == "windows":
         from rope_jax.data import windows
 
         with preflight.config_errors("data: "):
-            data_config = pipeline.data_config_from_dict(data)
             train, eval_batches = windows.make_window_inputs(
-                data_config, tokenizer, documents, eval_steps=config.eval_steps, **shard
+                data, tokenizer, documents, eval_steps=config.eval_steps, **shard
             )
         return Inputs(train=train, eval_batches=eval_batches if evaluates else None)
     with preflight.config_errors("data: "):
@@ -326,10 +325,11 @@ def train_and_evaluate(
             model, model_cfg = build_model(config)
     # Config errors surface before the tokenizer is trained and the corpus is read.
     with preflight.config_errors():
-        mesh = sharding.make_mesh(config.mesh, devices)
+        mesh = sharding.make_mesh(config_boundary.mesh_section(config), devices)
         rules = sharding.rules_from_config(config.logical_axis_rules)
-        tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
-        _check_batch_size(config.batch_size, config.optimizer.grad_accum_steps, mesh)
+        optimizer = config_boundary.optimizer_section(config)
+        tx, schedule = optim.make_optimizer(optimizer, config.num_train_steps)
+        _check_batch_size(config.batch_size, optimizer.grad_accum_steps, mesh)
         mlm_max_predictions = losses.resolve_max_predictions(
             config.mlm_max_predictions,
             objective=config.data.objective,

@@ -16,6 +16,7 @@ unbiased variance; undefined for one seed and then ``None``), the minimum, the m
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -44,27 +45,36 @@ def eval_batches(
     return {n: {key: value[:, :n] for key, value in longest.items()} for n in lengths}
 
 
+@functools.cache
+def _token_losses(model):
+    """Jitted ``(variables, batch) -> loss [B, L]`` for ``model`` (flax modules hash by
+    their fields, so every seed and cell with the same model shares one compiled program
+    per shape; the parameters are an argument, never baked in)."""
+
+    @jax.jit
+    def per_token(variables, chunk):
+        logits = losses.apply_model(model, variables, chunk, deterministic=True)
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        picked = jnp.take_along_axis(log_probs, chunk["target_tokens"][..., None], axis=-1)
+        return -picked[..., 0]
+
+    return per_token
+
+
 def position_losses(
     model, variables, batch: dict[str, np.ndarray], batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cross entropy summed over the rows of ``batch`` at each position, weighted by its
     ``loss_weights``, and the weight at each position -> ``([length], [length])``. The
     model is called as the trainer calls it (``losses.apply_model``)."""
-
-    @jax.jit
-    def per_token(chunk):
-        logits = losses.apply_model(model, variables, chunk, deterministic=True)
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        picked = jnp.take_along_axis(log_probs, chunk["target_tokens"][..., None], axis=-1)
-        return -picked[..., 0]
-
+    per_token = _token_losses(model)
     rows = len(batch["input_tokens"])
     loss_sums = np.zeros(batch["input_tokens"].shape[1])
     for start in range(0, rows, batch_size):
         # The last chunk is padded with copies of its last row (same shape, one compile).
         index = np.minimum(np.arange(start, start + batch_size), rows - 1)
         chunk = {key: value[index] for key, value in batch.items()}
-        losses_BL = np.asarray(per_token(chunk), np.float64)[: rows - start]
+        losses_BL = np.asarray(per_token(variables, chunk), np.float64)[: rows - start]
         loss_sums += (losses_BL * chunk["loss_weights"][: rows - start]).sum(axis=0)
     return loss_sums, batch["loss_weights"].sum(axis=0).astype(np.float64)
 

@@ -41,6 +41,7 @@ bench: $(BIN)/.installed $(HF_VENV)/.installed
 	$(BIN)/python benchmarks/forward.py
 	$(BIN)/python benchmarks/decoding.py
 	$(BIN)/python benchmarks/data.py
+	$(BIN)/python benchmarks/packing.py
 
 # Every benchmark end to end on small shapes (minutes): checks the harness, not the figures.
 bench-quick: $(BIN)/.installed $(HF_VENV)/.installed

@@ -44,9 +44,18 @@ def main(argv):
             logging.info("Ablation %s; run the same command to resume.", stopped)
             return interrupts.exit_code(stopped.signum)
     else:
-        from rope_jax.evaluation import finetune
+        from rope_jax.evaluation import finetune, readers
 
-        finetune.finetune_and_evaluate(config, _WORKDIR.value)
+        # Missing or malformed data, a missing checkpoint or tokenizer: one line, no traceback.
+        errors = (
+            preflight.ConfigError,
+            FileNotFoundError,
+            readers.SuperGlueFormatError,
+            TokenizerCacheError,
+            checkpoint.CheckpointError,
+        )
+        with cli.reported_errors(errors):
+            finetune.finetune_and_evaluate(config, _WORKDIR.value)
     return 0
 
 

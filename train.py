@@ -2,12 +2,13 @@
 
     python train.py --config=configs/roformer.py:tiny --workdir=runs/demo
     python train.py --config=configs/mt5.py:small --config.model.attention=performer \\
-        --config.model.position=rope --config.data.pack=False \\
+        --config.model.position=rope \\
         --config.num_train_steps=100000 --workdir=runs/mt5_small_performer
 
 Linear-family kernels (performer, linear, taylor) never form the score matrix, so they take
-neither T5's relative bias (mT5's default position) nor packed rows; the config check at
-start says so and names the keys to change.
+neither T5's relative bias (mT5's default position) nor a prefix-LM mask; packed rows they
+take (through the segment ids). Nystrom needs ``pack=False``. The config check at start says
+what does not fit and names the keys to change.
 
 Restarting with the same ``--workdir`` resumes from its latest complete checkpoint, if the
 config still describes the same experiment (docs/training.md, "Restarting a run"). Ctrl-C

@@ -6,6 +6,11 @@ medium sized):
     python train.py --config=configs/decoder.py:tiny --workdir=runs/lm_tiny
     python train.py --config=configs/decoder.py:tiny,objective=prefix_lm --workdir=runs/plm
     python train.py --config=configs/decoder.py:small,position=alibi --workdir=runs/lm_alibi
+    python train.py --config=configs/decoder.py:tiny,attention=performer --workdir=runs/lm_favor
+
+With ``attention=performer`` (or ``linear``, ``taylor``) the LM trains on packed rows and
+generates with the kernel's recurrent state (``decoding.generate``); a prefix LM needs
+``attention=softmax``.
 
 Pre-RMSNorm, gated-GELU MLP, no biases, untied output layer, RoPE by default (``position``
 selects rope/alibi/t5_bias/sinusoidal/learned/none); AdamW with warmup and cosine decay.

@@ -6,7 +6,7 @@ mT5 sizes):
     python train.py --config=configs/mt5.py:tiny --workdir=runs/mt5_tiny
     python train.py --config=configs/mt5.py:small --config.tokenizer.path=/ckpt/mt5/spiece.model \\
         --config.data.paths='/data/mc4/*.jsonl' --config.data.format=jsonl --workdir=runs/mt5_small
-    python train.py --config=configs/mt5.py:tiny,attention=performer,position=rope,pack=False \\
+    python train.py --config=configs/mt5.py:tiny,attention=performer,position=rope \\
         --workdir=runs/mt5_performer
 
 T5's recipe: Adafactor, learning rate ``1 / sqrt(max(step, 10_000))``, 512 input and 114

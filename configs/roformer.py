@@ -4,7 +4,7 @@ Launch (``tiny`` runs on a laptop CPU; ``small`` is BERT-small-like, ``base`` is
 RoFormer-base / BERT-base sized):
 
     python train.py --config=configs/roformer.py:tiny --workdir=runs/roformer_tiny
-    python train.py --config=configs/roformer.py:base,attention=performer,pack=False \\
+    python train.py --config=configs/roformer.py:base,attention=performer \\
         --workdir=runs/roformer_performer
     python train.py --config=configs/roformer.py:small --config.data.paths='/data/*.txt' \\
         --config.mesh.fsdp=4 --workdir=runs/roformer_small

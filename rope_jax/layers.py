@@ -427,6 +427,8 @@ class MultiHeadAttention(nn.Module):
         bias=None,
         q_positions=None,
         kv_positions=None,
+        segment_ids=None,
+        kv_segment_ids=None,
         deterministic: bool = True,
         decode: bool = False,
     ):
@@ -440,6 +442,10 @@ class MultiHeadAttention(nn.Module):
           kv_valid_BS: key validity ``[B, S]`` for kernels that only take key padding.
           bias: additive ``[B|1, H, T, S]`` (T5 relative bias, ALiBi).
           q_positions, kv_positions: ``[B|1, T]`` / ``[B|1, S]`` positions for RoPE.
+          segment_ids, kv_segment_ids: packed-row segment ids ``[B, T]`` (and ``[B, S]`` of
+            the keys for cross-attention) for kernels that keep packed examples apart
+            without a full mask (``KernelTraits.segments``); full-mask kernels get the
+            segments through ``mask`` and ignore these.
           deterministic: no attention dropout; when False, kernels that take
             ``dropout_rng`` drop attention weights at ``config.dropout_rate`` (needs a
             "dropout" rng).
@@ -482,6 +488,8 @@ class MultiHeadAttention(nn.Module):
             kv_positions,
             q_offset,
             dropout_kwargs=self._dropout_kwargs(deterministic or decode),
+            segment_ids=None if decode else segment_ids,
+            kv_segment_ids=None if decode else kv_segment_ids,
         )
         return self.out(out_BTHD)
 
@@ -521,6 +529,8 @@ class MultiHeadAttention(nn.Module):
         kv_positions,
         q_offset=0,
         dropout_kwargs=None,
+        segment_ids=None,
+        kv_segment_ids=None,
     ):
         kwargs = self._kernel_kwargs(
             q_positions, kv_positions, q_BTHD.shape[1], k_BSHD.shape[1], q_offset=q_offset
@@ -529,6 +539,11 @@ class MultiHeadAttention(nn.Module):
         if self.traits.full_mask:
             return self.attention_fn(q_BTHD, k_BSHD, v_BSHD, mask=mask, bias=bias, **kwargs)
         key_mask = None if kv_valid_BS is None else masks.padding_mask(kv_valid_BS)
+        if self.traits.segments and segment_ids is not None:
+            if not self.cross:
+                kwargs["segment_ids"] = segment_ids
+            elif kv_segment_ids is not None:
+                kwargs.update(segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
         if self.causal:
             kwargs["causal"] = True
         return self.attention_fn(q_BTHD, k_BSHD, v_BSHD, mask=key_mask, bias=bias, **kwargs)

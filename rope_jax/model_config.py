@@ -48,19 +48,24 @@ class KernelTraits:
     causal: has a causal mode that never looks at later positions.
     bias: accepts an additive ``[B|1, H|1, T, S]`` bias (T5 relative bias, ALiBi).
     recurrent: has an ``init_state``/``step`` form for incremental decoding.
+    segments: takes packed-row segment ids (``segment_ids=``, ``kv_segment_ids=``) and keeps
+      the packed examples apart without a full mask (the linear family).
     """
 
     full_mask: bool
     causal: bool
     bias: bool
     recurrent: bool
+    segments: bool = False
 
 
 KERNEL_TRAITS: dict[str, KernelTraits] = {
     "softmax": KernelTraits(full_mask=True, causal=True, bias=True, recurrent=False),
-    "performer": KernelTraits(full_mask=False, causal=True, bias=False, recurrent=True),
-    "linear": KernelTraits(full_mask=False, causal=True, bias=False, recurrent=True),
-    "taylor": KernelTraits(full_mask=False, causal=True, bias=False, recurrent=True),
+    "performer": KernelTraits(
+        full_mask=False, causal=True, bias=False, recurrent=True, segments=True
+    ),
+    "linear": KernelTraits(full_mask=False, causal=True, bias=False, recurrent=True, segments=True),
+    "taylor": KernelTraits(full_mask=False, causal=True, bias=False, recurrent=True, segments=True),
     # Nystrom's landmarks are means over query and key segments: every output depends on
     # every position, so it has no causal form.
     "nystrom": KernelTraits(full_mask=False, causal=False, bias=False, recurrent=False),
@@ -208,17 +213,24 @@ def learned_table_message(cfg: ModelConfig, length: int) -> str:
 
 
 def validate_model_config(
-    cfg: ModelConfig, *, packed_inputs: bool = False, max_sequence_length: int = 0
+    cfg: ModelConfig,
+    *,
+    packed_inputs: bool = False,
+    max_sequence_length: int = 0,
+    prefix_lm: bool = False,
 ) -> None:
     """Raises ValueError for a config whose combination of choices has no meaning.
 
     Args:
       cfg: the config.
       packed_inputs: whether batches pack several examples per row (segment ids > 1).
-        Kernels that only take key-padding masks cannot keep packed examples apart.
+        Kernels that take neither a full mask nor segment ids cannot keep packed examples
+        apart.
       max_sequence_length: longest sequence the model will see (0 = unknown); checked
         against a learned absolute position table. The model checks static lengths again
         when it is called.
+      prefix_lm: whether batches carry a prefix-LM mask (bidirectional prefix, causal
+        rest), a per-query mask only full-mask kernels can apply.
     """
     _choice(cfg, "family", FAMILIES)
     _choice(cfg, "mlp_activation", MLP_ACTIVATIONS)
@@ -263,6 +275,13 @@ def validate_model_config(
                     else "."
                 )
             )
+    if prefix_lm and cfg.family == "decoder" and not traits["attention"].full_mask:
+        raise ValueError(
+            f"objective='prefix_lm' lets prefix tokens attend to later prefix tokens, a "
+            f"per-query mask which attention={kernels['attention']!r} cannot apply (it takes "
+            f"key padding, segment ids and causal only). Use objective='causal_lm' with this "
+            f"kernel, or attention='softmax' for a prefix LM."
+        )
     if cfg.family == "encoder_decoder" and kernels["cross_attention"] == "nystrom":
         raise ValueError(
             "cross_attention='nystrom' would leak future decoder tokens: its query landmarks "
@@ -311,11 +330,12 @@ def validate_model_config(
 
     if packed_inputs:
         for role, trait in traits.items():
-            if not trait.full_mask:
+            if not trait.full_mask and not trait.segments:
                 raise ValueError(
-                    f"{role}={kernels[role]!r} only takes a key-padding mask, so packed "
-                    f"examples in one row would attend to each other. Turn packing off for "
-                    f"this kernel (pad each example to its own row) or use softmax attention."
+                    f"{role}={kernels[role]!r} takes neither a full mask nor segment ids, so "
+                    f"packed examples in one row would attend to each other. Turn packing off "
+                    f"for this kernel (pad each example to its own row) or use softmax, "
+                    f"performer, linear or taylor attention."
                 )
             if kernels[role] == "random_synthesizer":
                 raise ValueError(

@@ -113,7 +113,11 @@ class TransformerLayer(nn.Module):
         cross_kv_valid,
         deterministic,
         decode,
+        segment_ids_BL=None,
+        encoder_segment_ids_BS=None,
     ):
+        """One block. ``segment_ids_BL`` / ``encoder_segment_ids_BS`` (packed rows) reach the
+        kernels that take segment ids instead of a full mask (``KernelTraits.segments``)."""
         cfg = self.config
         pre = cfg.norm_placement == "pre"
         dropout = nn.Dropout(cfg.dropout_rate)
@@ -140,6 +144,7 @@ class TransformerLayer(nn.Module):
                 bias=self_bias,
                 q_positions=positions_BL,
                 kv_positions=kv_positions_BS,
+                segment_ids=segment_ids_BL,
                 deterministic=deterministic,
                 decode=decode,
             ),
@@ -156,6 +161,8 @@ class TransformerLayer(nn.Module):
                     encoded_BSE,
                     mask=cross_mask,
                     kv_valid_BS=cross_kv_valid,
+                    segment_ids=segment_ids_BL,
+                    kv_segment_ids=encoder_segment_ids_BS,
                     deterministic=deterministic,
                     decode=decode,
                 ),
@@ -222,8 +229,8 @@ class TransformerStack(nn.Module):
         if prefix_mask_BL is not None and not traits.full_mask:
             raise ValueError(
                 f"A prefix-LM mask is a per-query mask, which {self.kernel_name!r} attention "
-                f"cannot take (it accepts only key padding plus causal); use softmax attention "
-                f"for prefix LM."
+                f"cannot take (it accepts only key padding, segment ids and causal); use "
+                f"softmax attention for prefix LM, or leave prefix_mask out for a causal LM."
             )
         if segment_ids_BL is not None:
             valid_BL = segment_ids_BL != 0
@@ -323,6 +330,13 @@ class TransformerStack(nn.Module):
             else:
                 cross_mask = masks.padding_mask(encoder_valid_BS)
 
+        # Kernels without a full mask keep packed examples apart through the segment ids
+        # (not while decoding: the cache holds one sequence per row).
+        layer_segment_ids = None if decode else segment_ids_BL
+        layer_encoder_segment_ids = None
+        if layer_segment_ids is not None and encoded_BSE is not None:
+            layer_encoder_segment_ids = encoder_segment_ids_BS
+
         layer_cls = TransformerLayer
         if cfg.remat:
             # Positions count `self` as argument 0: deterministic and decode are static.
@@ -346,6 +360,8 @@ class TransformerStack(nn.Module):
                 encoder_valid_BS,
                 deterministic,
                 decode,
+                layer_segment_ids,
+                layer_encoder_segment_ids,
             )
         if cfg.norm_placement == "pre":
             x_BLE = make_norm(cfg, "final_norm")(x_BLE)
@@ -666,19 +682,29 @@ MODEL_CLASSES = {"encoder": Encoder, "encoder_decoder": EncoderDecoder, "decoder
 
 
 def build_model(
-    cfg: ModelConfig, *, packed_inputs: bool = False, max_sequence_length: int = 0
+    cfg: ModelConfig,
+    *,
+    packed_inputs: bool = False,
+    max_sequence_length: int = 0,
+    prefix_lm: bool = False,
 ) -> nn.Module:
     """Validates the config and returns the flax module of its family.
 
-    ``packed_inputs`` and ``max_sequence_length`` (the longest row the data will give, 0 =
-    unknown) let ``validate_model_config`` reject what the batches would break before any
-    tracing: kernels that cannot keep packed examples apart, learned tables too short.
+    ``packed_inputs``, ``max_sequence_length`` (the longest row the data will give, 0 =
+    unknown) and ``prefix_lm`` (batches carry a prefix-LM mask) let ``validate_model_config``
+    reject what the batches would break before any tracing: kernels that cannot keep packed
+    examples apart or apply a prefix mask, learned tables too short.
     """
     if not isinstance(cfg, ModelConfig):
         raise TypeError(
             f"build_model expects a ModelConfig (use model_config_from_dict), got {type(cfg)}."
         )
-    validate_model_config(cfg, packed_inputs=packed_inputs, max_sequence_length=max_sequence_length)
+    validate_model_config(
+        cfg,
+        packed_inputs=packed_inputs,
+        max_sequence_length=max_sequence_length,
+        prefix_lm=prefix_lm,
+    )
     return MODEL_CLASSES[cfg.family](cfg)
 
 

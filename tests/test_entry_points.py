@@ -189,6 +189,24 @@ def test_config_mistakes_end_with_one_line(tmp_path, env):
         f"eval.py: error: {TINY} is a pretrain config, which train.py runs, not eval.py"
     )
     assert not (tmp_path / "x").exists()
+    missing = tmp_path / "no_fewglue"
+    code, stderr = _run(
+        _command(
+            "eval.py",
+            tmp_path / "cb",
+            "configs/superglue.py:tiny",
+            "--config.task=CB",
+            f"--config.data_dir={missing}",
+        ),
+        env,
+    )
+    assert code == 1
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"eval.py: error: CB train split not found: {missing}/CB/train.jsonl")
+    )
+    assert "Traceback" not in stderr
 
 
 def _parse(argv):

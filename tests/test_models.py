@@ -254,18 +254,35 @@ def test_invalid_combos_raise_with_reason(overrides, fragment):
         build_model(tiny(**overrides))
 
 
-def test_packing_with_padding_only_kernels_is_rejected():
-    cfg = tiny(family="decoder", attention="linear", position="rope")
+def test_packing_needs_a_full_mask_or_segment_ids():
+    cfg = tiny(family="encoder", attention="nystrom", position="rope")
     validate_model_config(cfg)
     with pytest.raises(ValueError, match="packed examples"):
         validate_model_config(cfg, packed_inputs=True)
     validate_model_config(dataclasses.replace(cfg, attention="softmax"), packed_inputs=True)
+    # The linear family keeps packed examples apart through segment ids.
+    for kernel in ("performer", "linear", "taylor"):
+        validate_model_config(dataclasses.replace(cfg, attention=kernel), packed_inputs=True)
+        mt5_like = tiny(attention=kernel, position="rope")
+        validate_model_config(mt5_like, packed_inputs=True)
+    cfg = dataclasses.replace(cfg, family="decoder", attention="linear")
     # Packed or not, the synthesizer's masks work, but its logits are per row slot: an
     # example starting mid-row would be weighted differently than on its own.
     synthesizer = dataclasses.replace(cfg, attention="random_synthesizer", position="none")
     validate_model_config(synthesizer)
     with pytest.raises(ValueError, match="random_synthesizer.*Turn packing off"):
         validate_model_config(synthesizer, packed_inputs=True)
+
+
+@pytest.mark.parametrize("kernel", ["performer", "linear", "taylor"])
+def test_prefix_lm_with_a_linear_kernel_is_a_config_error(kernel):
+    """A causal LM with these kernels is fine; a prefix LM needs a per-query mask they cannot
+    apply, and the error names both ways out."""
+    cfg = tiny(family="decoder", attention=kernel, position="rope")
+    build_model(cfg)
+    with pytest.raises(ValueError, match="objective='causal_lm'.*attention='softmax'"):
+        build_model(cfg, prefix_lm=True)
+    build_model(dataclasses.replace(cfg, attention="softmax"), prefix_lm=True)
 
 
 def test_learned_positions_beyond_table():

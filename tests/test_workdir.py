@@ -371,3 +371,21 @@ def test_a_restore_that_fails_is_one_line_and_records_nothing(run_copy):
     # Named from the checkpoint's metadata before any array is read.
     assert "params/embedding has shape (64, 32) there and (64, 16) in this model" in message
     assert (run_copy / workdir.HISTORY_FILE).read_bytes() == history
+
+
+def test_a_resume_in_the_same_second_keeps_the_earlier_tensorboard_events(tmp_path, monkeypatch):
+    """tensorboardX names event files by the second; a restart within it must not reuse
+    (and overwrite) the previous start's file."""
+    import tensorboardX.event_file_writer as event_file_writer
+
+    monkeypatch.setattr(event_file_writer.time, "time", lambda: 1_800_000_000.0)
+    first = metrics.MetricWriter(str(tmp_path), enabled=True)
+    for step in (1, 2, 3):
+        first.write_scalars(step, {"loss": float(10 - step)})
+    first.close()
+    resumed = metrics.MetricWriter(str(tmp_path), enabled=True, resume_step=2)
+    for step in (3, 4):
+        resumed.write_scalars(step, {"loss": float(20 - step)})
+    resumed.close()
+    shown = _tensorboard_scalars(tmp_path / "tensorboard", "loss")
+    assert shown == [(1, 9.0), (2, 8.0), (3, 17.0), (4, 16.0)]

@@ -70,7 +70,8 @@ def key_valid_from_mask(name, mask, batch, q_len, kv_len):
         raise ValueError(
             f"{name} accepts only key-padding masks broadcastable to [B, 1, 1, S] (e.g. from "
             f"masks.padding_mask), got shape {mask.shape}. Causal masking is the `causal=True` "
-            "argument; per-query or per-head masks (segments, prefix-LM) need softmax attention."
+            "argument, packed segments the `segment_ids=` argument; other per-query or per-head "
+            "masks (prefix-LM) need softmax attention."
         )
     if mask.shape[0] not in (1, batch) or mask.shape[3] not in (1, kv_len):
         raise ValueError(

@@ -17,16 +17,24 @@ pair ``(t, s)`` is then re-weighted by ``exp(shift_s - shift_t) <= 1``, i.e. eve
 feature that query ``t`` sees is scaled by the same ``exp(-shift_t)``, which cancels in
 the ratio. This is the running-maximum rescaling of online softmax, applied to random
 features: nothing about later positions enters any earlier output.
+
+Packed rows (``run_ids``, see ``segments``): a query sees only keys of its own run.
+Causal: the prefix sums restart at every run start, including one in the middle of a chunk
+(the in-chunk product is masked to the same run, and the carried state is tagged with the run
+it belongs to: a query reads it only if it is that run's). The shift then restarts too (a
+running maximum per run), so nothing of one example scales another. Bidirectional: see
+``bidirectional``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from rope_jax.attention import _inputs
+from rope_jax.attention import _inputs, segments
 
 # Shift of a prefix with no valid key yet: finite, so exp(a - b) of two such shifts is 1.
 NO_KEY_SHIFT = -1e30
@@ -61,8 +69,38 @@ def rotate_features(features_BLHM, positions, rope):
     return jnp.concatenate([rotated, features_BLHM[..., -1:]], axis=-1)
 
 
-def bidirectional(num_q_BTHM, num_k_BSHM, den_q_BTHM, den_k_BSHM, v_BSHD):
-    """Non-causal ``D^-1 phi(Q) (phi(K)^T V)``, float32 ``[B, T, H, D]``."""
+def bidirectional(
+    num_q_BTHM,
+    num_k_BSHM,
+    den_q_BTHM,
+    den_k_BSHM,
+    v_BSHD,
+    run_ids_BL=None,
+    chunk_size=64,
+    query_valid_BL=None,
+):
+    """Non-causal ``D^-1 phi(Q) (phi(K)^T V)``, float32 ``[B, T, H, D]``.
+
+    With ``run_ids_BL`` (self-attention of a packed row, T == S) each query sums over the
+    keys of its own run only (``segmented_bidirectional``); padding must form runs of its
+    own whose keys arrive with zero features, so its queries return zeros. With
+    ``query_valid_BL`` (False on padding) rows holding at most one run of valid queries
+    (rows that are padded, not packed) take the plain sums instead, which give the same
+    result at about half the cost (``lax.cond`` picks the form at run time).
+    """
+    if run_ids_BL is not None:
+        segmented = functools.partial(segmented_bidirectional, chunk_size=chunk_size)
+        operands = (num_q_BTHM, num_k_BSHM, den_q_BTHM, den_k_BSHM, v_BSHD, run_ids_BL)
+        if query_valid_BL is None:
+            return segmented(*operands)
+        runs_per_row_B = jnp.sum(segments.run_starts(run_ids_BL) & query_valid_BL, axis=1)
+
+        def plain(num_q, num_k, den_q, den_k, v, run_ids):
+            del run_ids
+            out_BTHD = bidirectional(num_q, num_k, den_q, den_k, v)
+            return jnp.where(query_valid_BL[:, :, None, None], out_BTHD, 0.0)
+
+        return jax.lax.cond(jnp.all(runs_per_row_B <= 1), plain, segmented, *operands)
     v_BSHD = v_BSHD.astype(jnp.float32)
     kv_BHMD = jnp.einsum("BSHM,BSHD->BHMD", num_k_BSHM, v_BSHD)
     numerator_BTHD = jnp.einsum("BTHM,BHMD->BTHD", num_q_BTHM, kv_BHMD)
@@ -78,65 +116,196 @@ def _chunked(x_BL, num_chunks, chunk_size):
     return jnp.moveaxis(x_BNC, 1, 0)
 
 
+def _pad_length(x_BL, padded, mode="constant"):
+    return jnp.pad(x_BL, [(0, 0), (0, padded)] + [(0, 0)] * (x_BL.ndim - 2), mode=mode)
+
+
+def _masked_exp(exponent, keep):
+    """``exp(exponent)`` where ``keep``, exactly 0 elsewhere (masked before exp, so a large
+    exponent of a pair that does not count can never overflow)."""
+    return jnp.exp(jnp.where(keep, exponent, -jnp.inf))
+
+
 def causal(
-    num_q_BLHM, num_k_BLHM, den_q_BLHM, den_k_BLHM, v_BLHD, key_shift_BLH=None, chunk_size=64
+    num_q_BLHM,
+    num_k_BLHM,
+    den_q_BLHM,
+    den_k_BLHM,
+    v_BLHD,
+    key_shift_BLH=None,
+    chunk_size=64,
+    run_ids_BL=None,
 ):
     """Causal feature-map attention by chunked prefix sums, float32 ``[B, L, H, D]``.
 
-    ``key_shift_BLH`` (optional) is the non-decreasing stabiliser the key features were
-    divided by (``exp(-shift)``); without it the features are used as they are.
+    ``key_shift_BLH`` (optional) is the stabiliser the key features were divided by
+    (``exp(-shift)``), non-decreasing within each run; without it the features are used as
+    they are. ``run_ids_BL`` (optional, from ``segments.run_ids``): the prefix sums restart
+    at every run start.
     """
     batch, length, heads, _ = num_q_BLHM.shape
     chunk_size = max(1, min(chunk_size, length))
     num_chunks = -(-length // chunk_size)
     padded = num_chunks * chunk_size - length
     v_BLHD = v_BLHD.astype(jnp.float32)
+    segmented = run_ids_BL is not None
     if key_shift_BLH is None:
         key_shift_BLH = jnp.zeros((batch, length, heads), jnp.float32)
+    if not segmented:
+        run_ids_BL = jnp.zeros((batch, length), jnp.int32)
     if padded:
         # Padding sits after every real position, so it can influence no real output.
-        pad = lambda x: jnp.pad(x, [(0, 0), (0, padded)] + [(0, 0)] * (x.ndim - 2))
-        num_q_BLHM, num_k_BLHM, den_q_BLHM, den_k_BLHM, v_BLHD = map(
-            pad, (num_q_BLHM, num_k_BLHM, den_q_BLHM, den_k_BLHM, v_BLHD)
+        num_q_BLHM, num_k_BLHM, den_q_BLHM, den_k_BLHM, v_BLHD = (
+            _pad_length(x, padded) for x in (num_q_BLHM, num_k_BLHM, den_q_BLHM, den_k_BLHM, v_BLHD)
         )
-        key_shift_BLH = jnp.pad(key_shift_BLH, [(0, 0), (0, padded), (0, 0)], mode="edge")
+        key_shift_BLH = _pad_length(key_shift_BLH, padded, mode="edge")
+        run_ids_BL = _pad_length(run_ids_BL, padded, mode="edge")
 
     chunks = tuple(
         _chunked(x, num_chunks, chunk_size)
-        for x in (num_q_BLHM, num_k_BLHM, den_q_BLHM, den_k_BLHM, v_BLHD, key_shift_BLH)
+        for x in (
+            num_q_BLHM,
+            num_k_BLHM,
+            den_q_BLHM,
+            den_k_BLHM,
+            v_BLHD,
+            key_shift_BLH,
+            run_ids_BL,
+        )
     )
     lower_11TS = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))[None, None]
 
-    def one_chunk(state, chunk):
-        num_q, num_k, den_q, den_k, v, shift_BCH = chunk
-        # Pair weights exp(shift_s - shift_t) <= 1 for s <= t; exactly 0 above the diagonal.
+    def one_chunk(carry, chunk):
+        state, state_run_B = carry
+        num_q, num_k, den_q, den_k, v, shift_BCH, run_BC = chunk
+        # Pair weights exp(shift_s - shift_t) <= 1 for s <= t in t's run; else exactly 0.
+        visible_BHTS = lower_11TS
+        if segmented:
+            same_run_BTS = run_BC[:, :, None] == run_BC[:, None, :]
+            visible_BHTS = visible_BHTS & same_run_BTS[:, None]
         shift_BHC = shift_BCH.transpose(0, 2, 1)
         exponent_BHTS = shift_BHC[:, :, None, :] - shift_BHC[:, :, :, None]
-        pair_BHTS = jnp.exp(jnp.where(lower_11TS, exponent_BHTS, -jnp.inf))
+        pair_BHTS = _masked_exp(exponent_BHTS, visible_BHTS)
         scores_BHTS = jnp.einsum("BTHM,BSHM->BHTS", num_q, num_k) * pair_BHTS
         numerator_BTHD = jnp.einsum("BHTS,BSHD->BTHD", scores_BHTS, v)
         den_scores_BHTS = jnp.einsum("BTHM,BSHM->BHTS", den_q, den_k) * pair_BHTS
         denominator_BTH = jnp.einsum("BHTS->BTH", den_scores_BHTS)
 
-        carried_BTH = jnp.exp(state.shift[:, None, :] - shift_BCH)
+        # The carried sums hold the keys of run state_run before this chunk.
+        reads_BT1 = (run_BC == state_run_B[:, None])[:, :, None]
+        carried_BTH = _masked_exp(state.shift[:, None, :] - shift_BCH, reads_BT1)
         numerator_BTHD += jnp.einsum("BTHM,BHMD->BTHD", num_q, state.kv) * carried_BTH[..., None]
         denominator_BTH += jnp.einsum("BTHM,BHM->BTH", den_q, state.ksum) * carried_BTH
         out_BTHD = _inputs.safe_divide(numerator_BTHD, denominator_BTH)
 
+        # New carry: the keys of the run open at the chunk's end (old sums only if that run
+        # is the carried one).
+        end_run_B = run_BC[:, -1]
         end_shift_BH = shift_BCH[:, -1, :]
-        to_end_BCH = jnp.exp(shift_BCH - end_shift_BH[:, None, :])
-        decay_BH = jnp.exp(state.shift - end_shift_BH)
+        in_end_run_BS1 = (run_BC == end_run_B[:, None])[:, :, None]
+        to_end_BCH = _masked_exp(shift_BCH - end_shift_BH[:, None, :], in_end_run_BS1)
+        keeps_B1 = (state_run_B == end_run_B)[:, None]
+        decay_BH = _masked_exp(state.shift - end_shift_BH, keeps_B1)
         kv = state.kv * decay_BH[:, :, None, None] + jnp.einsum(
             "BSHM,BSH,BSHD->BHMD", num_k, to_end_BCH, v
         )
         ksum = state.ksum * decay_BH[:, :, None] + jnp.einsum("BSHM,BSH->BHM", den_k, to_end_BCH)
-        return FeatureState(kv, ksum, end_shift_BH), out_BTHD
+        return (FeatureState(kv, ksum, end_shift_BH), end_run_B), out_BTHD
 
-    first_shift_BH = key_shift_BLH[:, 0, :]
     state = init_feature_state(batch, heads, num_k_BLHM.shape[-1], v_BLHD.shape[-1])
-    state = state._replace(shift=first_shift_BH)
-    _, out_NBCHD = jax.lax.scan(one_chunk, state, chunks)
+    state = state._replace(shift=key_shift_BLH[:, 0, :])
+    # The first chunk's queries read no carried sums (zeros) and, segmented, no run's.
+    first_run_B = run_ids_BL[:, 0] if not segmented else jnp.full((batch,), -1, jnp.int32)
+    _, out_NBCHD = jax.lax.scan(one_chunk, (state, first_run_B), chunks)
     out_BLHD = jnp.moveaxis(out_NBCHD, 0, 1).reshape((batch, -1, heads, v_BLHD.shape[-1]))
+    return out_BLHD[:, :length]
+
+
+def segmented_bidirectional(
+    num_q_BLHM, num_k_BLHM, den_q_BLHM, den_k_BLHM, v_BLHD, run_ids_BL, chunk_size=64
+):
+    """Bidirectional feature-map attention within runs of a packed row, float32 ``[B, L, H, D]``.
+
+    Query ``t`` sums over all keys of its run. Chunks of ``C`` positions: a block-diagonal
+    ``C x C`` product inside each chunk (same-run pairs), plus the keys of the run open at the
+    chunk's start from earlier chunks (a forward scan over chunk sums) and of the run open at
+    its end from later chunks (a backward scan), each tagged with its run so only that run's
+    queries read it. Memory is ``O(L (C + M + D) + (L / C) M D)``, linear in L; no ``L x L``
+    matrix. Key features must share one scale within a run (a per-run stabiliser).
+
+    Why this form: a one-hot over segments (``[B, S, G]`` times the features) costs G times
+    the unpacked sums and G is not bounded below L; ``jax.ops.segment_sum`` of the per-key
+    outer products ``phi(k_s) v_s^T`` materialises ``[B, L, H, M, D]``; prefix-sum
+    differences need the running ``[M, D]`` state at every position, the same size. Chunk
+    sums keep the state per chunk, not per position, and reuse the causal kernel's blocks.
+    """
+    batch, length, heads, _ = num_q_BLHM.shape
+    value_dim = v_BLHD.shape[-1]
+    chunk_size = max(1, min(chunk_size, length))
+    num_chunks = -(-length // chunk_size)
+    padded = num_chunks * chunk_size - length
+    v_BLHD = v_BLHD.astype(jnp.float32)
+    if padded:
+        # Padded slots form a run of their own (-1) with zero features: they add nothing.
+        num_q_BLHM, num_k_BLHM, den_q_BLHM, den_k_BLHM, v_BLHD = (
+            _pad_length(x, padded) for x in (num_q_BLHM, num_k_BLHM, den_q_BLHM, den_k_BLHM, v_BLHD)
+        )
+        run_ids_BL = jnp.pad(run_ids_BL, [(0, 0), (0, padded)], constant_values=-1)
+    num_q, num_k, den_q, den_k, v, run_NBC = (
+        _chunked(x, num_chunks, chunk_size)
+        for x in (num_q_BLHM, num_k_BLHM, den_q_BLHM, den_k_BLHM, v_BLHD, run_ids_BL)
+    )
+
+    same_run_NB1TS = (run_NBC[..., :, None] == run_NBC[..., None, :])[:, :, None]
+    scores_NBHTS = jnp.einsum("NBTHM,NBSHM->NBHTS", num_q, num_k) * same_run_NB1TS
+    numerator_NBCHD = jnp.einsum("NBHTS,NBSHD->NBTHD", scores_NBHTS, v)
+    den_scores_NBHTS = jnp.einsum("NBTHM,NBSHM->NBHTS", den_q, den_k) * same_run_NB1TS
+    denominator_NBCH = jnp.einsum("NBHTS->NBTH", den_scores_NBHTS)
+
+    def run_sums(run_NB):
+        """Per chunk, the sums over its keys that belong to run ``run_NB``."""
+        weight_NBC = (run_NBC == run_NB[..., None]).astype(jnp.float32)
+        kv_NBHMD = jnp.einsum("NBSHM,NBS,NBSHD->NBHMD", num_k, weight_NBC, v)
+        ksum_NBHM = jnp.einsum("NBSHM,NBS->NBHM", den_k, weight_NBC)
+        return kv_NBHMD, ksum_NBHM, run_NB
+
+    def carry_along(carry, chunk):
+        """Emits the carry before this chunk, then moves it past the chunk."""
+        kv, ksum, run_B = carry
+        chunk_kv, chunk_ksum, chunk_run_B, entry_run_B = chunk
+        keep_B = (run_B == entry_run_B) & (chunk_run_B == entry_run_B)
+        new_kv = jnp.where(keep_B[:, None, None, None], kv, 0.0) + chunk_kv
+        new_ksum = jnp.where(keep_B[:, None, None], ksum, 0.0) + chunk_ksum
+        return (new_kv, new_ksum, chunk_run_B), (kv, ksum, run_B)
+
+    empty = (
+        jnp.zeros((batch, heads, num_k.shape[-1], value_dim), jnp.float32),
+        jnp.zeros((batch, heads, num_k.shape[-1]), jnp.float32),
+        jnp.full((batch,), -2, jnp.int32),
+    )
+    start_run_NB, end_run_NB = run_NBC[..., 0], run_NBC[..., -1]
+    # Forward: the carry leaving chunk n holds the keys of the run open at its end. It keeps
+    # the old carry only if the whole chunk continued that run (start run == end run).
+    forward_chunks = run_sums(end_run_NB) + (start_run_NB,)
+    _, (before_kv, before_ksum, before_run) = jax.lax.scan(carry_along, empty, forward_chunks)
+    backward_chunks = run_sums(start_run_NB) + (end_run_NB,)
+    _, (after_kv, after_ksum, after_run) = jax.lax.scan(
+        carry_along, empty, backward_chunks, reverse=True
+    )
+
+    for kv_NBHMD, ksum_NBHM, run_NB in (
+        (before_kv, before_ksum, before_run),
+        (after_kv, after_ksum, after_run),
+    ):
+        reads_NBC11 = (run_NBC == run_NB[..., None])[..., None, None]
+        numerator_NBCHD += jnp.where(
+            reads_NBC11, jnp.einsum("NBCHM,NBHMD->NBCHD", num_q, kv_NBHMD), 0.0
+        )
+        denominator_NBCH += jnp.where(
+            reads_NBC11[..., 0], jnp.einsum("NBCHM,NBHM->NBCH", den_q, ksum_NBHM), 0.0
+        )
+    out_NBCHD = _inputs.safe_divide(numerator_NBCHD, denominator_NBCH)
+    out_BLHD = jnp.moveaxis(out_NBCHD, 0, 1).reshape((batch, -1, heads, value_dim))
     return out_BLHD[:, :length]
 
 

@@ -9,8 +9,9 @@
   ``phi(x) = [1, x, vec(x x^T) / sqrt(2)]`` on ``x = q / d^(1/4)`` (``1 + D + D^2``
   features; the symmetric half would do with fewer, the full outer product keeps it plain).
 
-Both are bidirectional or causal (chunked prefix sums, see ``kernelized``) and have a
-recurrent form (``init_state`` / ``step`` and ``taylor_init_state`` / ``taylor_step``).
+Both are bidirectional or causal (chunked prefix sums, see ``kernelized``), take packed
+rows (``segment_ids``, see ``segments``) and have a recurrent form (``init_state`` /
+``step`` and ``taylor_init_state`` / ``taylor_step``).
 RoPE recipes as for every linear-family kernel: ``"feature"`` rotates the features in the
 numerator only (RoFormer eq. (19)), ``"input"`` rotates q and k before the feature map.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rope_jax.attention import _inputs, kernelized
+from rope_jax.attention import _inputs, kernelized, segments
 
 
 def elu_features(x_BLHD):
@@ -59,6 +60,8 @@ def _feature_attention(
     q_positions,
     kv_positions,
     rope,
+    segment_ids,
+    kv_segment_ids,
 ):
     _inputs.check_qkv(name, q_BTHD, k_BSHD, v_BSHD)
     _inputs.reject_bias(name, bias)
@@ -67,6 +70,42 @@ def _feature_attention(
     if causal and q_len != kv_len:
         raise ValueError(f"{name}: causal=True needs equal q and k lengths, got {q_len}, {kv_len}.")
     key_valid_BS = _inputs.key_valid_from_mask(name, mask, batch, q_len, kv_len)
+    if kv_segment_ids is not None:
+
+        def self_attention(q, k, v, *, mask, segment_ids, q_positions, kv_positions):
+            return _feature_attention(
+                name,
+                feature_map,
+                q,
+                k,
+                v,
+                mask,
+                None,
+                False,
+                chunk_size,
+                q_positions,
+                kv_positions,
+                rope,
+                segment_ids,
+                None,
+            )
+
+        return segments.cross_attention_by_merge(
+            name,
+            self_attention,
+            q_BTHD,
+            k_BSHD,
+            v_BSHD,
+            key_valid_BS=key_valid_BS,
+            segment_ids=segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            causal=causal,
+            q_positions=q_positions,
+            kv_positions=kv_positions,
+        )
+    run_ids_BL, query_valid_BL, key_valid_BS = segments.self_attention_runs(
+        name, segment_ids, key_valid_BS, batch, q_len, kv_len
+    )
     if rope is not None and rope.recipe == "input":
         q_BTHD = _inputs.rotate(q_BTHD, q_positions, rope)
         k_BSHD = _inputs.rotate(k_BSHD, kv_positions, rope)
@@ -81,11 +120,24 @@ def _feature_attention(
         numerator_q, numerator_k = query_features, key_features
     if causal:
         out_BTHD = kernelized.causal(
-            numerator_q, numerator_k, query_features, key_features, v_BSHD, chunk_size=chunk_size
+            numerator_q,
+            numerator_k,
+            query_features,
+            key_features,
+            v_BSHD,
+            chunk_size=chunk_size,
+            run_ids_BL=run_ids_BL,
         )
     else:
         out_BTHD = kernelized.bidirectional(
-            numerator_q, numerator_k, query_features, key_features, v_BSHD
+            numerator_q,
+            numerator_k,
+            query_features,
+            key_features,
+            v_BSHD,
+            run_ids_BL=run_ids_BL,
+            chunk_size=chunk_size,
+            query_valid_BL=query_valid_BL,
         )
     return out_BTHD.astype(q_BTHD.dtype)
 
@@ -132,11 +184,16 @@ def linear_attention(
     q_positions=None,
     kv_positions=None,
     rope=None,
+    segment_ids=None,
+    kv_segment_ids=None,
 ):
     """``phi(Q) (phi(K)^T V) / phi(Q) sum_s phi(k_s)`` with ``phi = elu + 1``.
 
     ``mask``: key padding only (``[B, 1, 1, S]``); ``causal``: chunked prefix sums (T == S);
     ``rope``: ``RopeSpec`` (recipe "feature" or "input"), positions default to 0..L-1.
+    ``segment_ids`` ``[B, L]`` (0 = padding): packed-row self-attention, a query sees only
+    its own segment (causal: its earlier part); ``kv_segment_ids`` ``[B, S]``: the keys' ids
+    for cross-attention between two packed rows (not causal). See ``segments``.
     Returns ``[B, T, H, D]`` in q's dtype; queries with no valid key return zeros.
     """
     return _feature_attention(
@@ -152,6 +209,8 @@ def linear_attention(
         q_positions,
         kv_positions,
         rope,
+        segment_ids,
+        kv_segment_ids,
     )
 
 
@@ -182,6 +241,8 @@ def taylor_attention(
     q_positions=None,
     kv_positions=None,
     rope=None,
+    segment_ids=None,
+    kv_segment_ids=None,
 ):
     """Attention with weights ``1 + s + s^2 / 2``, ``s = scale * q . k`` (scale 1/sqrt(D)).
 
@@ -201,6 +262,8 @@ def taylor_attention(
         q_positions,
         kv_positions,
         rope,
+        segment_ids,
+        kv_segment_ids,
     )
 
 

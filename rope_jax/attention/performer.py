@@ -23,14 +23,22 @@ with its default ``normalize_data=False``): ``phi(x) = relu(W x) + 0.001`` on th
 input, with no ``1 / sqrt(m)`` factor. The factor would not cancel: scaling the ReLU part but
 not the 0.001 changes the kernel. The reference's default ``features_type="deterministic"``
 (no projection, ``phi(x) = relu(x) + 0.001``) is not offered; ``W`` is always a projection.
+
+Packed rows (``segment_ids``, beyond the reference, which has no segments): sums stay within
+each example (see ``kernelized`` and ``segments``), and so do the key stabilisers: the causal
+running maximum restarts at every segment start, the bidirectional maximum is taken per
+segment. One example's keys therefore never rescale another's features (where a row-wide
+maximum could underflow a segment with smaller keys to zero).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from rope_jax.attention import _inputs, kernelized
+from rope_jax.attention import _inputs, kernelized, segments
 
 KERNELS = ("softmax", "relu")
 RELU_FEATURE_EPSILON = 1e-3
@@ -155,6 +163,8 @@ def performer_attention(
     q_positions=None,
     kv_positions=None,
     rope=None,
+    segment_ids=None,
+    kv_segment_ids=None,
 ):
     """FAVOR+ attention ``D^-1 phi(Q) (phi(K)^T V)``; causal by chunked prefix sums.
 
@@ -167,10 +177,15 @@ def performer_attention(
       bias: must be None (no score matrix to add it to).
       causal: causal attention (needs T == S), never forming an ``L x L`` matrix.
       kernel: ``"softmax"`` (positive random features) or ``"relu"``.
-      chunk_size: block length of the causal prefix sums.
+      chunk_size: block length of the chunked sums (causal, and packed rows).
       q_positions, kv_positions, rope: RoPE (``RopeSpec``). ``rope.recipe == "feature"``
         rotates the features (size M) in the numerator only (RoFormer eq. (19));
         ``"input"`` rotates q and k before the feature map. Positions default to 0..L-1.
+      segment_ids: ``[B, L]`` ids of the examples packed in a row (0 = padding), for
+        self-attention (T == S): a query sees only keys of its own segment (causal: the
+        earlier ones), as with ``masks.segment_mask``; each run of equal ids is a segment.
+      kv_segment_ids: ``[B, S]`` the keys' ids when they come from another packed row
+        (cross-attention, not causal); query t then sees the keys with its id.
 
     Returns:
       ``[B, T, H, D]`` in q's dtype (features and sums in float32). Queries with no valid key
@@ -186,6 +201,29 @@ def performer_attention(
     if causal and q_len != kv_len:
         raise ValueError(f"{name}: causal=True needs equal q and k lengths, got {q_len}, {kv_len}.")
     key_valid_BS = _inputs.key_valid_from_mask(name, mask, batch, q_len, kv_len)
+    if kv_segment_ids is not None:
+        return segments.cross_attention_by_merge(
+            name,
+            functools.partial(
+                performer_attention,
+                projection=projection_MD,
+                kernel=kernel,
+                chunk_size=chunk_size,
+                rope=rope,
+            ),
+            q_BTHD,
+            k_BSHD,
+            v_BSHD,
+            key_valid_BS=key_valid_BS,
+            segment_ids=segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            causal=causal,
+            q_positions=q_positions,
+            kv_positions=kv_positions,
+        )
+    run_ids_BL, query_valid_BL, key_valid_BS = segments.self_attention_runs(
+        name, segment_ids, key_valid_BS, batch, q_len, kv_len
+    )
     if rope is not None and rope.recipe == "input":
         q_BTHD = _inputs.rotate(q_BTHD, q_positions, rope)
         k_BSHD = _inputs.rotate(k_BSHD, kv_positions, rope)
@@ -198,9 +236,14 @@ def performer_attention(
         query_features = _softmax_query_features(q_BTHD, projection_MD)
         log_features_BSHM = _softmax_log_features(k_BSHD, projection_MD)
         row_max_BSH = _key_row_max(log_features_BSHM, key_valid_BS)
-        if causal:
+        if causal and run_ids_BL is not None:
+            key_shift_BSH = segments.running_max_in_runs(row_max_BSH, run_ids_BL)
+            shift_BSH = key_shift_BSH
+        elif causal:
             key_shift_BSH = jax.lax.cummax(row_max_BSH, axis=1)
             shift_BSH = key_shift_BSH
+        elif run_ids_BL is not None:
+            shift_BSH = segments.max_over_runs(row_max_BSH, run_ids_BL)
         else:
             global_max_B1H = jnp.max(row_max_BSH, axis=1, keepdims=True)
             shift_BSH = jnp.broadcast_to(global_max_B1H, row_max_BSH.shape)
@@ -220,10 +263,18 @@ def performer_attention(
             v_BSHD,
             key_shift_BLH=key_shift_BSH,
             chunk_size=chunk_size,
+            run_ids_BL=run_ids_BL,
         )
     else:
         out_BTHD = kernelized.bidirectional(
-            numerator_q, numerator_k, query_features, key_features, v_BSHD
+            numerator_q,
+            numerator_k,
+            query_features,
+            key_features,
+            v_BSHD,
+            run_ids_BL=run_ids_BL,
+            chunk_size=chunk_size,
+            query_valid_BL=query_valid_BL,
         )
     return out_BTHD.astype(q_BTHD.dtype)
 

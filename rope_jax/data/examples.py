@@ -6,8 +6,10 @@
   * encoder-decoder (``span_corruption``, ``gap_sentences``, ``pseudo_summary``):
     ``encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, decoder_loss_weights``;
   * encoder (``mlm``): ``input_tokens, target_tokens, loss_weights``;
-  * decoder-only (``causal_lm``, ``prefix_lm``): ``input_tokens, target_tokens,
-    loss_weights, prefix_mask``.
+  * decoder-only causal LM (``causal_lm``): ``input_tokens, target_tokens, loss_weights``
+    (no prefix mask: a row with no prefix is plain causal, as T5X's causal-LM feature
+    converter emits no ``decoder_causal_attention``);
+  * decoder-only prefix LM (``prefix_lm``): as causal LM plus ``prefix_mask``.
 
 Chunking (so that packing never has to cut a token-level example):
   * span corruption: the document's tokens in chunks of T5's raw length
@@ -162,7 +164,6 @@ class ExampleMaker:
                 "input_tokens": inputs[i : i + size],
                 "target_tokens": targets[i : i + size],
                 "loss_weights": weights[i : i + size],
-                "prefix_mask": np.zeros(min(size, targets.size - i), np.int32),
             }
             for i in range(0, targets.size, size)
         ]

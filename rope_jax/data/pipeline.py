@@ -183,7 +183,7 @@ def pack_spec(config: DataConfig) -> PackSpec:
             },
         )
     features = ["input_tokens", "target_tokens", "loss_weights"]
-    if config.kind == "decoder":
+    if config.objective == "prefix_lm":
         features.append("prefix_mask")
     return PackSpec(
         streams={"tokens": (config.inputs_length, "segment_ids", "positions")},

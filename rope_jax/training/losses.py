@@ -4,9 +4,11 @@ Batch families (contracts.md "Batch format"):
 
 - encoder-decoder (span corruption, gap sentences, pseudo-summary): ``encoder_input_tokens``
   ... ``decoder_loss_weights``;
-- decoder-only (causal / prefix LM): ``input_tokens, target_tokens, loss_weights,
-  segment_ids, positions, prefix_mask``;
-- encoder MLM: ``input_tokens, target_tokens, loss_weights, segment_ids, positions``.
+- prefix LM (decoder-only): ``input_tokens, target_tokens, loss_weights, segment_ids,
+  positions, prefix_mask``;
+- encoder MLM and decoder-only causal LM: ``input_tokens, target_tokens, loss_weights,
+  segment_ids, positions`` (the same model call: a causal LM row has no prefix, so it carries
+  no prefix mask, which linear-family kernels could not take).
 
 The family is read from the batch keys, so the trainer needs no model-type switch.
 """
@@ -21,7 +23,9 @@ import jax.numpy as jnp
 from jax import lax
 
 SEQ2SEQ = "seq2seq"
+# Decoder-only with a prefix mask (prefix LM).
 DECODER = "decoder"
+# Token rows without a prefix mask: encoder MLM, or a decoder-only causal LM.
 MLM = "mlm"
 
 BATCH_KEYS = {

@@ -89,6 +89,20 @@ def drop_rows_after(path: str, step: int) -> int:
     return dropped
 
 
+def _event_file_suffix(logdir: str) -> str:
+    """A suffix that makes this start's TensorBoard event file sort after the earlier ones.
+
+    tensorboardX names a file ``events.out.tfevents.<unix second>.<host><suffix>`` and opens
+    it for writing, so a resume within the same second as the previous start (a quick
+    failure and retry, or a short run) reused the previous file's name and overwrote its
+    events; TensorBoard also reads a directory's files in name order, which the purge
+    marker relies on. Numbering the files of the directory keeps every name new and in
+    start order.
+    """
+    existing = len(os.listdir(logdir)) if os.path.isdir(logdir) else 0
+    return f".{existing:04d}"
+
+
 class MetricWriter:
     """Writes scalars to TensorBoard event files and one JSON object per line.
 
@@ -128,7 +142,11 @@ class MetricWriter:
                     )
                 if os.path.isdir(self.tensorboard_dir) and os.listdir(self.tensorboard_dir):
                     purge_step = resume_step + 1
-            self._tb = SummaryWriter(self.tensorboard_dir, purge_step=purge_step)
+            self._tb = SummaryWriter(
+                self.tensorboard_dir,
+                purge_step=purge_step,
+                filename_suffix=_event_file_suffix(self.tensorboard_dir),
+            )
             self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write_scalars(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:

@@ -67,23 +67,30 @@ def set_prng_impl(name: str) -> None:
 
 
 def build_model(config: ml_collections.ConfigDict):
-    """(flax module, frozen model config) from ``config.model``; packing from ``config.data``
-    decides which attention kernels are allowed (packed rows need full masks), and its row
-    lengths how long a learned position table must be."""
+    """(flax module, frozen model config) from ``config.model``; packing and the objective
+    from ``config.data`` decide which attention kernels are allowed (packed rows need full
+    masks or segment ids, a prefix LM a full mask), and its row lengths how long a learned
+    position table must be."""
     from rope_jax.models import build_model as build
 
     try:
         cfg = config_boundary.model_section(config)
         data = config_boundary.data_section(config)
         longest = max(data.inputs_length, data.decoder_length())
-        packed = data.pack and data.sampling == "documents"
-        return build(cfg, packed_inputs=packed, max_sequence_length=longest), cfg
+        model = build(
+            cfg,
+            packed_inputs=data.pack and data.sampling == "documents",
+            max_sequence_length=longest,
+            prefix_lm=data.objective == "prefix_lm",
+        )
+        return model, cfg
     except config_boundary.ConfigKeyError:
         raise
     except ValueError as err:
         raise ValueError(
             f"config.model: {err} (model keys are --config.model.<key>; packing is "
-            f"--config.data.pack={config.data.pack})"
+            f"--config.data.pack={config.data.pack}, the objective "
+            f"--config.data.objective={config.data.objective})"
         ) from err
 
 

@@ -6,7 +6,8 @@
 
 A pretraining config (``configs/mt5.py`` ...) belongs to train.py and is refused at start;
 a mistyped override names the key and its close matches. Errors end the output with
-``eval.py: error: ...`` and exit 1.
+``eval.py: error: ...`` and exit 1. The first SIGINT/SIGTERM saves a checkpoint and exits
+with 128 + signal (130, 143); the same command again resumes.
 """
 
 import jax
@@ -31,31 +32,25 @@ def main(argv):
         preflight.check_kind(config, "eval.py", cli.config_name())
     quiet_library_logs()
     logging.info("JAX devices: %s", jax.devices())
+    # Grid cells and fine-tunes are runs of the trainer: its restart checks, signals and
+    # errors are theirs.
+    errors = (preflight.ConfigError, TokenizerCacheError, checkpoint.CheckpointError)
     if config.kind == "ablation":
         from rope_jax.experiments import ablation
 
-        # Each grid cell is a pretraining run in <workdir>/runs/...: its restart checks,
-        # signals and errors are the trainer's.
-        errors = (preflight.ConfigError, TokenizerCacheError, checkpoint.CheckpointError)
-        try:
-            with cli.reported_errors(errors):
-                ablation.run_ablation(config, _WORKDIR.value)
-        except interrupts.StoppedBySignal as stopped:
-            logging.info("Ablation %s; run the same command to resume.", stopped)
-            return interrupts.exit_code(stopped.signum)
+        run, what = ablation.run_ablation, "Ablation"
     else:
         from rope_jax.evaluation import finetune, readers
 
+        run, what = finetune.finetune_and_evaluate, "Fine-tuning"
         # Missing or malformed data, a missing checkpoint or tokenizer: one line, no traceback.
-        errors = (
-            preflight.ConfigError,
-            FileNotFoundError,
-            readers.SuperGlueFormatError,
-            TokenizerCacheError,
-            checkpoint.CheckpointError,
-        )
+        errors += (FileNotFoundError, readers.SuperGlueFormatError)
+    try:
         with cli.reported_errors(errors):
-            finetune.finetune_and_evaluate(config, _WORKDIR.value)
+            run(config, _WORKDIR.value)
+    except interrupts.StoppedBySignal as stopped:
+        logging.info("%s %s; run the same command to resume.", what, stopped)
+        return interrupts.exit_code(stopped.signum)
     return 0
 
 

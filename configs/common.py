@@ -85,6 +85,34 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+# The train loop's keys (rope_jax.training.runner / loop) besides model, data and batch:
+# a fine-tuning config takes them from here, so it runs on any mesh pretraining runs on.
+LOOP_KEYS = (
+    "checkpoint_every_steps",
+    "eval_every_steps",
+    "optimizer",
+    "mesh",
+    "logical_axis_rules",
+    "distributed",
+    "keep_checkpoints",
+    "async_checkpointing",
+    "z_loss",
+    "prng_impl",
+    "redraw_features_every",
+    "debug_nan_step",
+    "measure_matmul_peak",
+    "accept_changes",
+)
+
+
+def add_loop_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with every key of ``LOOP_KEYS`` at its pretraining default."""
+    base = base_config()
+    for key in LOOP_KEYS:
+        config[key] = base[key]
+    return config
+
+
 def model_config(**values) -> ml_collections.ConfigDict:
     """Every ``ModelConfig`` field (so any can be overridden), defaults replaced by ``values``."""
     return config_fields.as_config_dict(ModelConfig, **values)

@@ -11,7 +11,12 @@ The argument after the file is a variant and comma-separated overrides, parsed a
 pretraining configs (``configs/common.py``: ``split_arg``, ``apply_overrides``).
 
 ``init_checkpoint``: a train.py workdir, a Hugging Face folder (T5/mT5/BERT/RoFormer) or
-"" (random init from ``config.model``, needs ``config.tokenizer``). ``task=all`` runs every
+"" (random init from ``config.model``, needs ``config.tokenizer``); it is only read.
+Each task trains in ``<workdir>/<task>`` with the train loop of pretraining (``mesh``,
+``logical_axis_rules``, ``optimizer.grad_accum_steps``, ``prng_impl``, checkpoints, resume:
+run the same command again), evaluates every ``eval_every_steps`` and keeps the best
+validation checkpoint (``evaluators``: ``(name, every_steps or 0 = eval_every_steps,
+kwargs)`` of ``superglue``, ``held_out_loss``, ``loss_by_position``). ``task=all`` runs every
 task folder in ``data_dir`` (AX-b/AX-g with the RTE model) and writes ``summary.md``.
 Few-shot (FewGLUE): ``--config.train_data_dir=<fewglue> --config.data_dir=<super_glue>``, or
 ``--config.data_dir=<fewglue> --config.eval_split=dev32``.
@@ -28,7 +33,7 @@ VARIANTS = ("base", "tiny")
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant, overrides = common.split_arg(arg, VARIANTS)
-    config = ml_collections.ConfigDict()
+    config = common.add_loop_keys(ml_collections.ConfigDict())
     config.kind = "superglue"
     config.task = "CB"
     config.data_dir = ""
@@ -48,6 +53,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_batch_size = 32
     config.num_train_steps = 2000
     config.log_every_steps = 50
+    config.checkpoint_every_steps = 200
+    config.eval_every_steps = 200
+    # The loop's evaluators: (name, every_steps (0 = eval_every_steps), kwargs).
+    config.evaluators = [("superglue", 0, {}), ("held_out_loss", 0, {})]
     # Fine-tuning dropout (None = keep the checkpoint's): a float field that may be None.
     config.dropout_rate = config_dict.placeholder(float)
     config.dropout_rate = 0.1
@@ -81,6 +90,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.eval_batch_size = 8
         config.num_train_steps = 20
         config.log_every_steps = 5
+        config.checkpoint_every_steps = 10
+        config.eval_every_steps = 10
+        config.measure_matmul_peak = False
         config.optimizer.learning_rate = 3e-3
         config.optimizer.warmup_steps = 2
         config.model.update(

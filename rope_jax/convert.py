@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rope_jax import families
 from rope_jax import model_config as model_config_lib
 from rope_jax import models as models_lib
 from rope_jax.model_config import ModelConfig
@@ -567,10 +568,8 @@ def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 def param_shapes(model) -> dict[str, jax.ShapeDtypeStruct]:
     """Flat ``{path: ShapeDtypeStruct}`` of the model's params, without running an init."""
-    cfg = model.config
-    tokens = jnp.ones((1, 2), jnp.int32)
-    args = (tokens, tokens) if cfg.family == "encoder_decoder" else (tokens,)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))
+    task = families.for_model(model)
+    variables = jax.eval_shape(lambda: task.init(task.init_rngs(jax.random.key(0))))
     return flatten_params(nn.unbox(variables["params"]))
 
 

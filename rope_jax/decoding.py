@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rope_jax import families
+
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 
 NEG_INF = -jnp.inf
@@ -411,105 +413,8 @@ def beam_search(
 
 # ----------------------------------------------------------------------------- models
 
-# Adapters from this project's models (rope_jax.models) to step functions. The cache is
-# the flax "cache" collection from ``models.init_cache``: key/value caches of softmax-family
-# attention and the running sums of causal linear kernels (performer, linear, taylor) alike,
-# all batch-major, so beam search can repeat and reorder them.
-
-
-def _variables(params, variables, cache=None):
-    collections = {"params": params, **(variables or {})}
-    if cache is not None:
-        collections["cache"] = cache
-    return collections
-
-
-def encoder_decoder_step_fn(model, params, variables=None) -> StepFn:
-    """Step function of an ``EncoderDecoder``; state from :func:`encoder_decoder_state`."""
-
-    def step_fn(token_ids_B, state):
-        logits_BTV, mutated = model.apply(
-            _variables(params, variables, state["cache"]),
-            state["encoded"],
-            state["encoder_tokens"],
-            token_ids_B[:, None],
-            decode=True,
-            mutable=["cache"],
-            method="decode",
-        )
-        return logits_BTV[:, -1].astype(jnp.float32), {**state, "cache": mutated["cache"]}
-
-    return step_fn
-
-
-def encoder_decoder_state(model, params, encoder_input_tokens, max_length, variables=None):
-    """Encodes once and allocates the decoder cache for ``max_length`` decoder tokens."""
-    from rope_jax import models as models_lib
-
-    batch, encoder_length = encoder_input_tokens.shape
-    encoded = model.apply(_variables(params, variables), encoder_input_tokens, method="encode")
-    cache = models_lib.init_cache(model, batch, max_length, encoder_length=encoder_length)
-    return {"cache": cache, "encoded": encoded, "encoder_tokens": encoder_input_tokens}
-
-
-def decoder_step_fn(model, params, variables=None) -> StepFn:
-    """Step function of a decoder-only model; state from :func:`decoder_state`."""
-
-    def step_fn(token_ids_B, state):
-        logits_BTV, mutated = model.apply(
-            _variables(params, variables, state["cache"]),
-            token_ids_B[:, None],
-            decode=True,
-            mutable=["cache"],
-        )
-        return logits_BTV[:, -1].astype(jnp.float32), {"cache": mutated["cache"]}
-
-    return step_fn
-
-
-def decoder_state(model, params, prompt_BP, max_length, prefill_length=0, variables=None):
-    """Allocates the cache and feeds the first ``prefill_length`` prompt tokens in one call."""
-    from rope_jax import models as models_lib
-
-    cache = models_lib.init_cache(model, prompt_BP.shape[0], max_length)
-    if prefill_length > 0:
-        _, mutated = model.apply(
-            _variables(params, variables, cache),
-            prompt_BP[:, :prefill_length],
-            decode=True,
-            mutable=["cache"],
-        )
-        cache = mutated["cache"]
-    return {"cache": cache}
-
-
-def recompute_step_fn(model, params, max_length, variables=None) -> StepFn:
-    """Step function without a cache: every step runs the decoder over the whole prefix.
-
-    The state holds the tokens so far in a fixed ``[B, max_length]`` buffer (causal attention
-    makes the unwritten tail irrelevant) and, for an encoder-decoder, the encoder output,
-    computed once. Used to measure what the cache saves and as a reference for it.
-    """
-    encoder_decoder = model.config.family == "encoder_decoder"
-
-    def step_fn(token_ids_B, state):
-        position = state["position"]
-        tokens_BL = state["tokens"].at[:, position].set(token_ids_B)
-        collections = _variables(params, variables)
-        if encoder_decoder:
-            logits_BLV = model.apply(
-                collections, state["encoded"], state["encoder_tokens"], tokens_BL, method="decode"
-            )
-        else:
-            logits_BLV = model.apply(collections, tokens_BL)
-        logits_BV = jax.lax.dynamic_index_in_dim(logits_BLV, position, axis=1, keepdims=False)
-        return logits_BV.astype(jnp.float32), {
-            **state,
-            "tokens": tokens_BL,
-            "position": position + 1,
-        }
-
-    return step_fn
+# A model of this project decodes through its family's task (``rope_jax.families``): it
+# gives the start state (encoding, cache, prefill) and the step function, cached or not.
 
 
 def _generate(
@@ -534,32 +439,24 @@ def _generate(
     use_cache,
     prefill_length,
 ):
-    batch = inputs_BL.shape[0]
-    if model.config.family == "encoder_decoder":
-        prompt_BP = jnp.full((batch, 1), decoder_start_id, jnp.int32)
+    task = families.as_task(model)
+    state, start_position = task.decode_start(
+        params,
+        inputs_BL,
+        max_length=max_length,
+        variables=variables,
+        use_cache=use_cache,
+        prefill_length=prefill_length,
+    )
+    if task.family == "encoder_decoder":
+        prompt_BP = jnp.full((inputs_BL.shape[0], 1), decoder_start_id, jnp.int32)
         prompt_lengths_B = None
-        if use_cache:
-            state = encoder_decoder_state(model, params, inputs_BL, max_length, variables)
-            step_fn = encoder_decoder_step_fn(model, params, variables)
-        else:
-            encoded = model.apply(_variables(params, variables), inputs_BL, method="encode")
-            state = {"encoded": encoded, "encoder_tokens": inputs_BL}
-        start_position = 0
     else:
         prompt_BP = inputs_BL
-        start_position = prefill_length if use_cache else 0
-        if use_cache:
-            state = decoder_state(model, params, inputs_BL, max_length, prefill_length, variables)
-            step_fn = decoder_step_fn(model, params, variables)
-        else:
-            state = {}
-    if not use_cache:
-        state = {
-            **state,
-            "tokens": jnp.zeros((batch, max_length), jnp.int32),
-            "position": jnp.zeros((), jnp.int32),
-        }
-        step_fn = recompute_step_fn(model, params, max_length, variables)
+    if use_cache:
+        step_fn = task.step_fn(params, variables)
+    else:
+        step_fn = task.recompute_step_fn(params, variables)
     common = dict(
         max_length=max_length,
         eos_id=eos_id,
@@ -628,9 +525,10 @@ def generate(
     """Decodes with a model from ``rope_jax.models`` (jitted; compiled once per setting).
 
     Args:
-      model: an ``EncoderDecoder`` (``inputs_BL`` = encoder input tokens, padding 0; the
-        decoder starts from ``decoder_start_id``) or a ``Decoder`` (``inputs_BL`` = prompts,
-        right-padded, with ``prompt_lengths_B``; default: every row uses all ``L`` tokens).
+      model: a ``rope_jax.families`` task or its module: an ``EncoderDecoder``
+        (``inputs_BL`` = encoder input tokens, padding 0; the decoder starts from
+        ``decoder_start_id``) or a ``Decoder`` (``inputs_BL`` = prompts, right-padded, with
+        ``prompt_lengths_B``; default: every row uses all ``L`` tokens).
       params: the model's params; ``variables`` other collections it needs, e.g.
         ``{"random_features": ...}`` for Performer attention.
       max_length: length of the returned sequences (decoder start token / prompt included).
@@ -645,8 +543,9 @@ def generate(
         raise ValueError(f"method must be 'greedy', 'sample' or 'beam', got {method!r}")
     if method == "sample" and rng is None:
         raise ValueError("method='sample' needs an rng key")
-    family = model.config.family
-    if family not in ("encoder_decoder", "decoder"):
+    task = families.as_task(model)
+    family = task.family
+    if not task.generates:
         raise ValueError(
             f"family={family!r} models do not generate; use an encoder_decoder or decoder"
         )
@@ -668,7 +567,7 @@ def generate(
     if rng is None:
         rng = jax.random.PRNGKey(0)
     return _generate_jit(
-        model,
+        task,
         params,
         inputs_BL,
         prompt_lengths_B,

@@ -10,7 +10,7 @@ forward counted as
 * the attention matmuls of every layer (score and value products, or the feature-space
   products of linear kernels), for the lengths each attention sees,
 * an MLM head at every position, or at ``mlm_predictions`` positions per row when the
-  step gathers the masked positions first (``training.losses.predict``).
+  step gathers the masked positions first (``families.EncoderTask.predict``).
 
 Embedding lookups, norms, biases, activations and softmax are not counted (they are not
 matmuls; the convention of Kaplan et al. 2020 and PaLM's MFU). Causal attention is counted

@@ -478,7 +478,7 @@ class Encoder(nn.Module):
 
         ``masked_positions`` (int, MLM head only) runs the head on the hidden states of
         those positions alone, as BERT's pretraining gathers its ``max_predictions_per_seq``
-        masked positions before the output layer; ``training.losses.predict`` picks them.
+        masked positions before the output layer; ``families.EncoderTask.predict`` picks them.
         """
         hidden_BLE = self.encode(
             input_tokens,

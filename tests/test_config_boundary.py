@@ -3,6 +3,7 @@ key named on error; None (not -1/0) is unset; one variant/override parser for ev
 file; earlier records' sentinels read as None."""
 
 import json
+import os
 
 import ml_collections
 import pytest
@@ -107,3 +108,23 @@ def test_one_tiny_shrink_for_every_pretraining_config():
     assert pegasus.get_config("tiny").data.targets_length == 64
     assert t5_pegasus.get_config("tiny").num_train_steps == 300
     assert mt5.get_config("tiny").data.targets_length is None
+
+
+def test_fine_tuning_reads_the_typed_sections_of_every_loop(tmp_path):
+    """Fine-tuning gets its mesh and optimizer through the same boundary as pretraining
+    (``runner.loop_setup``): a mistyped optimizer key is named before anything is read."""
+    from rope_jax.evaluation import finetune
+    from rope_jax.training import preflight, runner
+
+    setup = runner.loop_setup(superglue.get_config("tiny,optimizer.decay_steps=None"))
+    assert isinstance(setup.optimizer, optim.OptimizerConfig)
+    assert setup.optimizer.decay_steps is None and setup.mesh.shape["data"] >= 1
+    values = superglue.get_config("tiny").to_dict()
+    values["optimizer"]["learning_rat"] = 1e-3
+    with pytest.raises(preflight.ConfigError, match="optimizer.learning_rat is not a config key"):
+        finetune.run_task("CB", ml_collections.ConfigDict(values), str(tmp_path), task_splits=[1])
+    values["optimizer"].pop("learning_rat")
+    values["optimizer"]["learning_rate"] = 0.0
+    with pytest.raises(preflight.ConfigError, match="optimizer.learning_rate"):
+        finetune.run_task("CB", ml_collections.ConfigDict(values), str(tmp_path), task_splits=[1])
+    assert os.listdir(tmp_path) == []

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rope_jax import families
 from rope_jax.layers import DenseGeneral, add_bias
 from rope_jax.model_config import ModelConfig
 from rope_jax.models import build_model
@@ -160,8 +161,7 @@ def test_masked_position_head_gives_the_full_heads_loss_accuracy_and_gradients()
     params = variables["params"]
 
     def stats(params, max_predictions):
-        logits, targets, weights, dropped = losses.predict(
-            model,
+        logits, targets, weights, dropped = families.for_model(model).predict(
             {"params": params},
             batch,
             deterministic=True,

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 import superglue_reference as reference
@@ -139,7 +140,7 @@ def test_tiny_finetune_and_eval_end_to_end(tmp_path, family, task, monkeypatch, 
     )
     monkeypatch.setattr(pretrained, "load_source", lambda config: source)
     workdir = str(tmp_path / "run")
-    results = finetune.finetune_and_evaluate(config, workdir)
+    results = finetune.finetune_and_evaluate(config, workdir, devices=jax.devices()[:1])
     with open(os.path.join(workdir, "metrics.json")) as f:
         assert json.load(f) == results
     trained = "CB" if task == "CB" else "RTE"
@@ -179,7 +180,11 @@ def test_tiny_finetune_and_eval_end_to_end(tmp_path, family, task, monkeypatch, 
 
 
 def test_encoder_losses_against_float64_numpy():
-    from rope_jax.evaluation.finetune import encoder_loss
+    from rope_jax.families import classification_sums
+
+    def encoder_loss(logits, batch):
+        sums = classification_sums(logits, {k: np.asarray(v) for k, v in batch.items()})
+        return sums["loss_sum"] / sums["weight_sum"]
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(3, 1, 4))

@@ -249,6 +249,19 @@ def test_empty_split_is_an_error_naming_the_file(tmp_path, content):
     assert str(error.value).startswith(f"{path}: ")
 
 
+def test_a_byte_order_mark_does_not_break_the_first_record(tmp_path):
+    records = [
+        {"premise": "It rained.", "hypothesis": "It was wet.", "label": "entailment", "idx": 0},
+        {"premise": "It was dry.", "hypothesis": "It rained.", "label": "contradiction", "idx": 1},
+    ]
+    path = tmp_path / "CB" / "val.jsonl"
+    path.parent.mkdir()
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in records).encode())
+    split = readers.load_split(str(tmp_path), "CB", "val")
+    assert [r["idx"] for r in split.records] == [0, 1]
+    assert split.records[0]["premise"] == "It rained."
+
+
 def test_leaderboard_label_conventions(data_dir):
     def line(task, prediction):
         records = readers.read_split(str(data_dir), task, "val")[:1]

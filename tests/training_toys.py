@@ -3,6 +3,8 @@ deterministic, checkpointable batch iterator (batch ``i`` depends only on seed a
 
 from __future__ import annotations
 
+import types
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,8 @@ class ToyEncoder(nn.Module):
     d_model: int = 32
     d_ff: int = 64
     dropout_rate: float = 0.1
+    # What rope_jax.families reads of a model config: an MLM encoder (no class head).
+    config = types.SimpleNamespace(family="encoder", num_labels=0, type_vocab_size=0)
 
     @nn.compact
     def __call__(self, input_tokens, *, segment_ids=None, positions=None, deterministic=True):

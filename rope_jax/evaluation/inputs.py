@@ -183,3 +183,63 @@ def encoder_arrays(
         "choice_mask": choice_mask,
         "labels": labels,
     }
+
+
+class EpochIterator:
+    """Fine-tuning batches: rows of ``arrays`` in epochs of seeded permutations, endlessly.
+
+    Batch ``i`` holds positions ``i*B ... i*B + B - 1`` of the concatenated permutations
+    (epoch ``e`` is ``default_rng([seed, e]).permutation(n)``), so it depends only on
+    ``(seed, i)``: the state is ``{"index": i}``, saved with each checkpoint, and a resumed
+    run continues with exactly the batches of an uninterrupted one. A batch may straddle
+    two epochs, and ``B`` may exceed ``n``. Each process takes its contiguous block of the
+    global batch (``process_index`` of ``process_count``).
+    """
+
+    def __init__(
+        self,
+        arrays: dict[str, np.ndarray],
+        *,
+        batch_size: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        sizes = {name: len(value) for name, value in arrays.items()}
+        self.n = next(iter(sizes.values()), 0)
+        if self.n == 0 or len(set(sizes.values())) != 1:
+            raise ValueError(f"fine-tuning arrays must have equal, non-zero rows; got {sizes}")
+        if batch_size % process_count:
+            raise ValueError(f"batch_size={batch_size} is not divisible by {process_count} hosts")
+        self.arrays, self.batch_size, self.seed = arrays, batch_size, seed
+        self.process_index, self.process_count = process_index, process_count
+        self.index = 0
+        self._epochs: dict[int, np.ndarray] = {}
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        if epoch not in self._epochs:
+            if len(self._epochs) > 2:  # a batch spans at most a few epochs
+                self._epochs.clear()
+            self._epochs[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._epochs[epoch]
+
+    def rows(self, index: int) -> np.ndarray:
+        """Row numbers of global batch ``index``."""
+        positions = np.arange(index * self.batch_size, (index + 1) * self.batch_size)
+        return np.array([self._epoch(int(p) // self.n)[int(p) % self.n] for p in positions])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = self.rows(self.index)
+        self.index += 1
+        per_process = self.batch_size // self.process_count
+        mine = rows[self.process_index * per_process : (self.process_index + 1) * per_process]
+        return {name: value[mine] for name, value in self.arrays.items()}
+
+    def get_state(self) -> dict[str, int]:
+        return {"index": self.index}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self.index = int(state["index"])

@@ -32,10 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from rope_jax import families
 from rope_jax.evaluation import formats
 from rope_jax.evaluation import inputs as inputs_lib
+from rope_jax.evaluation.predictor import TaskModel
 
-RANDOM_FEATURES = "random_features"
+RANDOM_FEATURES = families.RANDOM_FEATURES
 HEAD_PARAMS = ("pooler", "classifier")
 _SPM_NAMES = (
     "spiece.model",
@@ -154,30 +156,30 @@ def _pretrain_model_dict(spec: str):
 
 
 def _restore_params(workdir: str) -> tuple[Any, Any, str]:
-    """Params and random features of the latest complete step of ``<workdir>/checkpoints``."""
+    """Params and random features of the latest complete step of ``<workdir>/checkpoints``,
+    read-only: the run there may still be training, so nothing in it is cleaned, renamed or
+    set aside (``complete_steps_on_disk`` lists committed steps without opening a
+    ``CheckpointManager``; temporary ``*.orbax-checkpoint-tmp-*`` directories are skipped),
+    and the step's ``state`` item is restored on its own with a ``StandardCheckpointer``."""
     import orbax.checkpoint as ocp
 
     from rope_jax.training import checkpoint as checkpoint_lib
 
     directory = checkpoint_lib.absolute_path(os.path.join(workdir, "checkpoints"))
-    checkpointer = checkpoint_lib.Checkpointer(directory, async_save=False)
-    try:
-        step = checkpointer.latest_step()
-    finally:
-        checkpointer.close()
-    if step is None:
+    steps = checkpoint_lib.complete_steps_on_disk(directory)
+    if not steps:
         raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    step = steps[-1]
     path = os.path.join(directory, str(step), checkpoint_lib.STATE)
-    restorer = ocp.StandardCheckpointer()
-    metadata = restorer.metadata(path)
-    tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
-    tree = getattr(tree, "tree", tree)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree
-    )
-    state = restorer.restore(path, target)
-    restorer.close()
+    with ocp.StandardCheckpointer() as restorer:
+        metadata = restorer.metadata(path)
+        tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
+        tree = getattr(tree, "tree", tree)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree
+        )
+        state = restorer.restore(path, target)
     return state["params"], state.get(RANDOM_FEATURES) or {}, f"{directory}/{step}"
 
 
@@ -219,15 +221,6 @@ def load_source(config) -> Source:
     )
 
 
-def _init_variables(model, cfg, key):
-    tokens = jnp.ones((1, 8), jnp.int32)
-    rngs = {"params": key, "dropout": key, RANDOM_FEATURES: key}
-    if cfg.family == "encoder_decoder":
-        return model.init(rngs, tokens, tokens)
-    extra = {"token_type_ids": jnp.zeros_like(tokens)} if cfg.type_vocab_size else {}
-    return model.init(rngs, tokens, **extra)
-
-
 def merge_params(fresh, pretrained, *, new_prefixes=HEAD_PARAMS) -> Any:
     """``fresh`` with every leaf replaced by the pretrained one, except new heads (kept).
 
@@ -252,10 +245,9 @@ def merge_params(fresh, pretrained, *, new_prefixes=HEAD_PARAMS) -> Any:
 
 
 def load_for_task(task: str, config, *, source: Source | None = None):
-    """The :class:`finetune.TaskModel` of ``task`` from a loaded source."""
+    """The :class:`predictor.TaskModel` of ``task`` from a loaded source."""
     import flax.linen as nn
 
-    from rope_jax.evaluation.finetune import TaskModel
     from rope_jax.models import build_model
 
     source = source or load_source(config)
@@ -271,7 +263,8 @@ def load_for_task(task: str, config, *, source: Source | None = None):
         cfg = dataclasses.replace(cfg, dropout_rate=config.dropout_rate)
     model = build_model(cfg)
     # Jitted: an eager init runs op by op and costs seconds even for a tiny model.
-    init = jax.jit(lambda key: nn.unbox(_init_variables(model, cfg, key)))
+    task = families.for_model(model)
+    init = jax.jit(lambda key: nn.unbox(task.init(task.init_rngs(key))))
     variables = init(jax.random.key(config.seed))
     params = variables["params"]
     random_features = variables.get(RANDOM_FEATURES, {})

@@ -295,7 +295,7 @@ def read_file(task: str, path: str, split: str) -> Split:
     reader = _READERS[task]
     records: list[dict] = []
     skipped: list[str] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors) is skipped
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

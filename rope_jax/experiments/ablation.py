@@ -38,6 +38,7 @@ from typing import Any
 import jax
 from absl import logging
 
+from rope_jax import families
 from rope_jax.experiments import ablation_measure as measure
 from rope_jax.experiments import ablation_plots, ablation_report
 from rope_jax.experiments.ablation_grid import TRACKS, Cell, grid, seeded, seeds, train_length
@@ -82,9 +83,9 @@ def _train(run_config, run_dir: str, config):
     if result.stop_signal is not None:
         # Ctrl-C or SIGTERM: the run's checkpoint is saved; stop the grid (a re-run resumes).
         raise interrupts.StoppedBySignal(result.stop_signal)
-    variables = {"params": jax.device_get(result.state.params)}
-    if result.state.random_features:
-        variables["random_features"] = jax.device_get(result.state.random_features)
+    variables = families.variables_of(
+        jax.device_get(result.state.params), jax.device_get(result.state.random_features)
+    )
     last = result.history[max(result.history)] if result.history else {}
     info = {"train_seconds": seconds, "final_train_loss": last.get("loss", float("nan"))}
     return variables, info

@@ -21,11 +21,11 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from rope_jax import families
 from rope_jax.data import windows as windows_lib
-from rope_jax.training import losses
+from rope_jax.training import evaluators
 
 
 def eval_batches(
@@ -46,19 +46,12 @@ def eval_batches(
 
 
 @functools.cache
-def _token_losses(model):
-    """Jitted ``(variables, batch) -> loss [B, L]`` for ``model`` (flax modules hash by
-    their fields, so every seed and cell with the same model shares one compiled program
-    per shape; the parameters are an argument, never baked in)."""
-
-    @jax.jit
-    def per_token(variables, chunk):
-        logits = losses.apply_model(model, variables, chunk, deterministic=True)
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        picked = jnp.take_along_axis(log_probs, chunk["target_tokens"][..., None], axis=-1)
-        return -picked[..., 0]
-
-    return per_token
+def _token_losses(task):
+    """Jitted ``(variables, batch) -> loss [B, L]`` of the family's task
+    (``families.ModelTask.token_losses``, the loss-by-position evaluator's measure). Tasks
+    hash by their flax module's fields, so every seed and cell with the same model shares one
+    compiled program per shape; the parameters are an argument, never baked in."""
+    return jax.jit(task.token_losses)
 
 
 def position_losses(
@@ -66,8 +59,9 @@ def position_losses(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cross entropy summed over the rows of ``batch`` at each position, weighted by its
     ``loss_weights``, and the weight at each position -> ``([length], [length])``. The
-    model is called as the trainer calls it (``losses.apply_model``)."""
-    per_token = _token_losses(model)
+    model is called through its family's task (``families.as_task``), as the trainer
+    calls it."""
+    per_token = _token_losses(families.as_task(model))
     rows = len(batch["input_tokens"])
     loss_sums = np.zeros(batch["input_tokens"].shape[1])
     for start in range(0, rows, batch_size):
@@ -79,15 +73,8 @@ def position_losses(
     return loss_sums, batch["loss_weights"].sum(axis=0).astype(np.float64)
 
 
-def bucket_losses(loss_sums: np.ndarray, weights: np.ndarray, width: int) -> list[float | None]:
-    """Mean loss over the targets in each bucket of ``width`` positions (the last may be
-    shorter): summed loss / summed weight, None for a bucket without targets."""
-    means = []
-    for start in range(0, len(loss_sums), width):
-        weight = float(np.sum(weights[start : start + width]))
-        total = float(np.sum(loss_sums[start : start + width]))
-        means.append(total / weight if weight > 0 else None)
-    return means
+# Mean loss per bucket of positions: the loop's loss-by-position evaluator's measure.
+bucket_losses = evaluators.bucket_means
 
 
 def length_summary(

@@ -2,16 +2,19 @@
 
 Order of work per step (STYLE.md "Numerics and scale"): fetch the host batch, dispatch step
 N, and only then fetch step N-1's metrics to the host, so the device never waits for Python.
-After each step the loop checks for a stop request (``interrupts.StopRequest``: the first
+After each step the loop runs the evaluations due at it (held-out loss, the evaluators,
+the best checkpoint), then checks for a stop request (``interrupts.StopRequest``: the first
 SIGINT/SIGTERM saves at that step boundary and returns with ``stop_signal`` set), then the
-checkpoint and evaluation periods. A NaN or Inf loss raises ``NonFiniteLossError`` without
-saving. Setting up (checks, inputs, restore) is ``trainer.train_and_evaluate``'s job.
+checkpoint period; evaluating first means a stopped and resumed run evaluates the same steps
+as an uninterrupted one. A NaN or Inf loss raises ``NonFiniteLossError`` without saving.
+Setting up (restore or initialise) is ``runner.run``'s job.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -19,7 +22,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from rope_jax.training import interrupts, losses, metrics, sharding
+from rope_jax import families
+from rope_jax.training import interrupts, metrics, sharding
 from rope_jax.training import step as step_lib
 
 
@@ -37,6 +41,8 @@ class TrainResult:
     workdir: str
     # The signal that stopped the run after saving (None: it ran to num_train_steps).
     stop_signal: int | None = None
+    # "step N (metric value)" of the best checkpoint, when the run keeps one.
+    best: str | None = None
 
     @property
     def stopped_by_signal(self) -> bool:
@@ -44,15 +50,22 @@ class TrainResult:
 
 
 def model_flops_per_step(
-    model_cfg, batch: dict[str, np.ndarray], global_batch: int, mlm_predictions: int = 0
+    model_cfg,
+    batch: dict[str, np.ndarray],
+    global_batch: int,
+    mlm_predictions: int = 0,
+    task=None,
 ) -> float:
-    """Training FLOPs (fwd + bwd) of one global batch, from the model's own FLOP count."""
+    """Training FLOPs (fwd + bwd) of one global batch, from the model's own FLOP count;
+    ``task`` (default: the family of ``model_cfg``) says where the lengths are."""
     from rope_jax.flops import training_flops
 
+    if task is None:
+        task = families.TASKS[model_cfg.family](None)
     per_example = training_flops(
         model_cfg,
-        losses.input_length(batch),
-        losses.target_length(batch),
+        task.input_length(batch),
+        task.target_length(batch),
         mlm_predictions=mlm_predictions,
     ).total
     return float(per_example) * global_batch
@@ -62,8 +75,11 @@ def log_summary(result: TrainResult, checkpointer, writer) -> None:
     history, eval_history = result.history, result.eval_history
     last = history[max(history)] if history else {}
     summary = f"loss {last['loss']:.4f}" if last else "no steps run"
-    if eval_history:
-        summary += f", held-out loss {eval_history[max(eval_history)]['loss']:.4f}"
+    last_eval = eval_history[max(eval_history)] if eval_history else {}
+    if "loss" in last_eval:
+        summary += f", held-out loss {last_eval['loss']:.4f}"
+    if getattr(result, "best", None):
+        summary += f", best {result.best}"
     step = int(jax.device_get(result.state.step))
     if result.stop_signal is not None:
         headline = (
@@ -103,13 +119,24 @@ def run_steps(
     checkpointer,
     writer,
     mlm_max_predictions: int = 0,
+    evaluators: Sequence[Any] = (),
+    best: Any = None,
 ) -> TrainResult:
     """Steps from the state's step to ``num_train_steps`` (see the module docstring).
     ``mlm_max_predictions``: the MLM head's cap of masked positions per row
-    (``losses.resolve_max_predictions``; 0 = the head at every position)."""
+    (``losses.resolve_max_predictions``; 0 = the head at every position).
+
+    ``evaluators`` (``training.evaluators``: ``name``, ``every_steps``, ``run(state) ->
+    scalars``) run every ``every_steps`` steps and after the last step; their scalars go to
+    ``metrics.jsonl`` / TensorBoard as ``<name>/<scalar>`` and into ``eval_history``. They run
+    before the step's checkpoint and before a stop request is honoured, so a stopped and
+    resumed run evaluates the same steps as an uninterrupted one. ``best``
+    (``training.best.BestCheckpoint``) is offered every evaluation and keeps the params of
+    the best step."""
     start_step = int(jax.device_get(state.step))
+    task = families.as_task(model)
     train_step = step_lib.make_train_step(
-        model,
+        task,
         tx,
         schedule,
         grad_clip_norm=config.optimizer.grad_clip_norm,
@@ -128,7 +155,7 @@ def run_steps(
         donate_argnums=(0,),
     )
     jit_eval_step = jax.jit(
-        step_lib.make_eval_step(model, mlm_max_predictions=mlm_max_predictions),
+        step_lib.make_eval_step(task, mlm_max_predictions=mlm_max_predictions),
         in_shardings=(state_shardings.params, state_shardings.random_features, batch_shardings),
         out_shardings=sharding.replicated(mesh),
     )
@@ -139,9 +166,9 @@ def run_steps(
     flops_per_step = 0.0
     if model_cfg is not None:
         flops_per_step = model_flops_per_step(
-            model_cfg, first_host_batch, config.batch_size, mlm_max_predictions
+            model_cfg, first_host_batch, config.batch_size, mlm_max_predictions, task
         )
-    tokens_per_step = config.batch_size * losses.input_length(first_host_batch)
+    tokens_per_step = config.batch_size * task.input_length(first_host_batch)
     if jax.process_index() == 0:
         num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract_state.params))
         logging.info(
@@ -238,16 +265,6 @@ def run_steps(
                 consume(*pending)
             pending = (step_number + 1, device_metrics)
             done = step_number + 1
-            if stop.requested:
-                consume(*pending)
-                pending = None
-                save(done, state, force=True)
-                stop_signal = stop.signum
-                break
-            if config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0:
-                consume(*pending)
-                pending = None
-                save(done, state)
             if (
                 inputs.eval_batches is not None
                 and config.eval_every_steps > 0
@@ -257,11 +274,48 @@ def run_steps(
                     consume(*pending)
                     pending = None
                 eval_start = time.perf_counter()
-                eval_history[done] = run_eval(state)
+                held_out = run_eval(state)
+                eval_history.setdefault(done, {}).update(held_out)
                 # Evaluation time does not count against training throughput.
                 window_start += time.perf_counter() - eval_start
-                writer.write_scalars(done, eval_history[done], prefix="eval_")
-                logging.info("eval at step %d: loss %.4f", done, eval_history[done]["loss"])
+                writer.write_scalars(done, held_out, prefix="eval_")
+                logging.info("eval at step %d: loss %.4f", done, held_out["loss"])
+            due = [
+                ev
+                for ev in evaluators
+                if (ev.every_steps > 0 and done % ev.every_steps == 0) or done == num_steps
+            ]
+            if due:
+                if pending is not None:
+                    consume(*pending)
+                    pending = None
+                eval_start = time.perf_counter()
+                scalars = {}
+                for evaluator in due:
+                    found = evaluator.run(state)
+                    scalars.update({f"{evaluator.name}/{k}": v for k, v in found.items()})
+                eval_history.setdefault(done, {}).update(scalars)
+                writer.write_scalars(done, scalars)
+                logging.info(
+                    "eval at step %d: %s",
+                    done,
+                    ", ".join(f"{k} {v:.4f}" for k, v in sorted(scalars.items())),
+                )
+                if best is not None:
+                    best.update(done, state, scalars)
+                window_start += time.perf_counter() - eval_start
+            if stop.requested:
+                if pending is not None:
+                    consume(*pending)
+                    pending = None
+                save(done, state, force=True)
+                stop_signal = stop.signum
+                break
+            if config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0:
+                if pending is not None:
+                    consume(*pending)
+                    pending = None
+                save(done, state)
         if pending is not None:
             consume(*pending)
             pending = None
@@ -277,4 +331,5 @@ def run_steps(
         eval_history=eval_history,
         workdir=workdir,
         stop_signal=stop_signal,
+        best=None if best is None else best.describe(),
     )

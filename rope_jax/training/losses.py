@@ -1,126 +1,15 @@
-"""Model calls per batch family and the token-level cross-entropy, all in float32.
-
-Batch families (contracts.md "Batch format"):
-
-- encoder-decoder (span corruption, gap sentences, pseudo-summary): ``encoder_input_tokens``
-  ... ``decoder_loss_weights``;
-- prefix LM (decoder-only): ``input_tokens, target_tokens, loss_weights, segment_ids,
-  positions, prefix_mask``;
-- encoder MLM and decoder-only causal LM: ``input_tokens, target_tokens, loss_weights,
-  segment_ids, positions`` (the same model call: a causal LM row has no prefix, so it carries
-  no prefix mask, which linear-family kernels could not take).
-
-The family is read from the batch keys, so the trainer needs no model-type switch.
+"""The token-level cross entropy (float32, sums not means) and the masked-position MLM head's
+choice of positions. Which model call a batch needs is the model family's business
+(``rope_jax.families``), not this module's.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-SEQ2SEQ = "seq2seq"
-# Decoder-only with a prefix mask (prefix LM).
-DECODER = "decoder"
-# Token rows without a prefix mask: encoder MLM, or a decoder-only causal LM.
-MLM = "mlm"
-
-BATCH_KEYS = {
-    SEQ2SEQ: (
-        "encoder_input_tokens",
-        "encoder_segment_ids",
-        "encoder_positions",
-        "decoder_input_tokens",
-        "decoder_target_tokens",
-        "decoder_segment_ids",
-        "decoder_positions",
-        "decoder_loss_weights",
-    ),
-    DECODER: (
-        "input_tokens",
-        "target_tokens",
-        "loss_weights",
-        "segment_ids",
-        "positions",
-        "prefix_mask",
-    ),
-    MLM: ("input_tokens", "target_tokens", "loss_weights", "segment_ids", "positions"),
-}
-
-
-def batch_family(batch: Mapping[str, object]) -> str:
-    """Which model call a batch is for, from its keys; a clear error for anything else."""
-    keys = set(batch)
-    if "encoder_input_tokens" in keys:
-        family = SEQ2SEQ
-    elif "prefix_mask" in keys:
-        family = DECODER
-    else:
-        family = MLM
-    missing = [k for k in BATCH_KEYS[family] if k not in keys]
-    if missing:
-        raise KeyError(f"{family} batch is missing {missing}; it has {sorted(keys)}.")
-    return family
-
-
-def input_length(batch: Mapping[str, object]) -> int:
-    tokens = (
-        batch["encoder_input_tokens"] if "encoder_input_tokens" in batch else batch["input_tokens"]
-    )
-    return int(tokens.shape[-1])
-
-
-def target_length(batch: Mapping[str, object]) -> int:
-    tokens = (
-        batch["decoder_target_tokens"]
-        if "decoder_target_tokens" in batch
-        else batch["target_tokens"]
-    )
-    return int(tokens.shape[-1])
-
-
-def targets_and_weights(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    if "decoder_target_tokens" in batch:
-        return batch["decoder_target_tokens"], batch["decoder_loss_weights"]
-    return batch["target_tokens"], batch["loss_weights"]
-
-
-def apply_model(model, variables, batch, *, deterministic: bool, rngs=None) -> jax.Array:
-    """Logits ``[B, L, V]`` for the batch's family (model apply signatures per contracts)."""
-    family = batch_family(batch)
-    if family == SEQ2SEQ:
-        return model.apply(
-            variables,
-            batch["encoder_input_tokens"],
-            batch["decoder_input_tokens"],
-            encoder_segment_ids=batch["encoder_segment_ids"],
-            decoder_segment_ids=batch["decoder_segment_ids"],
-            encoder_positions=batch["encoder_positions"],
-            decoder_positions=batch["decoder_positions"],
-            deterministic=deterministic,
-            rngs=rngs,
-        )
-    if family == DECODER:
-        return model.apply(
-            variables,
-            batch["input_tokens"],
-            segment_ids=batch["segment_ids"],
-            positions=batch["positions"],
-            prefix_mask=batch["prefix_mask"],
-            deterministic=deterministic,
-            rngs=rngs,
-        )
-    return model.apply(
-        variables,
-        batch["input_tokens"],
-        segment_ids=batch["segment_ids"],
-        positions=batch["positions"],
-        deterministic=deterministic,
-        rngs=rngs,
-    )
 
 
 def default_max_predictions(mask_rate: float, length: int) -> int:
@@ -171,7 +60,7 @@ def masked_positions(weights_BL: jax.Array, max_predictions: int):
     Returns ``(positions_BP, valid_BP, dropped)``: positions in increasing order (slots past
     the row's count point at some position with weight 0 and are ``valid`` False), and the
     number of weighted positions beyond the cap in the whole batch (int32), which the train
-    step reports as ``mlm_dropped_tokens`` (see ``predict``).
+    step reports as ``mlm_dropped_tokens`` (see ``families.EncoderTask.predict``).
     """
     length = weights_BL.shape[-1]
     if not 0 < max_predictions <= length:
@@ -185,52 +74,6 @@ def masked_positions(weights_BL: jax.Array, max_predictions: int):
     count_B = jnp.sum(is_target_BL, axis=-1, dtype=jnp.int32)
     dropped = jnp.sum(jnp.maximum(count_B - max_predictions, 0))
     return positions_BP.astype(jnp.int32), score_BP > 0, dropped
-
-
-def predict(
-    model,
-    variables,
-    batch,
-    *,
-    deterministic: bool,
-    rngs=None,
-    mlm_max_predictions: int = 0,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``(logits, targets, weights, dropped)`` of a batch, ready for the cross-entropy.
-
-    Every family: the model's logits ``[B, L, V]`` with the batch's targets and weights
-    (``dropped`` = 0). MLM batches with ``mlm_max_predictions = P > 0`` run the output head
-    only at the first P weighted positions of each row, as BERT's pretraining does
-    (``gather_indexes`` with ``max_predictions_per_seq``): logits ``[B, P, V]`` and the
-    targets and weights gathered at the same positions. The vocabulary projection is most
-    of an MLM step's output-layer work and memory, and only ~15 % of positions have a loss.
-
-    No masked token is dropped silently. Choice: count, not cap the masking. The data
-    pipeline masks each packed example on its own, so a row of many short examples can
-    exceed any cap derived from the rate; capping inside the objective would change the
-    data every config sees. Tokens beyond the cap (none with ``default_max_predictions``
-    on unpacked or ordinarily packed rows) are left out of the loss, the accuracy and
-    the weight sum, and counted in ``dropped``, which the train step reports as
-    ``mlm_dropped_tokens`` next to the loss. The loss is the mean over the predicted
-    tokens, exactly the full head's loss whenever ``dropped`` is 0.
-    """
-    targets, weights = targets_and_weights(batch)
-    if not mlm_max_predictions or batch_family(batch) != MLM:
-        logits = apply_model(model, variables, batch, deterministic=deterministic, rngs=rngs)
-        return logits, targets, weights, jnp.zeros((), jnp.int32)
-    positions_BP, valid_BP, dropped = masked_positions(weights, mlm_max_predictions)
-    logits_BPV = model.apply(
-        variables,
-        batch["input_tokens"],
-        segment_ids=batch["segment_ids"],
-        positions=batch["positions"],
-        masked_positions=positions_BP,
-        deterministic=deterministic,
-        rngs=rngs,
-    )
-    targets_BP = jnp.take_along_axis(targets, positions_BP, axis=-1)
-    weights_BP = jnp.where(valid_BP, jnp.take_along_axis(weights, positions_BP, axis=-1), 0)
-    return logits_BPV, targets_BP, weights_BP, dropped
 
 
 @jax.custom_vjp

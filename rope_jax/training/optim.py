@@ -105,9 +105,10 @@ def param_path_name(path) -> str:
 
 
 def make_optimizer(
-    config: ml_collections.ConfigDict, num_train_steps: int
+    config: OptimizerConfig | ml_collections.ConfigDict, num_train_steps: int
 ) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
-    """(optax transformation, schedule) from ``config`` (= the ``optimizer`` block).
+    """(optax transformation, schedule) from ``config`` (the typed ``optimizer`` section,
+    ``config_boundary.optimizer_section``; a ConfigDict of the same keys also works).
 
     AdamW (Loshchilov & Hutter) with decoupled weight decay masked by ``decay_mask``;
     Adafactor (Shazeer & Stern 2018) with T5's settings by default (factored second moments,

@@ -24,12 +24,12 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from rope_jax.training import losses, optim, sharding
+from rope_jax import families
+from rope_jax.training import optim, sharding
 
-RANDOM_FEATURES = "random_features"
+RANDOM_FEATURES = families.RANDOM_FEATURES
 
 
 @flax.struct.dataclass
@@ -48,41 +48,11 @@ class TrainState:
     rng: jax.Array
 
 
-def dummy_batch(example_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Single-row zeros with the example's lengths (segment ids 1 so nothing is all-padding)."""
-    out = {}
-    for name, value in example_batch.items():
-        fill = 1 if name.endswith("segment_ids") else 0
-        out[name] = np.full((1,) + tuple(np.shape(value))[1:], fill, np.int32)
-    return out
-
-
-def init_variables(model, example_batch, key):
-    """Boxed variables (with logical partition metadata) for the batch's family."""
-    params_key, dropout_key, features_key = jax.random.split(key, 3)
-    rngs = {"params": params_key, "dropout": dropout_key, RANDOM_FEATURES: features_key}
-    batch = {k: jnp.asarray(v) for k, v in dummy_batch(example_batch).items()}
-    family = losses.batch_family(batch)
-    if family == losses.SEQ2SEQ:
-        return model.init(
-            rngs,
-            batch["encoder_input_tokens"],
-            batch["decoder_input_tokens"],
-            encoder_segment_ids=batch["encoder_segment_ids"],
-            decoder_segment_ids=batch["decoder_segment_ids"],
-            encoder_positions=batch["encoder_positions"],
-            decoder_positions=batch["decoder_positions"],
-            deterministic=True,
-        )
-    extra = {"prefix_mask": batch["prefix_mask"]} if family == losses.DECODER else {}
-    return model.init(
-        rngs,
-        batch["input_tokens"],
-        segment_ids=batch["segment_ids"],
-        positions=batch["positions"],
-        deterministic=True,
-        **extra,
-    )
+def init_variables(task, example_batch, key):
+    """Boxed variables (with logical partition metadata) of the task's model; ``task`` is a
+    ``rope_jax.families`` task or a ``rope_jax.models`` module."""
+    task = families.as_task(task)
+    return task.init(task.init_rngs(key), example_batch)
 
 
 def _split_variables(variables):
@@ -100,6 +70,8 @@ def _split_variables(variables):
 
 def plan_state(model, tx, example_batch, key, mesh, rules):
     """(abstract state, state shardings, jitted init) without materialising anything.
+
+    ``model``: a ``rope_jax.families`` task or a ``rope_jax.models`` module.
 
     Shapes come from ``jax.eval_shape``, shardings from the params' logical axis names (the
     optimizer state follows its params); ``init(key)`` builds every shard where it belongs.
@@ -149,7 +121,7 @@ def _microbatches(batch, num_micro: int):
 
 
 def make_train_step(
-    model,
+    task,
     tx: optax.GradientTransformation,
     schedule: Callable[[jax.Array], jax.Array],
     *,
@@ -163,8 +135,11 @@ def make_train_step(
 ) -> Callable:
     """Builds the pure ``train_step(state, batch, rng) -> (state, metrics)``.
 
-    ``mlm_max_predictions > 0`` runs an MLM model's output head only at the first that many
-    masked positions per row (``losses.predict``); ``metrics["mlm_dropped_tokens"]`` then
+    ``task``: a ``rope_jax.families`` task (or a ``rope_jax.models`` module): its
+    ``loss_sums`` give the token-weighted sums of a (micro)batch, whatever the family and
+    head (LM tokens, classes, candidates). ``mlm_max_predictions > 0`` runs an MLM model's
+    output head only at the first that many masked positions per row
+    (``families.EncoderTask.predict``); ``metrics["mlm_dropped_tokens"]`` then
     counts masked tokens beyond the cap, which are left out of the loss (0 when the cap
     holds them all, and then the loss is the full head's).
 
@@ -175,20 +150,17 @@ def make_train_step(
     ``debug_nan_step`` (not None) turns that step's loss and gradients into NaN (tests the guard).
     """
 
+    task = families.as_task(task)
+
     def loss_and_stats(params, random_features, micro, dropout_key):
-        variables = {"params": params}
-        if random_features:
-            variables[RANDOM_FEATURES] = random_features
-        logits, targets, weights, dropped = losses.predict(
-            model,
-            variables,
+        stats = task.loss_sums(
+            families.variables_of(params, random_features),
             micro,
             deterministic=False,
             rngs={"dropout": dropout_key},
+            z_loss=z_loss,
             mlm_max_predictions=mlm_max_predictions,
         )
-        stats = losses.weighted_cross_entropy(logits, targets, weights, z_loss=z_loss)
-        stats["dropped_sum"] = dropped.astype(jnp.float32)
         return stats["loss_sum"], stats
 
     grad_fn = jax.value_and_grad(loss_and_stats, has_aux=True)
@@ -196,7 +168,7 @@ def make_train_step(
     def redraw(random_features, key):
         if not random_features or redraw_features_every <= 0 or example_batch is None:
             return random_features
-        fresh = _split_variables(init_variables(model, example_batch, key))[1]
+        fresh = _split_variables(init_variables(task, example_batch, key))[1]
         return jax.tree.map(lambda new, old: new.astype(old.dtype), fresh, random_features)
 
     def train_step(state: TrainState, batch, rng):
@@ -275,23 +247,19 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model, *, mlm_max_predictions: int = 0) -> Callable:
+def make_eval_step(task, *, mlm_max_predictions: int = 0) -> Callable:
     """``eval_step(params, random_features, batch) -> sums`` (deterministic, no dropout).
 
-    ``mlm_max_predictions`` as in ``make_train_step``; the sums then include
-    ``dropped_sum``.
+    ``task`` and ``mlm_max_predictions`` as in ``make_train_step``.
     """
+    task = families.as_task(task)
 
     def eval_step(params, random_features, batch):
-        variables = {"params": params}
-        if random_features:
-            variables[RANDOM_FEATURES] = random_features
-        logits, targets, weights, dropped = losses.predict(
-            model, variables, batch, deterministic=True, mlm_max_predictions=mlm_max_predictions
+        return task.loss_sums(
+            families.variables_of(params, random_features),
+            batch,
+            deterministic=True,
+            mlm_max_predictions=mlm_max_predictions,
         )
-        sums = losses.weighted_cross_entropy(logits, targets, weights)
-        if mlm_max_predictions:
-            sums["dropped_sum"] = dropped.astype(jnp.float32)
-        return sums
 
     return eval_step

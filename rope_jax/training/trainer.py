@@ -1,7 +1,8 @@
 """``train_and_evaluate(config, workdir)``: a pretraining run from config to checkpoints.
 
-It checks the config, builds the model, mesh, optimizer and inputs, restores the latest
-checkpoint and hands the state to ``loop.run_steps`` (dispatch order, periods, NaN guard).
+It checks the config, builds the model, mesh, optimizer and inputs, and hands them to
+``runner.run`` (restore or initialise, then ``loop.run_steps``: dispatch order, periods,
+NaN guard), the same run SuperGLUE fine-tuning uses.
 Process 0 writes metrics; every process saves its shards of the checkpoint.
 
 The work directory is a contract (``workdir.py``): a restart is compared with the recorded
@@ -9,28 +10,20 @@ config before anything is read or written and refused when the experiment would 
 every check that can run before the first step does (``preflight.py``); the first SIGINT or
 SIGTERM saves at the next step boundary and returns (``interrupts.py``), and the caller exits
 with ``128 + signum``; after a resume, ``metrics.jsonl`` and TensorBoard show each step once.
-On an error the Orbax checkpointer is closed before the error propagates, so its background
-threads finish quietly and the error is the last thing printed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
-from rope_jax import config_boundary
+from rope_jax import config_boundary, families
 from rope_jax.data.pipeline import DataConfig
-from rope_jax.training import checkpoint as checkpoint_lib
-from rope_jax.training import loop, losses, metrics, optim, preflight, sharding
-from rope_jax.training import step as step_lib
+from rope_jax.training import losses, preflight, runner, sharding
 from rope_jax.training import workdir as workdir_lib
 
 # Re-exported: callers and tests know them as trainer.*.
@@ -39,31 +32,11 @@ from rope_jax.training.loop import (  # noqa: F401
     TrainResult,
     model_flops_per_step,
 )
-
-
-class CheckpointableIterator(Protocol):
-    """What the trainer needs from the training input: batches plus saveable state."""
-
-    def __next__(self) -> dict[str, np.ndarray]: ...
-
-    def get_state(self) -> Any: ...
-
-    def set_state(self, state: Any) -> None: ...
-
-
-@dataclasses.dataclass
-class Inputs:
-    """Training iterator (this process's rows of each global batch) and held-out batches."""
-
-    train: CheckpointableIterator
-    eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None
-
-
-def set_prng_impl(name: str) -> None:
-    allowed = ("threefry2x32", "threefry", "rbg", "unsafe_rbg")
-    if name not in allowed:
-        raise ValueError(f"prng_impl={name!r}; choose one of {allowed}.")
-    jax.config.update("jax_default_prng_impl", "threefry2x32" if name == "threefry" else name)
+from rope_jax.training.runner import (  # noqa: F401
+    CheckpointableIterator,
+    Inputs,
+    set_prng_impl,
+)
 
 
 def build_model(config: ml_collections.ConfigDict):
@@ -269,36 +242,6 @@ def build_inputs(
     return Inputs(train=train, eval_batches=eval_batches if evaluates else None)
 
 
-def _check_batch_size(global_batch: int, grad_accum_steps: int, mesh) -> None:
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    if global_batch % data_parallel:
-        raise ValueError(
-            f"batch_size={global_batch} is not divisible by data x fsdp = {data_parallel}."
-        )
-    if global_batch % grad_accum_steps or (global_batch // grad_accum_steps) % data_parallel:
-        raise ValueError(
-            f"batch_size={global_batch} must split into grad_accum_steps={grad_accum_steps} "
-            f"microbatches that are each divisible by data x fsdp = {data_parallel}."
-        )
-
-
-def _check_batch_rows(batch, global_batch: int) -> None:
-    rows = {name: np.shape(value)[0] for name, value in batch.items()}
-    expected = global_batch // jax.process_count()
-    if any(r != expected for r in rows.values()):
-        raise ValueError(f"input batch rows {rows} differ from batch_size per process {expected}.")
-
-
-def _close_after_error(*closers) -> None:
-    """Closes the checkpointer (waits for a save in flight) and the metric writer while an
-    error propagates; a failure here is logged, never raised over the original error."""
-    for close in closers:
-        try:
-            close()
-        except Exception as err:  # The original error is the one the user needs.
-            logging.warning("while stopping after an error: %s: %s", type(err).__name__, err)
-
-
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -332,11 +275,7 @@ def train_and_evaluate(
             model, model_cfg = build_model(config)
     # Config errors surface before the tokenizer is trained and the corpus is read.
     with preflight.config_errors():
-        mesh = sharding.make_mesh(config_boundary.mesh_section(config), devices)
-        rules = sharding.rules_from_config(config.logical_axis_rules)
-        optimizer = config_boundary.optimizer_section(config)
-        tx, schedule = optim.make_optimizer(optimizer, config.num_train_steps)
-        _check_batch_size(config.batch_size, optimizer.grad_accum_steps, mesh)
+        setup = runner.loop_setup(config, devices)
         mlm_max_predictions = losses.resolve_max_predictions(
             config.mlm_max_predictions,
             objective=config.data.objective,
@@ -360,75 +299,18 @@ def train_and_evaluate(
         config.num_train_steps,
         os.path.join(workdir, workdir_lib.CONFIG_FILE),
     )
-    logging.info("mesh: %s over %d devices", sharding.describe(mesh), mesh.size)
+    logging.info("mesh: %s over %d devices", sharding.describe(setup.mesh), setup.mesh.size)
 
-    first_host_batch = next(inputs.train)
-    _check_batch_rows(first_host_batch, config.batch_size)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    base_key = jax.random.key(config.seed)
-
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract_state, state_shardings, init_state = step_lib.plan_state(
-            model, tx, first_host_batch, base_key, mesh, rules
-        )
-    checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        keep=config.keep_checkpoints,
-        async_save=config.async_checkpointing,
+    return runner.run(
+        config,
+        workdir,
+        task=families.as_task(model),
+        inputs=inputs,
+        resume=resume,
+        mesh=setup.mesh,
+        rules=setup.rules,
+        tx=setup.tx,
+        schedule=setup.schedule,
+        model_cfg=model_cfg,
+        mlm_max_predictions=mlm_max_predictions,
     )
-    writer = None
-    try:
-        latest = checkpointer.latest_step()
-        if latest is None:
-            if resume.has_record:
-                logging.warning(
-                    "No complete checkpoint in %s: starting at step 0.", checkpointer.directory
-                )
-            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-                state = init_state(base_key)
-        else:
-            abstract = checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings)
-            state, data_state = checkpointer.restore(latest, abstract)
-            if data_state is not None:
-                inputs.train.set_state(data_state)
-                first_host_batch = next(inputs.train)
-            # The run's key comes from the checkpoint (the seed is part of the experiment).
-            base_key = jax.random.wrap_key_data(np.asarray(jax.device_get(state.rng)))
-            logging.info(
-                "Resumed from %s at step %d.", checkpointer.directory / str(latest), latest
-            )
-        start_step = int(jax.device_get(state.step))
-        workdir_lib.record_start(resume, start_step, is_primary=jax.process_index() == 0)
-        workdir_lib.log_accepted_changes(resume)
-        note = workdir_lib.schedule_note(resume)
-        if note:
-            logging.warning(note)
-        writer = metrics.MetricWriter(workdir, resume_step=start_step)
-        result = loop.run_steps(
-            config,
-            workdir,
-            model=model,
-            model_cfg=model_cfg,
-            tx=tx,
-            schedule=schedule,
-            mesh=mesh,
-            rules=rules,
-            inputs=inputs,
-            state=state,
-            state_shardings=state_shardings,
-            abstract_state=abstract_state,
-            first_host_batch=first_host_batch,
-            batch_sharding=batch_sharding,
-            base_key=base_key,
-            checkpointer=checkpointer,
-            writer=writer,
-            mlm_max_predictions=mlm_max_predictions,
-        )
-    except BaseException:
-        _close_after_error(checkpointer.close, *([writer.close] if writer else []))
-        raise
-    checkpointer.close()
-    writer.close()
-    if jax.process_index() == 0:
-        loop.log_summary(result, checkpointer, writer)
-    return result

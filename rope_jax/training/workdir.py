@@ -50,6 +50,8 @@ RESTART_SAFE = (
     "eval_every_steps",
     # Held-out batches per evaluation: what is measured, not what is trained.
     "eval_steps",
+    # Rows per prediction batch of a fine-tune's evaluators: a padding choice.
+    "eval_batch_size",
     "keep_checkpoints",
     "async_checkpointing",
     "measure_matmul_peak",

@@ -1,6 +1,7 @@
 """The ablation experiment: its cells are real pretraining configs, its numbers are
-aggregated over seeds, and its figures show the JSON's numbers. One mini grid of a few
-steps (both tracks, two seeds on the causal track) is shared by the end-to-end tests."""
+aggregated over seeds, and its figures show the JSON's numbers. One mini grid of two steps
+(the causal track, one trained cell, two seeds) is shared by the end-to-end tests; the mlm
+track's cells are checked as configs (each training compiles a step and an init: seconds)."""
 
 import itertools
 import json
@@ -11,7 +12,7 @@ import pytest
 
 from configs import common
 from rope_jax.experiments import ablation, ablation_grid, ablation_measure, ablation_plots
-from rope_jax.training import trainer
+from rope_jax.training import evaluators, trainer
 
 
 def _config(corpus_dir):
@@ -40,19 +41,21 @@ def _config(corpus_dir):
 
 @pytest.fixture(scope="module")
 def mini_grid(tmp_path_factory):
-    """Two seeds of causal softmax x (rope, rope_interpolation) (nystrom skipped) and mlm
-    nystrom x rope: 4 runs of 3 steps; the seeds of a cell compile the same programs once."""
+    """Two seeds of causal softmax x (rope, rope_interpolation) (nystrom skipped: the heat
+    map's blank row): 2 runs of 2 steps (rope_interpolation evaluates rope's weights),
+    evaluated at 1x and 4x L (the heat map's columns); the seeds compile once."""
     from training_toys import enable_compilation_cache, restore_compilation_cache
 
     previous = enable_compilation_cache(tmp_path_factory.mktemp("xla_cache"))
     tmp_path = tmp_path_factory.mktemp("ablation")
     config = _config(tmp_path)
+    config.tracks = ("causal_lm",)
     config.num_seeds = 2
+    config.train.num_train_steps = 2
+    config.eval_multipliers = (1, 4)
     # Nystrom has no causal form: its causal row is the heat map's blank (hatched) cells.
     config.kernels = ("softmax", "nystrom")
     config.positions = ("rope", "rope_interpolation")
-    config.mlm.kernels = ("nystrom",)
-    config.mlm.positions = ("rope",)
     workdir = str(tmp_path / "ablation")
     try:
         yield config, workdir, ablation.run_ablation(config, workdir)
@@ -157,6 +160,8 @@ def test_bucket_losses_average_over_targets_only():
             reference(width)
         )
     assert ablation_measure.bucket_losses(sums, counts, 1)[3] is None  # never masked
+    # The loop's loss-by-position evaluator computes the same measure with the same function.
+    assert ablation_measure.bucket_losses is evaluators.bucket_means
     summary = ablation_measure.length_summary(sums, counts, 2, 2)
     assert summary["mean_loss"] == pytest.approx(reference(5)[0])
     assert summary["loss_beyond_train_length"] == pytest.approx((3 + 50) / 2)
@@ -192,7 +197,7 @@ def test_seed_aggregation_matches_numpy():
     assert ablation_measure.aggregate([None])["n"] == 0
 
 
-def test_mini_grid_of_both_tracks_writes_tables_json_and_figures(mini_grid):
+def test_mini_grid_writes_tables_json_and_figures_over_seeds(mini_grid):
     config, workdir, results = mini_grid
     runs = results["tracks"]["causal_lm"]["runs"]
     # rope_interpolation shares the rope training runs: 1 training per seed for the 2 cells.
@@ -205,39 +210,25 @@ def test_mini_grid_of_both_tracks_writes_tables_json_and_figures(mini_grid):
     rope, interpolated = runs["softmax_rope"], runs["softmax_rope_interpolation"]
     # Same weights and no scaling at the training length; other positions beyond it.
     assert rope["lengths"]["16"]["mean_loss"] == interpolated["lengths"]["16"]["mean_loss"]
-    assert rope["lengths"]["32"]["mean_loss"] != interpolated["lengths"]["32"]["mean_loss"]
+    assert rope["lengths"]["64"]["mean_loss"] != interpolated["lengths"]["64"]["mean_loss"]
     # Over seeds: the JSON's mean and std are those of the per-seed numbers.
-    per_seed = [rope["seeds"][s]["lengths"]["32"]["mean_loss"] for s in ("0", "1")]
+    per_seed = [rope["seeds"][s]["lengths"]["64"]["mean_loss"] for s in ("0", "1")]
     assert per_seed[0] != per_seed[1]
-    assert rope["lengths"]["32"]["mean_loss"] == pytest.approx(np.mean(per_seed))
-    assert rope["lengths"]["32"]["mean_loss_std"] == pytest.approx(np.std(per_seed, ddof=1))
-    assert rope["num_seeds"] == 2 and len(rope["lengths"]["32"]["bucket_losses"]) == 8
+    assert rope["lengths"]["64"]["mean_loss"] == pytest.approx(np.mean(per_seed))
+    assert rope["lengths"]["64"]["mean_loss_std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert rope["num_seeds"] == 2 and len(rope["lengths"]["64"]["bucket_losses"]) == 16
     assert "causal" in runs["nystrom_rope"]["skipped"]
-
-    mlm = results["tracks"]["mlm"]
-    assert mlm["loss"] == "masked-token loss" and mlm["model_family"] == "encoder"
-    nystrom = mlm["runs"]["nystrom_rope"]
-    for length in ("16", "32", "64"):
-        entry = nystrom["lengths"][length]
-        assert np.isfinite(entry["mean_loss"]) and entry["num_targets"] > 0
-    assert nystrom["lengths"]["64"]["num_targets"] == 10 * results["num_eval_windows"]
 
     with open(os.path.join(workdir, "ablation.json")) as f:
         saved = json.load(f)
     assert saved["tracks"]["causal_lm"]["runs"].keys() == runs.keys()
     table = open(os.path.join(workdir, "ablation.md")).read()
     assert "## Track `causal_lm`: next-token loss" in table
-    assert "## Track `mlm`: masked-token loss" in table
     mean, std = rope["lengths"]["16"]["mean_loss"], rope["lengths"]["16"]["mean_loss_std"]
     assert f"| {mean:.3f} ± {std:.3f} |" in table
     assert "| softmax | rope_interpolation (= softmax_rope) |" in table
     plots = os.path.join(workdir, "plots")
-    assert sorted(os.listdir(plots)) == [
-        "causal_lm_heatmap.png",
-        "causal_lm_softmax.png",
-        "mlm_heatmap.png",
-        "mlm_nystrom.png",
-    ]
+    assert sorted(os.listdir(plots)) == ["causal_lm_heatmap.png", "causal_lm_softmax.png"]
     assert all(os.path.getsize(os.path.join(plots, name)) > 1000 for name in os.listdir(plots))
 
 
@@ -268,7 +259,7 @@ def test_recorded_cell_config_rebuilds_the_cells_model(mini_grid):
     import jax
 
     config, workdir, results = mini_grid
-    for track, name in (("causal_lm", "softmax_rope_interpolation"), ("mlm", "nystrom_rope")):
+    for track, name in (("causal_lm", "softmax_rope_interpolation"),):
         run = results["tracks"][track]["runs"][name]
         entry = run["seeds"]["1"]
         recorded = common.from_record(entry["config"])
@@ -292,16 +283,46 @@ def test_recorded_cell_config_rebuilds_the_cells_model(mini_grid):
         batches = ablation_measure.eval_batches(
             cell.config.data.objective,
             data,
-            [16, 32, 64],
+            [16, 64],
             seed=config.mlm.eval_mask_seed,
             tokenizer=ByteTokenizer(),
             mlm_rate=0.15,
         )
         lengths = ablation._evaluate(cell, variables, batches, config, 4)
-        for length in ("16", "32", "64"):
+        for length in ("16", "64"):
             if "skipped" in entry["lengths"][length]:
                 assert lengths[length] == entry["lengths"][length]
                 continue
             assert lengths[length]["mean_loss"] == pytest.approx(
                 entry["lengths"][length]["mean_loss"], rel=1e-6
             )
+
+
+def test_mlm_cell_records_rebuild_its_model(tmp_path):
+    """The mlm track's cells are complete configs too: what a run records (``config.json``)
+    builds the cell's encoder again, with the MLM objective on windows."""
+    from rope_jax.training import workdir as workdir_lib
+
+    config = _config(tmp_path)
+    config.mlm.kernels = ("nystrom",)
+    config.positions = ("rope", "rope_interpolation")
+    cells = {c.name: c for c in ablation_grid.grid(config, "mlm")}
+    for name, trained_as in (("nystrom_rope", "rope"), ("nystrom_rope_interpolation", "rope")):
+        run = ablation_grid.seeded(cells[name], 1)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(workdir_lib.as_plain_dict(run)))
+        recorded = common.from_record(str(path))
+        assert workdir_lib.as_plain_dict(recorded) == workdir_lib.as_plain_dict(run)
+        _, cfg = trainer.build_model(recorded)
+        assert cfg == trainer.build_model(run)[1]
+        assert (cfg.family, cfg.attention, cfg.position, cfg.max_length) == (
+            "encoder",
+            "nystrom",
+            trained_as,
+            16,
+        )
+        assert (recorded.data.objective, recorded.data.sampling, recorded.seed) == (
+            "mlm",
+            "windows",
+            1,
+        )

@@ -15,9 +15,10 @@ pretraining configs (``configs/common.py``: ``split_arg``, ``apply_overrides``).
 Each task trains in ``<workdir>/<task>`` with the train loop of pretraining (``mesh``,
 ``logical_axis_rules``, ``optimizer.grad_accum_steps``, ``prng_impl``, checkpoints, resume:
 run the same command again), evaluates every ``eval_every_steps`` and keeps the best
-validation checkpoint (``evaluators``: ``(name, every_steps or 0 = eval_every_steps,
-kwargs)`` of ``superglue``, ``held_out_loss``, ``loss_by_position``). ``task=all`` runs every
-task folder in ``data_dir`` (AX-b/AX-g with the RTE model) and writes ``summary.md``.
+validation checkpoint (``evaluators``: ``(name, every_steps, kwargs)`` of ``superglue``,
+``held_out_loss``, ``loss_by_position``; every_steps None = ``eval_every_steps``).
+``task=all`` runs every task folder in ``data_dir`` (AX-b/AX-g with the RTE model) and
+writes ``summary.md``.
 Few-shot (FewGLUE): ``--config.train_data_dir=<fewglue> --config.data_dir=<super_glue>``, or
 ``--config.data_dir=<fewglue> --config.eval_split=dev32``.
 """
@@ -55,8 +56,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     config.checkpoint_every_steps = 200
     config.eval_every_steps = 200
-    # The loop's evaluators: (name, every_steps (0 = eval_every_steps), kwargs).
-    config.evaluators = [("superglue", 0, {}), ("held_out_loss", 0, {})]
+    # The loop's evaluators: (name, every_steps (None = eval_every_steps, 0 = only after the
+    # last step), kwargs).
+    config.evaluators = [("superglue", None, {}), ("held_out_loss", None, {})]
     # Fine-tuning dropout (None = keep the checkpoint's): a float field that may be None.
     config.dropout_rate = config_dict.placeholder(float)
     config.dropout_rate = 0.1

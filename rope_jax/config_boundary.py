@@ -3,7 +3,9 @@
 Config files (``configs/*.py``) are ``ml_collections`` dicts users override from the command
 line; the code under them never reads a section from a ConfigDict: the trainer converts
 each section here, once, into its frozen dataclass (``config_fields.from_mapping``: an
-unknown key or a wrong type is an error naming ``<section>.<key>``):
+unknown key or a wrong type is an error naming ``<section>.<key>``); every loop,
+pretraining and fine-tuning, gets its mesh and optimizer through
+``training.runner.loop_setup``:
 
 * ``model`` -> ``model_config.ModelConfig`` (validated: ``validate_model_config``);
 * ``data`` (+ top-level ``batch_size`` and ``seed``) -> ``data.pipeline.DataConfig``;
@@ -38,6 +40,8 @@ LEGACY_UNSET = {
     "optimizer.rsqrt_timescale": 0,
     "mlm_max_predictions": -1,
     "debug_nan_step": -1,
+    # SuperGLUE fine-tuning: keep the checkpoint's dropout.
+    "dropout_rate": -1,
 }
 
 
@@ -88,13 +92,26 @@ def sections(config) -> Sections:
 
 
 def upgrade_record(tree: dict[str, Any]) -> dict[str, Any]:
-    """A recorded config with earlier versions' unset sentinels (``LEGACY_UNSET``) as None."""
+    """A recorded config with earlier versions' unset sentinels (``LEGACY_UNSET``, and an
+    evaluator period of 0 for "every eval_every_steps") as None."""
     for dotted, legacy in LEGACY_UNSET.items():
         *parents, leaf = dotted.split(".")
         node = tree
         for name in parents:
             node = node.get(name) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node and node[leaf] == legacy:
-            if not isinstance(node[leaf], bool):
-                node[leaf] = None
+        if isinstance(node, dict) and leaf in node and _is(node[leaf], legacy):
+            node[leaf] = None
+    evaluators = tree.get("evaluators")
+    if isinstance(evaluators, list):
+        tree["evaluators"] = [
+            [spec[0], None, *spec[2:]]
+            if isinstance(spec, list) and len(spec) == 3 and _is(spec[1], 0)
+            else spec
+            for spec in evaluators
+        ]
     return tree
+
+
+def _is(value, legacy) -> bool:
+    """``value`` is the number ``legacy`` (``False`` is not 0)."""
+    return not isinstance(value, bool) and value == legacy

@@ -128,3 +128,29 @@ def test_fine_tuning_reads_the_typed_sections_of_every_loop(tmp_path):
     with pytest.raises(preflight.ConfigError, match="optimizer.learning_rate"):
         finetune.run_task("CB", ml_collections.ConfigDict(values), str(tmp_path), task_splits=[1])
     assert os.listdir(tmp_path) == []
+
+
+def test_evaluator_periods_and_dropout_unset_are_none(tmp_path):
+    from rope_jax.evaluation import finetune
+    from rope_jax.training import evaluators, preflight
+
+    config = superglue.get_config("tiny")
+    assert [spec[1] for spec in config.evaluators] == [None, None]
+    builders = {"a": lambda: None, "b": lambda: None, "c": lambda: None}
+    specs = [("a", None, {}), ("b", 0, {}), ("c", 3, {})]
+    built = evaluators.from_config(specs, builders, default_every=10)
+    assert [e.every_steps for e in built] == [10, 0, 3]  # 0: only after the last step
+    for every in (-1, True, 2.5):
+        with pytest.raises(ValueError, match="every_steps must be None"):
+            evaluators.from_config([("a", every, {})], builders, default_every=10)
+    finetune.check_dropout_rate(None)
+    finetune.check_dropout_rate(0.0)
+    with pytest.raises(preflight.ConfigError, match="dropout_rate=-1: .* or None to keep"):
+        finetune.check_dropout_rate(-1)
+    # A fine-tune recorded with the earlier sentinels resumes as the same experiment.
+    record = workdir.as_plain_dict(superglue.get_config("tiny,dropout_rate=None"))
+    legacy = json.loads(json.dumps(record))
+    legacy.update(dropout_rate=-1, debug_nan_step=-1)
+    legacy["evaluators"] = [["superglue", 0, {}], ["held_out_loss", 0, {}]]
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    assert workdir.recorded_config(tmp_path) == record

@@ -218,10 +218,21 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def check_dropout_rate(rate) -> None:
+    """``config.dropout_rate``: a rate in [0, 1), or None to keep the checkpoint's."""
+    if rate is not None and not 0.0 <= rate < 1.0:
+        raise preflight.ConfigError(
+            f"dropout_rate={rate}: give a rate in [0, 1), or None to keep the checkpoint's "
+            "(None goes in the config argument, e.g. --config=configs/superglue.py:"
+            "tiny,dropout_rate=None; a --config.dropout_rate flag cannot be None)"
+        )
+
+
 def finetune_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, devices: list | None = None
 ) -> dict[str, dict[str, float]]:
     """Runs ``config.task`` (or every task with ``"all"``); writes metrics.json and tables."""
+    check_dropout_rate(config.dropout_rate)
     # Every file first: a bad or missing split fails here, before a model is loaded.
     run_splits = splits.read_run_splits(config)
     os.makedirs(workdir, exist_ok=True)

@@ -91,9 +91,16 @@ def one_device(tmp_path_factory, data):
     return runs
 
 
-@pytest.mark.parametrize("family", ["encoder_decoder", "encoder"], ids=["text2text", "head"])
+# Both families on the mesh that shards every way, and pure data parallelism once (the
+# head on 8-way data parallelism adds nothing the other three do not check).
 @pytest.mark.parametrize(
-    "mesh", [dict(data=8), dict(data=2, fsdp=2, tensor=2)], ids=["data8", "data2-fsdp2-tensor2"]
+    "family, mesh",
+    [
+        ("encoder_decoder", dict(data=2, fsdp=2, tensor=2)),
+        ("encoder", dict(data=2, fsdp=2, tensor=2)),
+        ("encoder_decoder", dict(data=8)),
+    ],
+    ids=["text2text-data2-fsdp2-tensor2", "head-data2-fsdp2-tensor2", "text2text-data8"],
 )
 def test_sharded_finetune_matches_one_device(tmp_path, data, one_device, family, mesh):
     assert len(jax.devices()) == 8, "conftest should simulate 8 CPU devices"
@@ -224,7 +231,7 @@ def test_sigterm_mid_finetune_then_the_same_command_ends_like_an_uninterrupted_r
         "task": "CB",
         "data_dir": data,
         "tokenizer": spm,
-        "num_train_steps": 12,
+        "num_train_steps": 8,
         "log_every_steps": 1,
         "eval_every_steps": 4,
         "checkpoint_every_steps": 100,
@@ -249,25 +256,21 @@ def test_sigterm_mid_finetune_then_the_same_command_ends_like_an_uninterrupted_r
     assert process.returncode == 143, stderr[-3000:]
     assert "Received SIGTERM: saving a checkpoint" in stderr and "Traceback" not in stderr
     stopped = checkpoint.complete_steps_on_disk(workdir / "CB" / "checkpoints")
-    assert len(stopped) == 1 and 2 <= stopped[0] < 12
+    assert len(stopped) == 1 and 2 <= stopped[0] < 8
     assert not (workdir / "metrics.json").exists()
 
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"Resumed from {workdir / 'CB' / 'checkpoints' / str(stopped[0])}" in done.stderr
 
-    # The uninterrupted reference, in this process on one device.
-    from configs import superglue
-
-    config = superglue.get_config("tiny")
-    for key, value in flags.items():
-        node = config.model if key.startswith("model.") else config
-        node[key.removeprefix("model.")] = type(node[key.removeprefix("model.")])(value)
-    config.data_dir, config.tokenizer = str(data), str(spm)
+    # The uninterrupted reference: the same command in a new workdir (it shares the
+    # interrupted runs' compilation cache, so it costs little more than its steps).
     reference_dir = tmp_path / "reference"
-    reference = finetune.finetune_and_evaluate(
-        config, str(reference_dir), devices=jax.devices()[:1]
-    )
+    command[-1] = f"--workdir={reference_dir}"
+    uninterrupted = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    with open(reference_dir / "metrics.json") as f:
+        reference = json.load(f)
     with open(workdir / "metrics.json") as f:
         resumed = json.load(f)
     assert resumed.keys() == reference.keys()
@@ -275,7 +278,7 @@ def test_sigterm_mid_finetune_then_the_same_command_ends_like_an_uninterrupted_r
         assert resumed[split] == pytest.approx(values, rel=1e-6), split
     resumed_rows = _rows(metrics)
     reference_rows = _rows(reference_dir / "CB" / "metrics.jsonl")
-    assert [r["step"] for r in resumed_rows if "loss" in r] == list(range(1, 13))  # each once
+    assert [r["step"] for r in resumed_rows if "loss" in r] == list(range(1, 9))  # each once
     for name in ("loss", "grad_norm", "superglue/score", "held_out_loss/loss"):
         got = [r[name] for r in resumed_rows if name in r]
         want = [r[name] for r in reference_rows if name in r]

@@ -157,8 +157,10 @@ def _mlm_batch(batch, length, vocab, rate, seed=0):
 def test_masked_position_head_gives_the_full_heads_loss_accuracy_and_gradients():
     model = build_model(ModelConfig(**BERT_TINY))
     batch = {k: jnp.asarray(v) for k, v in _mlm_batch(3, 16, 50, 0.25).items()}
-    variables = model.init(jax.random.key(0), batch["input_tokens"])
+    # Jitted: run eagerly, each of the model's few hundred ops would compile on its own.
+    variables = jax.jit(model.init)(jax.random.key(0), batch["input_tokens"])
     params = variables["params"]
+    shapes = {}
 
     def stats(params, max_predictions):
         logits, targets, weights, dropped = families.for_model(model).predict(
@@ -167,13 +169,14 @@ def test_masked_position_head_gives_the_full_heads_loss_accuracy_and_gradients()
             deterministic=True,
             mlm_max_predictions=max_predictions,
         )
+        shapes[max_predictions] = logits.shape
         out = losses.weighted_cross_entropy(logits, targets, weights)
-        return out["loss_sum"] / out["weight_sum"], (out, logits.shape, dropped)
+        return out["loss_sum"] / out["weight_sum"], (out, dropped)
 
-    (full_loss, (full, full_shape, _)), full_grads = jax.value_and_grad(stats, has_aux=True)(
-        params, 0
-    )
-    (loss, (gathered, shape, dropped)), grads = jax.value_and_grad(stats, has_aux=True)(params, 8)
+    grad_fn = jax.jit(jax.value_and_grad(stats, has_aux=True), static_argnums=1)
+    (full_loss, (full, _)), full_grads = grad_fn(params, 0)
+    (loss, (gathered, dropped)), grads = grad_fn(params, 8)
+    full_shape, shape = shapes[0], shapes[8]
     assert full_shape == (3, 16, 50) and shape == (3, 8, 50)
     assert int(dropped) == 0
     np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
@@ -190,7 +193,8 @@ def test_masked_position_head_counts_tokens_beyond_the_cap_in_the_train_step():
     batch = _mlm_batch(2, 16, 50, 0.25)  # row 1 has up to 7 targets
     count = batch["loss_weights"].sum(-1)
     tx = optax.sgd(0.0)
-    params = nn.unbox(model.init(jax.random.key(0), jnp.asarray(batch["input_tokens"])))["params"]
+    init = jax.jit(model.init)  # eager, each op would compile on its own
+    params = nn.unbox(init(jax.random.key(0), jnp.asarray(batch["input_tokens"])))["params"]
     state = step.TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -201,7 +205,7 @@ def test_masked_position_head_counts_tokens_beyond_the_cap_in_the_train_step():
     train_step = step.make_train_step(
         model, tx, lambda s: 0.0, grad_clip_norm=0.0, mlm_max_predictions=4
     )
-    _, metrics = train_step(state, batch, jax.random.key(1))
+    _, metrics = jax.jit(train_step)(state, batch, jax.random.key(1))
     assert float(metrics["mlm_dropped_tokens"]) == np.maximum(count - 4, 0).sum() > 0
     assert float(metrics["num_target_tokens"]) == np.minimum(count, 4).sum()
 

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
-from training_toys import enable_compilation_cache, restore_compilation_cache
 
 from rope_jax import cli, decoding, families
 from rope_jax.data.bert_tokenizer import JiebaBertTokenizer
@@ -99,15 +98,6 @@ def _write_pretraining_workdir(root):
     (root / "tokenizer").mkdir()
     (root / "tokenizer" / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
     return root
-
-
-@pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory):
-    """One persistent compilation cache for this module's runs, in and out of process."""
-    directory = tmp_path_factory.mktemp("xla_cache")
-    previous = enable_compilation_cache(directory)
-    yield directory
-    restore_compilation_cache(previous)
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +291,7 @@ def test_inputs_are_cut_as_the_reference_encodes_them(files):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, files, xla_cache):
+def reference_run(tmp_path_factory, files):
     """The uninterrupted run, in this process on one device."""
     workdir = tmp_path_factory.mktemp("reference")
     metrics = summary_finetune.finetune_and_evaluate(

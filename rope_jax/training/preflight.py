@@ -15,7 +15,10 @@ import math
 from collections.abc import Iterator
 
 # What each entry point runs, by ``config.kind``.
-ENTRY_POINT_KINDS = {"train.py": ("pretrain",), "eval.py": ("superglue", "ablation")}
+ENTRY_POINT_KINDS = {
+    "train.py": ("pretrain",),
+    "eval.py": ("superglue", "summarization", "ablation"),
+}
 # The config file that trains each model family, for messages.
 FAMILY_CONFIGS = {
     "encoder": "configs/roformer.py",

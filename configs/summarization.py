@@ -75,12 +75,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     config.checkpoint_every_steps = 500
     config.eval_every_steps = 500
-    # The loop's evaluators: (name, every_steps (0 = eval_every_steps), kwargs).
-    config.evaluators = [("summarization", 0, {}), ("held_out_loss", 0, {})]
+    # The loop's evaluators: (name, every_steps (None = eval_every_steps, 0 = only after the
+    # last step), kwargs).
+    config.evaluators = [("summarization", None, {}), ("held_out_loss", None, {})]
     # "<evaluator>/<scalar>" the best checkpoint is kept by ("" = keep none, use the final
     # state); a scalar named like a loss is minimised, any other maximised.
     config.best_metric = "summarization/rouge-l"
-    # Fine-tuning dropout (-1 = keep the checkpoint's); the released model's is 0.1.
+    # Fine-tuning dropout (None = keep the checkpoint's): a float field that may be None; the
+    # released model's is 0.1.
+    config.dropout_rate = ml_collections.config_dict.placeholder(float)
     config.dropout_rate = 0.1
     config.optimizer = optim.default_optimizer_config()
     config.optimizer.update(

@@ -114,7 +114,8 @@ def check_config(config, workdir: str) -> None:
             and len(spec) == 3
             and isinstance(spec[2], Mapping),
             "evaluators",
-            f"entry {spec!r} is not (name, every_steps, kwargs), e.g. ('summarization', 0, {{}})",
+            f"entry {spec!r} is not (name, every_steps, kwargs), e.g. "
+            "('summarization', None, {})",
         )
         require(
             spec[0] in EVALUATOR_SCALARS,

@@ -1,10 +1,12 @@
-"""Evaluation entry point: SuperGLUE or summarization fine-tuning, or the position x
-attention ablation.
+"""Evaluation entry point: SuperGLUE or summarization fine-tuning, few-shot cloze runs
+(PET / P-tuning), or the position x attention ablation.
 
   python eval.py --config=configs/superglue.py:tiny --config.task=CB \
       --config.data_dir=... --config.init_checkpoint=... --workdir=runs/cb
   python eval.py --config=configs/summarization.py:tiny --config.train_path=... \
       --config.eval_path=... --config.init_checkpoint=... --workdir=runs/csl
+  python eval.py --config=configs/fewshot.py:tiny --config.method=ptuning --config.task=RTE \
+      --config.data_dir=<FewGLUE> --config.init_checkpoint=... --workdir=runs/rte
   python eval.py --config=configs/ablation.py:tiny --workdir=runs/ablation
 
 A pretraining config (``configs/mt5.py`` ...) belongs to train.py and is refused at start;
@@ -49,9 +51,11 @@ def main(argv):
         # Missing or malformed data, a missing checkpoint or tokenizer: one line, no traceback.
         errors += (FileNotFoundError, summarization.SummaryFormatError)
     else:
-        from rope_jax.evaluation import finetune, readers
+        from rope_jax.evaluation import fewshot, finetune, readers
 
         run, what = finetune.finetune_and_evaluate, "Fine-tuning"
+        if config.kind == "fewshot":
+            run, what = fewshot.run_fewshot, "Few-shot run"
         # Missing or malformed data, a missing checkpoint or tokenizer: one line, no traceback.
         errors += (FileNotFoundError, readers.SuperGlueFormatError)
     try:

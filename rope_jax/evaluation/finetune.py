@@ -151,7 +151,7 @@ def run_task(
         process_count=jax.process_count(),
     )
     predictor = Predictor(tm, config)
-    val = task_splits.evaluations[0]
+    val = task_splits.select
     with preflight.config_errors():
         loop_evals = _loop_evaluators(config, task, tm, predictor, val)
     ranks = any(ev.name == "superglue" for ev in loop_evals) and _labelled(val)

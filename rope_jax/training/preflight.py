@@ -17,7 +17,7 @@ from collections.abc import Iterator
 # What each entry point runs, by ``config.kind``.
 ENTRY_POINT_KINDS = {
     "train.py": ("pretrain",),
-    "eval.py": ("superglue", "summarization", "ablation"),
+    "eval.py": ("superglue", "summarization", "fewshot", "ablation"),
 }
 # The config file that trains each model family, for messages.
 FAMILY_CONFIGS = {

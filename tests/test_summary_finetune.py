@@ -126,7 +126,7 @@ RUN = {
     "optimizer.learning_rate": 0.01,
     # held_out_loss is the loop's generic evaluator (tests/test_finetune_loop.py); one fewer
     # program to compile here.
-    "evaluators": [("summarization", 0, {})],
+    "evaluators": [("summarization", None, {})],
 }
 
 

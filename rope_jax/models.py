@@ -403,6 +403,22 @@ def _check_tokens(name, tokens):
         )
 
 
+def _with_prompts(x_BLE, prompt_embeddings, prompt_mask):
+    """Token embeddings with the positions of ``prompt_mask`` ``[B, L]`` taken from
+    ``prompt_embeddings`` ``[B, L, E]`` (P-tuning's continuous prompts, Liu et al. 2021,
+    "GPT Understands, Too": THUDM/P-tuning ``PT-Fewshot/pet/wrapper.py``
+    ``generate_default_inputs`` writes the prompt encoder's vectors over the word embeddings
+    of the flagged positions before the model sees them)."""
+    if prompt_embeddings is None:
+        return x_BLE
+    if prompt_mask is None or prompt_embeddings.shape != x_BLE.shape:
+        raise ValueError(
+            f"prompt_embeddings {getattr(prompt_embeddings, 'shape', None)} need the token "
+            f"embeddings' shape {x_BLE.shape} and a [batch, length] prompt_mask."
+        )
+    return jnp.where(prompt_mask[..., None] > 0, prompt_embeddings.astype(x_BLE.dtype), x_BLE)
+
+
 class Encoder(nn.Module):
     """BERT / RoFormer encoder with the BERT MLM head, or a classifier when num_labels > 0.
 
@@ -449,11 +465,14 @@ class Encoder(nn.Module):
         positions=None,
         token_type_ids=None,
         deterministic=True,
+        prompt_embeddings=None,
+        prompt_mask=None,
     ):
-        """Final hidden states ``[B, L, E]`` in the compute dtype."""
+        """Final hidden states ``[B, L, E]`` in the compute dtype; ``prompt_embeddings``
+        ``[B, L, E]`` replace the token embeddings where ``prompt_mask`` is set."""
         cfg = self.config
         _check_tokens("input_tokens", input_tokens)
-        x_BLE = self.token_embedder(input_tokens)
+        x_BLE = _with_prompts(self.token_embedder(input_tokens), prompt_embeddings, prompt_mask)
         if cfg.type_vocab_size:
             if token_type_ids is None:
                 token_type_ids = jnp.zeros_like(input_tokens)
@@ -477,6 +496,8 @@ class Encoder(nn.Module):
         token_type_ids=None,
         masked_positions=None,
         deterministic=True,
+        prompt_embeddings=None,
+        prompt_mask=None,
     ):
         """MLM logits ``[B, L, V]``, or ``[B, P, V]`` at ``masked_positions`` ``[B, P]``.
 
@@ -490,6 +511,8 @@ class Encoder(nn.Module):
             positions=positions,
             token_type_ids=token_type_ids,
             deterministic=deterministic,
+            prompt_embeddings=prompt_embeddings,
+            prompt_mask=prompt_mask,
         )
         if self.config.num_labels:
             if masked_positions is not None:
@@ -570,10 +593,13 @@ class EncoderDecoder(nn.Module):
         encoder_segment_ids=None,
         encoder_positions=None,
         deterministic=True,
+        prompt_embeddings=None,
+        prompt_mask=None,
     ):
         _check_tokens("encoder_input_tokens", encoder_input_tokens)
+        embedded_BSE = self.token_embedder(encoder_input_tokens)
         return self.encoder(
-            self.token_embedder(encoder_input_tokens),
+            _with_prompts(embedded_BSE, prompt_embeddings, prompt_mask),
             segment_ids_BL=encoder_segment_ids,
             valid_BL=encoder_input_tokens != self.config.pad_id,
             positions_BL=encoder_positions,
@@ -624,12 +650,17 @@ class EncoderDecoder(nn.Module):
         encoder_positions=None,
         decoder_positions=None,
         deterministic=True,
+        prompt_embeddings=None,
+        prompt_mask=None,
     ):
+        """Decoder logits; ``prompt_embeddings`` / ``prompt_mask`` act on the encoder input."""
         encoded = self.encode(
             encoder_input_tokens,
             encoder_segment_ids=encoder_segment_ids,
             encoder_positions=encoder_positions,
             deterministic=deterministic,
+            prompt_embeddings=prompt_embeddings,
+            prompt_mask=prompt_mask,
         )
         return self.decode(
             encoded,
@@ -667,10 +698,13 @@ class Decoder(nn.Module):
         prefix_mask=None,
         deterministic=True,
         decode=False,
+        prompt_embeddings=None,
+        prompt_mask=None,
     ):
         _check_tokens("input_tokens", input_tokens)
+        embedded_BLE = self.token_embedder(input_tokens)
         hidden_BLE = self.decoder(
-            self.token_embedder(input_tokens),
+            _with_prompts(embedded_BLE, prompt_embeddings, prompt_mask),
             segment_ids_BL=segment_ids,
             positions_BL=positions,
             prefix_mask_BL=prefix_mask,

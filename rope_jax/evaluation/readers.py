@@ -344,10 +344,19 @@ def load_split(data_dir: str, task: str, split: str) -> Split:
     path = task_file(data_dir, task, split)
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"{task} {split} split not found: {path} (the folder needs one sub-folder per "
-            "task, e.g. CB/train.jsonl and CB/val.jsonl; FewGLUE has train and dev32)"
+            f"{task} {split} split not found: {path} ({folder_contents(os.path.dirname(path))}; "
+            "the folder needs one sub-folder per task, e.g. CB/train.jsonl and CB/val.jsonl; "
+            "FewGLUE has train and dev32)"
         )
     return read_file(task, path, "test" if task in DIAGNOSTIC_TASKS else split)
+
+
+def folder_contents(folder: str) -> str:
+    """``"files there: a.jsonl, b.jsonl"`` (or that the folder is empty or missing)."""
+    if not os.path.isdir(folder):
+        return f"no folder {folder}"
+    names = sorted(os.listdir(folder))
+    return f"files there: {', '.join(names)}" if names else f"{folder} is empty"
 
 
 def read_split(data_dir: str, task: str, split: str) -> list[dict]:

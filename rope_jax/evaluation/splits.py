@@ -9,6 +9,14 @@ the test split (``test_split``, when present) and, for RTE, the diagnostics AX-b
 text-to-text and encoder pairs; the model family is not known before the model is loaded,
 and casting is cheap), so an error in a cast names its file too. A training loop takes the
 returned :class:`TaskSplits` and reads nothing itself.
+
+``eval_split="auto"`` (the few-shot default) evaluates on every split present among
+``dev32`` and ``val``: FewGLUE (Schick & Schuetze 2021) selects on its 32-example ``dev32``
+and, like "GPT Understands, Too" (Liu et al. 2021, Table 1), reports the official
+validation set. With both, ``val`` is reported under the task's name and ``dev32`` under
+``<Task>/dev32``, and ``dev32`` selects (in-loop evaluation, best checkpoint); with one,
+that one does both. A named ``eval_split`` that is missing is an error naming the folder
+and the files in it.
 """
 
 from __future__ import annotations
@@ -31,11 +39,61 @@ class EvalSplit:
 
 @dataclasses.dataclass(frozen=True)
 class TaskSplits:
-    """The training split of one task and every split its model will be evaluated on."""
+    """The training split of one task and every split its model will be evaluated on;
+    ``evaluations[selection]`` is the one the run selects on (in-loop, best checkpoint)."""
 
     task: str
     train: readers.Split
     evaluations: tuple[EvalSplit, ...]
+    selection: int = 0
+
+    @property
+    def select(self) -> EvalSplit:
+        return self.evaluations[self.selection]
+
+
+AUTO = "auto"
+AUTO_SPLITS = ("dev32", "val")  # selected on, reported
+
+
+def eval_splits(task: str, config) -> list[str]:
+    """The evaluation splits of ``task``: ``[eval_split]``, or with ``"auto"`` those of
+    ``AUTO_SPLITS`` present (the reported one first); a missing one is an error naming the
+    folder and its files."""
+    folder = os.path.dirname(readers.task_file(config.data_dir, task, "val"))
+    if config.eval_split != AUTO:
+        path = readers.task_file(config.data_dir, task, config.eval_split)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{task} {config.eval_split} split not found: {path} ("
+                f"{readers.folder_contents(folder)}); set eval_split to one of them or to "
+                f"{AUTO!r} (every one of {', '.join(AUTO_SPLITS)} present)"
+            )
+        return [config.eval_split]
+    present = [
+        s for s in AUTO_SPLITS if os.path.exists(readers.task_file(config.data_dir, task, s))
+    ]
+    if not present:
+        raise FileNotFoundError(
+            f"{task}: eval_split={AUTO!r} found neither {' nor '.join(AUTO_SPLITS)} .jsonl in "
+            f"{folder} ({readers.folder_contents(folder)}); add one or name the split with "
+            "eval_split"
+        )
+    if present == ["val"]:
+        logging.warning(
+            "%s: no dev32.jsonl in %s; selecting (best checkpoint) on val, the split reported",
+            task,
+            folder,
+        )
+    logging.info(
+        "%s: evaluation splits found in %s: %s; selecting on %s, reporting %s",
+        task,
+        folder,
+        ", ".join(present),
+        present[0],
+        present[-1],
+    )
+    return present[::-1]
 
 
 def run_tasks(config) -> list[str]:
@@ -85,7 +143,10 @@ def read_task_splits(task: str, config) -> TaskSplits:
     train_dir = config.train_data_dir or config.data_dir
     train = readers.load_split(train_dir, task, config.train_split)
     check_casts(train, training=True)
-    jobs = [(task, config.eval_split, task, True), (task, config.test_split, f"{task}/test", False)]
+    names = eval_splits(task, config)
+    jobs = [(task, names[0], task, True)]
+    jobs += [(task, split, f"{task}/{split}", True) for split in names[1:]]
+    jobs.append((task, config.test_split, f"{task}/test", False))
     if task == "RTE":
         jobs += [(diagnostic, "test", diagnostic, False) for diagnostic in readers.DIAGNOSTIC_TASKS]
     evaluations = []
@@ -96,7 +157,7 @@ def read_task_splits(task: str, config) -> TaskSplits:
         data = readers.load_split(config.data_dir, job_task, split)
         check_casts(data, training=False)
         evaluations.append(EvalSplit(name, data))
-    return TaskSplits(task, train, tuple(evaluations))
+    return TaskSplits(task, train, tuple(evaluations), selection=len(names) - 1)
 
 
 def read_run_splits(config) -> list[TaskSplits]:

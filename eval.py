@@ -1,8 +1,10 @@
-"""Evaluation entry point: SuperGLUE fine-tuning, few-shot cloze runs (PET / P-tuning) or
-the position x attention ablation.
+"""Evaluation entry point: SuperGLUE or summarization fine-tuning, few-shot cloze runs
+(PET / P-tuning), or the position x attention ablation.
 
   python eval.py --config=configs/superglue.py:tiny --config.task=CB \
       --config.data_dir=... --config.init_checkpoint=... --workdir=runs/cb
+  python eval.py --config=configs/summarization.py:tiny --config.train_path=... \
+      --config.eval_path=... --config.init_checkpoint=... --workdir=runs/csl
   python eval.py --config=configs/fewshot.py:tiny --config.method=ptuning --config.task=RTE \
       --config.data_dir=<FewGLUE> --config.init_checkpoint=... --workdir=runs/rte
   python eval.py --config=configs/ablation.py:tiny --workdir=runs/ablation
@@ -39,9 +41,15 @@ def main(argv):
     # errors are theirs.
     errors = (preflight.ConfigError, TokenizerCacheError, checkpoint.CheckpointError)
     if config.kind == "ablation":
-        from rope_jax.evaluation import ablation
+        from rope_jax.experiments import ablation
 
         run, what = ablation.run_ablation, "Ablation"
+    elif config.kind == "summarization":
+        from rope_jax.evaluation import summarization, summary_finetune
+
+        run, what = summary_finetune.finetune_and_evaluate, "Fine-tuning"
+        # Missing or malformed data, a missing checkpoint or tokenizer: one line, no traceback.
+        errors += (FileNotFoundError, summarization.SummaryFormatError)
     else:
         from rope_jax.evaluation import fewshot, finetune, readers
 

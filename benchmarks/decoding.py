@@ -10,7 +10,9 @@
 sequences of 64 (the start token and 63 generated), no EOS (both sides decode every slot),
 both jitted and compiled once, timed alternately (ours, HF, ours, ...) through the workers
 of ``benchmarks/peers.py``. Reported: generated tokens per second of each (batch x 63 /
-median seconds, beam hypotheses not counted) and their ratio, plus CPU seconds per call.
+median seconds, beam hypotheses not counted) and their ratio, plus CPU seconds per call, and
+the encoder pass alone, timed the same way: the same work on both sides and part of every
+call, so the rest of a call is the decoding loop.
 
 For each model (a T5-style encoder-decoder, a RoPE decoder with softmax attention, and one
 with causal linear attention, which decodes with its running-sum state) it times
@@ -161,6 +163,13 @@ def run_vs_hf(quick: bool, repeats: int) -> list[dict]:
                     "load_average": f"{load} -> {peers.load_average()}",
                 }
             )
+        # The encoder pass alone (8 x 512 tokens), the same work on both sides and part of
+        # every generate call: what is left of a call is the decoding loop.
+        wall, cpu = peers.alternate(workers, "generate", repeats, method="encode")
+        encode_s = {side: peers.median(t) for side, t in wall.items()}
+        for row in rows:
+            row["encode_seconds"] = encode_s
+            row["loop_seconds"] = {side: row["seconds"][side] - encode_s[side] for side in wall}
         peak = {side: w.request("info")["peak_rss_mb"] for side, w in workers.items()}
     print()
     print(peers.machine_line())
@@ -180,6 +189,14 @@ def run_vs_hf(quick: bool, repeats: int) -> list[dict]:
             f"| {row['load_average']} |"
         )
     print(f"peak RSS: rope_jax {peak['ours']:.0f} MB, HF {peak['hf']:.0f} MB")
+    print(
+        f"encoder pass alone: rope_jax {encode_s['ours']:.2f} s, HF {encode_s['hf']:.2f} s; "
+        "the rest of each call (decoding loop): "
+        + ", ".join(
+            f"{row['method']} {row['loop_seconds']['ours']:.2f} / {row['loop_seconds']['hf']:.2f} s"
+            for row in rows
+        )
+    )
     if not quick:
         greedy = rows[0]["ours_over_hf"]
         print(f"cached greedy: {greedy:.2f}x HF, {'meets' if greedy >= 1.5 else 'misses'} 1.5x")

@@ -194,10 +194,12 @@ def build_decode(request: dict) -> dict:
         generate={
             "greedy": jax.jit(lambda p, x: generate(p, x, 1)),
             "beam": jax.jit(lambda p, x: generate(p, x, shape["beam_size"])),
+            # The encoder pass alone, which every generate call includes.
+            "encode": jax.jit(lambda p, x: model.encode(x, params=p).last_hidden_state),
         },
     )
     compile_s = {}
-    for method in ("greedy", "beam"):
+    for method in ("greedy", "beam", "encode"):
         start = time.perf_counter()
         _generate(method)
         compile_s[method] = time.perf_counter() - start

@@ -29,6 +29,7 @@ the packed rows). Results: a printed table and ``benchmarks/results/packing.json
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -110,7 +111,7 @@ def run_objective(objective: str, quick: bool, steps: int, tokenizer, documents:
         for corpus, source in documents.items():
             iterators = {
                 mode: pipeline.make_pipeline(
-                    dict(data, pack=mode == "packed"), tokenizer, documents=source
+                    dataclasses.replace(data, pack=mode == "packed"), tokenizer, documents=source
                 )
                 for mode in ("packed", "unpacked")
             }

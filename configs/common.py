@@ -1,20 +1,24 @@
 """Defaults shared by every pretraining config, and the ``get_config(arg)`` argument parser.
 
 An argument string is a variant name followed by comma-separated overrides, e.g.
-``"tiny,attention=performer,optimizer.learning_rate=3e-4"``. A bare key is looked up in
-``config.model`` and ``config.data`` (an error if both have it), then at the top level;
-dotted keys are relative to the config root.
+``"tiny,attention=performer,optimizer.learning_rate=3e-4"``; every config file parses it
+with ``split_arg`` and ``apply_overrides`` (pretraining, SuperGLUE, the ablation). A bare key
+is a top-level key when the config has one (SuperGLUE's ``task``, ``dropout_rate``), else it
+is looked up in ``config.model`` and ``config.data`` (an error if both have it); dotted keys
+are relative to the config root. ``None`` sets a field that may be unset (``targets_length
+=None``); ``--config.<key>=None`` flags cannot, as ml_collections parses them by type.
 Unknown keys and values of the wrong type raise an error that names the key.
 """
 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import difflib
 
 import ml_collections
+from ml_collections import config_dict
 
+from rope_jax import config_fields
 from rope_jax.data.pipeline import DataConfig
 from rope_jax.model_config import ModelConfig
 from rope_jax.training import optim, sharding
@@ -62,16 +66,16 @@ def base_config() -> ml_collections.ConfigDict:
     # PaLM/T5X auxiliary loss weight on logsumexp(logits)**2 (0 = off).
     config.z_loss = 0.0
     # MLM: run the output head only at up to this many masked positions per row (BERT's
-    # max_predictions_per_seq). -1 = derived from data.mlm_rate and data.inputs_length
+    # max_predictions_per_seq). None = derived from data.mlm_rate and data.inputs_length
     # (losses.default_max_predictions); 0 = the head at every position.
-    config.mlm_max_predictions = -1
+    config.mlm_max_predictions = config_dict.placeholder(int)
     # jax_default_prng_impl: "threefry" (jax default), "rbg" or "unsafe_rbg". rbg makes
     # dropout masks several times cheaper on CPU and TPU (T5X and MaxText use it).
     config.prng_impl = "rbg"
     # Performer: redraw the random projection every K steps (0 = keep the initial draw).
     config.redraw_features_every = 1000
-    # Testing aid: make the loss NaN at this step (-1 = never).
-    config.debug_nan_step = -1
+    # Testing aid: make the loss NaN at this step (None = never).
+    config.debug_nan_step = config_dict.placeholder(int)
     # Time a float32 GEMM at start-up; MFU is reported against it.
     config.measure_matmul_peak = True
     # Restarting a workdir: config keys whose change from the recorded run is intended,
@@ -111,31 +115,33 @@ def add_loop_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 def model_config(**values) -> ml_collections.ConfigDict:
     """Every ``ModelConfig`` field (so any can be overridden), defaults replaced by ``values``."""
-    fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    unknown = set(values) - set(fields)
-    if unknown:
-        raise KeyError(f"unknown model config keys {sorted(unknown)}.")
-    fields.update(values)
-    return ml_collections.ConfigDict(fields)
+    return config_fields.as_config_dict(ModelConfig, **values)
 
 
 def data_config(**values) -> ml_collections.ConfigDict:
     """Every ``DataConfig`` field except batch size and seed (top-level keys, copied in)."""
-    fields = {
-        f.name: f.default
-        for f in dataclasses.fields(DataConfig)
-        if f.name not in ("batch_size", "seed")
-    }
-    unknown = set(values) - set(fields)
-    if unknown:
-        raise KeyError(f"unknown data config keys {sorted(unknown)}.")
-    fields.update(values)
-    # None-valued fields need a placeholder type for ConfigDict: -1 / 0 mean "derive".
-    if fields["targets_length"] is None:
-        fields["targets_length"] = -1
-    if fields["num_epochs"] is None:
-        fields["num_epochs"] = 0
-    return ml_collections.ConfigDict(fields)
+    return config_fields.as_config_dict(DataConfig, exclude=("batch_size", "seed"), **values)
+
+
+def shrink_to_tiny(
+    config: ml_collections.ConfigDict,
+    *,
+    inputs_length: int = 128,
+    targets_length: int | None = None,
+    num_train_steps: int = 600,
+    every: int = 200,
+) -> None:
+    """The ``tiny`` variant of a pretraining config: rows of ``inputs_length`` (and
+    ``targets_length``) tokens, batch 16, ``num_train_steps`` steps, a log line every 50,
+    checkpoints and evaluations every ``every`` steps; a laptop CPU runs it in minutes."""
+    config.data.inputs_length = inputs_length
+    if targets_length is not None:
+        config.data.targets_length = targets_length
+    config.batch_size = 16
+    config.num_train_steps = num_train_steps
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = every
+    config.eval_every_steps = every
 
 
 def parse_value(text: str):
@@ -153,8 +159,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
             raise ValueError(f"config override {item!r} is not key=value.")
         key, text = (part.strip() for part in item.split("=", 1))
         value = parse_value(text)
-        if "." not in key:
-            sections = [name for name in BARE_KEY_SECTIONS if key in config[name]]
+        if "." not in key and not (key in config and not _is_section(config[key])):
+            sections = [n for n in BARE_KEY_SECTIONS if n in config and key in config[n]]
             if len(sections) > 1:
                 raise KeyError(
                     f"config override {item!r}: {key!r} exists in {sections}; give the dotted "
@@ -175,15 +181,64 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
                 f"config override {item!r}: no config key {key!r}; {hint}(model, data and "
                 "top-level keys can be given bare, others need their dotted path)."
             )
-        current = node[leaf]
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(current, str) and not isinstance(value, str):
+        if isinstance(node[leaf], str) and not isinstance(value, str):
             value = text
-        try:
-            node[leaf] = value
-        except TypeError as err:
-            raise TypeError(f"config override {item!r}: {err}") from err
+        _set(node, leaf, value, f"config override {item!r}")
+
+
+def _set(node: ml_collections.ConfigDict, leaf: str, value, where: str) -> None:
+    """``node[leaf] = value`` with the field's type kept (an int is a float where a float is
+    wanted, a list a tuple where a tuple is); a wrong type names ``where``."""
+    current = node[leaf]
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    try:
+        node[leaf] = value
+    except TypeError as err:
+        wanted = node.get_ref(leaf).get_type().__name__
+        raise TypeError(
+            f"{where}: {leaf} must be {wanted}, got {type(value).__name__} {value!r}."
+        ) from err
+
+
+def from_record(path: str) -> ml_collections.ConfigDict:
+    """The pretraining config recorded in ``path`` (a ``config.json`` or a workdir), as
+    ``base_config()`` with every recorded value set; a recorded key the defaults do not have
+    or a value of the wrong type is an error naming it."""
+    import json
+    import os
+
+    from rope_jax.training import workdir
+
+    if os.path.isdir(path):
+        recorded = workdir.recorded_config(path)
+        if recorded is None:
+            raise FileNotFoundError(f"{path} holds no {workdir.CONFIG_FILE}")
+    else:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+    config = base_config()
+    _set_tree(config, recorded, path)
+    return config
+
+
+def _set_tree(node: ml_collections.ConfigDict, values: dict, path: str, prefix: str = "") -> None:
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in node:
+            raise KeyError(f"{path}: recorded key {name!r} is not a pretraining config key.")
+        if isinstance(node[key], ml_collections.ConfigDict):
+            if not isinstance(value, dict):
+                raise TypeError(f"{path}: recorded {name!r} must be a section, got {value!r}.")
+            _set_tree(node[key], value, path, f"{name}.")
+        else:
+            _set(node, key, value, f"{path}: recorded key {name!r}")
+
+
+def _is_section(value) -> bool:
+    return isinstance(value, ml_collections.ConfigDict)
 
 
 def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -195,7 +250,7 @@ def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[st
         else:
             keys.append(prefix + name)
     if not prefix:
-        keys.extend(name for section in BARE_KEY_SECTIONS for name in config[section])
+        keys.extend(name for s in BARE_KEY_SECTIONS if s in config for name in config[s])
     return keys
 
 

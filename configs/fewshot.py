@@ -68,7 +68,11 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
     config.log_every_steps = 25
     config.checkpoint_every_steps = 250
     config.eval_every_steps = 50
-    config.evaluators = [("superglue", 0, {}), ("held_out_loss", 0, {})]
+    # The loop's evaluators: (name, every_steps (None = eval_every_steps, 0 = only after the
+    # last step), kwargs).
+    config.evaluators = [("superglue", None, {}), ("held_out_loss", None, {})]
+    # Fine-tuning dropout (None = keep the checkpoint's): a float field that may be None.
+    config.dropout_rate = ml_collections.config_dict.placeholder(float)
     config.dropout_rate = 0.1
     # PET / P-tuning few-shot: AdamW, lr 1e-5 for the LM (P-tuning), linear decay.
     config.optimizer = optim.default_optimizer_config()

@@ -67,12 +67,7 @@ def get_config(arg: str | None = None):
     config.batch_size = 256
     config.num_train_steps = 1_000_000
     if variant == "tiny":
-        config.data.inputs_length = 128
-        config.batch_size = 16
-        config.num_train_steps = 600
-        config.log_every_steps = 50
-        config.checkpoint_every_steps = 200
-        config.eval_every_steps = 200
+        common.shrink_to_tiny(config)
         config.optimizer.rsqrt_timescale = 100
     common.apply_overrides(config, overrides)
     return config

@@ -57,13 +57,7 @@ def get_config(arg: str | None = None):
     config.batch_size = 256
     config.num_train_steps = 500_000
     if variant == "tiny":
-        config.data.inputs_length = 128
-        config.data.targets_length = 64
-        config.batch_size = 16
-        config.num_train_steps = 600
-        config.log_every_steps = 50
-        config.checkpoint_every_steps = 200
-        config.eval_every_steps = 200
+        common.shrink_to_tiny(config, targets_length=64)
         config.optimizer.rsqrt_timescale = 100
     common.apply_overrides(config, overrides)
     return config

@@ -65,12 +65,7 @@ def get_config(arg: str | None = None):
     config.batch_size = 256
     config.num_train_steps = 1_000_000
     if variant == "tiny":
-        config.data.inputs_length = 128
-        config.batch_size = 16
-        config.num_train_steps = 600
-        config.log_every_steps = 50
-        config.checkpoint_every_steps = 200
-        config.eval_every_steps = 200
+        common.shrink_to_tiny(config)
         config.optimizer.update(learning_rate=2e-3, warmup_steps=50, schedule="cosine")
     elif variant == "small":
         config.batch_size = 128

@@ -4,20 +4,27 @@ Launch (``tiny`` runs on a laptop CPU; ``base`` is the T5-paper-like setting)::
 
   python eval.py --config=configs/superglue.py:tiny --config.task=CB \
       --config.data_dir=/data/super_glue --config.init_checkpoint=runs/t5_tiny --workdir=runs/cb
+  python eval.py --config=configs/superglue.py:tiny,task=CB,data_dir=/data/super_glue \
+      --config.init_checkpoint=runs/t5_tiny --workdir=runs/cb
+
+The argument after the file is a variant and comma-separated overrides, parsed as for the
+pretraining configs (``configs/common.py``: ``split_arg``, ``apply_overrides``).
 
 ``init_checkpoint``: a train.py workdir, a Hugging Face folder (T5/mT5/BERT/RoFormer) or
 "" (random init from ``config.model``, needs ``config.tokenizer``); it is only read.
 Each task trains in ``<workdir>/<task>`` with the train loop of pretraining (``mesh``,
 ``logical_axis_rules``, ``optimizer.grad_accum_steps``, ``prng_impl``, checkpoints, resume:
 run the same command again), evaluates every ``eval_every_steps`` and keeps the best
-validation checkpoint (``evaluators``: ``(name, every_steps or 0 = eval_every_steps,
-kwargs)`` of ``superglue``, ``held_out_loss``, ``loss_by_position``). ``task=all`` runs every
-task folder in ``data_dir`` (AX-b/AX-g with the RTE model) and writes ``summary.md``.
+validation checkpoint (``evaluators``: ``(name, every_steps, kwargs)`` of ``superglue``,
+``held_out_loss``, ``loss_by_position``; every_steps None = ``eval_every_steps``).
+``task=all`` runs every task folder in ``data_dir`` (AX-b/AX-g with the RTE model) and
+writes ``summary.md``.
 Few-shot (FewGLUE): ``--config.train_data_dir=<fewglue> --config.data_dir=<super_glue>``, or
 ``--config.data_dir=<fewglue> --config.eval_split=dev32``.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import common
 from rope_jax.training import optim
@@ -25,10 +32,8 @@ from rope_jax.training import optim
 VARIANTS = ("base", "tiny")
 
 
-def get_config(arg: str = "base") -> ml_collections.ConfigDict:
-    variant = arg or "base"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant, overrides = common.split_arg(arg, VARIANTS)
     config = common.add_loop_keys(ml_collections.ConfigDict())
     config.kind = "superglue"
     config.task = "CB"
@@ -51,9 +56,11 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     config.checkpoint_every_steps = 200
     config.eval_every_steps = 200
-    # The loop's evaluators: (name, every_steps (0 = eval_every_steps), kwargs).
-    config.evaluators = [("superglue", 0, {}), ("held_out_loss", 0, {})]
-    # Fine-tuning dropout (-1 = keep the checkpoint's).
+    # The loop's evaluators: (name, every_steps (None = eval_every_steps, 0 = only after the
+    # last step), kwargs).
+    config.evaluators = [("superglue", None, {}), ("held_out_loss", None, {})]
+    # Fine-tuning dropout (None = keep the checkpoint's): a float field that may be None.
+    config.dropout_rate = config_dict.placeholder(float)
     config.dropout_rate = 0.1
     # Text-to-text decoding: "greedy" or "beam" (beam_size, length penalty alpha of Wu et al.).
     config.decode_method = "greedy"
@@ -101,4 +108,5 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
                 "max_length": 64,
             }
         )
+    common.apply_overrides(config, overrides)
     return config

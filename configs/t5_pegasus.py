@@ -58,15 +58,9 @@ def get_config(arg: str | None = None):
     config.batch_size = 256
     config.num_train_steps = 1_000_000
     if variant == "tiny":
-        config.data.inputs_length = 128
-        config.data.targets_length = 64
-        config.batch_size = 16
         # About 5 CPU-minutes for 600 steps measured on a busy 2-core machine; 300 keep the
         # run to a couple of minutes (a 20-document sample is memorised by step 100).
-        config.num_train_steps = 300
-        config.log_every_steps = 50
-        config.checkpoint_every_steps = 100
-        config.eval_every_steps = 100
+        common.shrink_to_tiny(config, targets_length=64, num_train_steps=300, every=100)
         config.optimizer.rsqrt_timescale = 100
     common.apply_overrides(config, overrides)
     return config

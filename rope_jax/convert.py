@@ -209,9 +209,9 @@ def _t5_config(hf: Mapping[str, Any]) -> dict[str, Any]:
         head_dim=hf["d_kv"],
         d_ff=hf["d_ff"],
         num_layers=hf["num_layers"],
-        # 0 = as many as the encoder (ModelConfig's convention).
+        # None = as many as the encoder (ModelConfig's convention).
         num_decoder_layers=(
-            0
+            None
             if (hf.get("num_decoder_layers") or hf["num_layers"]) == hf["num_layers"]
             else hf["num_decoder_layers"]
         ),

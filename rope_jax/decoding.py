@@ -9,7 +9,11 @@ that is batch-major (leading axis = rows): a flax ``"cache"`` collection (key/va
 softmax attention), the running sums of a causal linear kernel, encoder outputs, masks. Leaves
 with no axes (a flax ``cache_index``) are shared by all rows. Beam search repeats each row's
 state ``beam_size`` times and reorders it by the surviving beams after every step; it treats a
-leaf as per-row when its leading dimension equals the number of rows.
+leaf as per-row when its leading dimension equals the number of rows. A dict state's
+``families.SHARED`` entry ("shared") is the exception: per-input constants (an
+encoder-decoder's encoder output and cross-attention keys/values) that every step reads and
+none writes; beam search neither repeats them per beam nor reorders them, and the step
+function maps beam row ``b * K + k`` to input row ``b``.
 
 Sequences follow Hugging Face ``generate``: ``[B, max_length]`` including the prompt (for an
 encoder-decoder the prompt is the decoder start id: T5's 0, or the tokenizer's
@@ -252,13 +256,17 @@ def greedy(step_fn: StepFn, state: Any, prompt_BP: jax.Array, **kwargs) -> Decod
 
 
 def _map_rows(state: Any, rows: int, fn) -> Any:
-    """Applies ``fn`` to every leaf whose leading axis has ``rows`` entries."""
+    """Applies ``fn`` to every leaf whose leading axis has ``rows`` entries, except under a
+    dict state's ``families.SHARED`` entry (per input row, shared by its beams)."""
 
     def leaf_fn(leaf):
         if hasattr(leaf, "ndim") and leaf.ndim >= 1 and leaf.shape[0] == rows:
             return fn(leaf)
         return leaf
 
+    if isinstance(state, dict) and families.SHARED in state:
+        rest = {key: value for key, value in state.items() if key != families.SHARED}
+        return {**jax.tree_util.tree_map(leaf_fn, rest), families.SHARED: state[families.SHARED]}
     return jax.tree_util.tree_map(leaf_fn, state)
 
 

@@ -20,6 +20,7 @@ from jax import lax
 
 from rope_jax import attention as attention_lib
 from rope_jax.attention import masks
+from rope_jax.dropout import Dropout
 from rope_jax.model_config import KERNEL_TRAITS, ModelConfig
 from rope_jax.positions import RopeSpec, apply_rope, rope_ntk_base
 from rope_jax.projections import (
@@ -192,7 +193,7 @@ class MLP(nn.Module):
         else:
             hidden_BLF = act(wi(name="wi")(x_BLE))
         hidden_BLF = constrain(hidden_BLF, ("batch", "length", "mlp"))
-        hidden_BLF = nn.Dropout(cfg.dropout_rate)(hidden_BLF, deterministic=deterministic)
+        hidden_BLF = Dropout(cfg.dropout_rate)(hidden_BLF, deterministic=deterministic)
         wo_init = dense_init(cfg, (0,), (1,))
         return dense((cfg.d_model,), ("mlp", "embed"), wo_init, name="wo")(hidden_BLF)
 
@@ -390,31 +391,53 @@ class MultiHeadAttention(nn.Module):
         return k_BSHD, v_BSHD
 
     def _cross_keys_values(self, x_kv, decode: bool):
-        if not decode:
-            return self._keys_values(x_kv)
-        initialized = self.has_variable("cache", "cross_key")
-        shape = x_kv.shape[:2] + (self.config.num_heads, self.config.head_dim)
-        dtype = self.config.compute_dtype
-        cached_key = self.variable("cache", "cross_key", jnp.zeros, shape, dtype)
-        cached_value = self.variable("cache", "cross_value", jnp.zeros, shape, dtype)
-        filled = self.variable("cache", "cross_filled", lambda: jnp.zeros((), bool))
-        if not initialized:
-            return self._keys_values(x_kv)
+        """Cross-attention keys and values ``[B, S, H, D]``; stored in "cross_cache" when
+        decoding with that collection mutable.
 
-        def project(module, x):
-            return module._keys_values(x)
-
-        def reuse(module, x):
-            del x
-            return (
-                module.get_variable("cache", "cross_key"),
-                module.get_variable("cache", "cross_value"),
+        The encoder output is the same at every decoding step, so its key/value projections
+        are computed once before the loop (``EncoderDecoderTask.encode_for_decoding`` applies
+        the decoder with ``mutable=["cross_cache"]``, which stores them here) and then read
+        each step (:meth:`_read_cross_cache`) from a collection that is not mutable: they
+        stay loop constants instead of being carried, copied and (in beam search) repeated
+        and reordered per step. Stored heads-major, keys ``[B, H, D, S]`` and values ``[B,
+        H, S, D]``, the layouts of ``softmax_attention_heads_major``. A decode call without
+        that collection computes them from ``x_kv`` (Hugging Face's Flax T5 does that at
+        every step).
+        """
+        k_BSHD, v_BSHD = self._keys_values(x_kv)
+        if decode and self.is_mutable_collection("cross_cache"):
+            dtype = self.config.compute_dtype
+            self.put_variable("cross_cache", "key", jnp.einsum("BSHD->BHDS", k_BSHD).astype(dtype))
+            self.put_variable(
+                "cross_cache", "value", jnp.einsum("BSHD->BHSD", v_BSHD).astype(dtype)
             )
-
-        k_BSHD, v_BSHD = nn.cond(filled.value, reuse, project, self, x_kv)
-        cached_key.value, cached_value.value = k_BSHD, v_BSHD
-        filled.value = jnp.ones((), bool)
         return k_BSHD, v_BSHD
+
+    def _read_cross_cache(self, decode: bool):
+        """``(k_BHDS, v_BHSD)`` from "cross_cache" while decoding, else None."""
+        if decode and self.cross and self.has_variable("cross_cache", "key"):
+            return self.get_variable("cross_cache", "key"), self.get_variable(
+                "cross_cache", "value"
+            )
+        return None
+
+    def _cached_cross(self, q_RTHD, k_BHDS, v_BHSD, mask):
+        """Softmax cross-attention to the stored keys/values; ``R = B * G`` query rows (beam
+        search: row ``b * G + g`` belongs to encoder row ``b``) are attended as ``G * T``
+        queries of their encoder row, as in :meth:`_grouped_cross`."""
+        rows, length, heads, head_dim = q_RTHD.shape
+        kv_rows = k_BHDS.shape[0]
+        if rows % kv_rows:
+            raise ValueError(
+                f"{self.name}: {rows} query rows cannot share {kv_rows} encoder rows; the "
+                f"decoder batch must be a multiple of the encoder batch (beam rows b * K + k)."
+            )
+        group = rows // kv_rows
+        q_BGHD = q_RTHD.reshape(kv_rows, group * length, heads, head_dim)
+        out_BGHD = attention_lib.softmax_attention_heads_major(
+            q_BGHD, k_BHDS, v_BHSD, mask=mask, **self._kernel_kwargs(None, None, 0, 0)
+        )
+        return out_BGHD.reshape(rows, length, heads, head_dim)
 
     @nn.compact
     def __call__(
@@ -452,14 +475,23 @@ class MultiHeadAttention(nn.Module):
           decode: incremental decoding with the "cache" collection (never drops weights).
         """
         cfg = self.config
+        cross_cache = self._read_cross_cache(decode)
         if self.cross:
             q_BTHD = self.query(x_q_BTE)
-            k_BSHD, v_BSHD = self._cross_keys_values(x_kv_BSE, decode)
+            if cross_cache is None:
+                k_BSHD, v_BSHD = self._cross_keys_values(x_kv_BSE, decode)
+            elif self.kernel_name != "softmax":
+                k_BHDS, v_BHSD = cross_cache
+                k_BSHD = jnp.einsum("BHDS->BSHD", k_BHDS)
+                v_BSHD = jnp.einsum("BHSD->BSHD", v_BHSD)
+                cross_cache = None
         else:
             # q, k and v as one [E, 3, H, D] product (projections.fused_projections).
             q_BTHD, k_BSHD, v_BSHD = fused_projections(x_q_BTE, [self.query, self.key, self.value])
         q_BTHD = q_BTHD * self._query_multiplier()
         q_BTHD = constrain(q_BTHD, ("batch", "length", "heads", "kv"))
+        if cross_cache is not None:
+            return self.out(self._cached_cross(q_BTHD, *cross_cache, mask))
 
         if decode and not self.cross:
             # The new keys sit at the new tokens' positions; kv_positions covers the cache.
@@ -477,6 +509,9 @@ class MultiHeadAttention(nn.Module):
             return self.out(out_BTHD)
 
         q_offset = self._cross_query_offset(q_BTHD.shape[1]) if decode and self.cross else 0
+        if self.cross and q_BTHD.shape[0] != k_BSHD.shape[0]:
+            out_BTHD = self._grouped_cross(q_BTHD, k_BSHD, v_BSHD, mask, kv_valid_BS, q_offset)
+            return self.out(out_BTHD)
         out_BTHD = self._attend(
             q_BTHD,
             k_BSHD,
@@ -492,6 +527,39 @@ class MultiHeadAttention(nn.Module):
             kv_segment_ids=None if decode else kv_segment_ids,
         )
         return self.out(out_BTHD)
+
+    def _grouped_cross(self, q_RTHD, k_BSHD, v_BSHD, mask, kv_valid_BS, q_offset):
+        """Cross-attention of ``R = B * G`` query rows to ``B`` encoder rows (beam search).
+
+        Query row ``b * G + g`` belongs to encoder row ``b`` (``jnp.repeat`` order, as
+        ``decoding.beam_search`` expands rows). Softmax attention treats every query on its
+        own, so the ``G`` rows of one encoder row are attended as ``G * T`` queries of one
+        row: the same result without repeating the encoder keys/values ``G`` times. Other
+        kernels (Nystrom landmarks are means over the queries; the random synthesizer's
+        logits depend on the query slot) get the keys, values and masks repeated.
+        """
+        rows, length, heads, head_dim = q_RTHD.shape
+        kv_rows = k_BSHD.shape[0]
+        if rows % kv_rows:
+            raise ValueError(
+                f"{self.name}: {rows} query rows cannot share {kv_rows} encoder rows; the "
+                f"decoder batch must be a multiple of the encoder batch (beam rows b * K + k)."
+            )
+        group = rows // kv_rows
+        if self.kernel_name == "softmax":
+            q_BGHD = q_RTHD.reshape(kv_rows, group * length, heads, head_dim)
+            out_BGHD = self._attend(q_BGHD, k_BSHD, v_BSHD, mask, kv_valid_BS, None, None, None)
+            return out_BGHD.reshape(rows, length, heads, head_dim)
+
+        def repeat(x):
+            if x is None or x.ndim == 0 or x.shape[0] != kv_rows:
+                return x
+            return jnp.repeat(x, group, axis=0)
+
+        k_RSHD, v_RSHD, mask, kv_valid_RS = (repeat(x) for x in (k_BSHD, v_BSHD, mask, kv_valid_BS))
+        return self._attend(
+            q_RTHD, k_RSHD, v_RSHD, mask, kv_valid_RS, None, None, None, q_offset=q_offset
+        )
 
     def _dropout_kwargs(self, deterministic: bool) -> dict:
         """Attention-weight dropout arguments for kernels that take them (T5, BERT)."""

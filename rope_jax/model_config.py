@@ -23,10 +23,11 @@ Three presets show how published architectures are expressed:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any
 
 import jax.numpy as jnp
+
+from rope_jax import config_fields
 
 FAMILIES = ("encoder", "encoder_decoder", "decoder")
 MLP_ACTIVATIONS = ("gated-gelu", "gelu", "relu", "gated-silu")
@@ -89,8 +90,8 @@ class ModelConfig:
     d_ff: int = 1024
     # Encoder layers (encoder, encoder_decoder) or decoder layers (decoder family).
     num_layers: int = 8
-    # Decoder layers of an encoder_decoder; 0 means the same as num_layers.
-    num_decoder_layers: int = 0
+    # Decoder layers of an encoder_decoder; None means the same as num_layers.
+    num_decoder_layers: int | None = None
     mlp_activation: str = "gated-gelu"
     # True: tanh approximation (T5 v1.1 "gelu_new"); False: exact erf GELU (HF BERT "gelu").
     gelu_approximate: bool = True
@@ -148,7 +149,7 @@ class ModelConfig:
 
     @property
     def decoder_layers(self) -> int:
-        return self.num_decoder_layers or self.num_layers
+        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
 
     @property
     def decoder_self_attention(self) -> str:
@@ -163,35 +164,13 @@ class ModelConfig:
         return self.mlp_activation.startswith("gated-")
 
 
-def _field_types() -> dict[str, type]:
-    hints = {"int": int, "float": float, "str": str, "bool": bool}
-    return {f.name: hints[f.type] for f in dataclasses.fields(ModelConfig)}
-
-
 def model_config_from_dict(d: Any) -> ModelConfig:
     """Builds and validates a ModelConfig from a dict or an ``ml_collections.ConfigDict``.
 
-    An unknown key or a value of the wrong type is an error naming the key.
+    An unknown key or a value of the wrong type is an error naming the key
+    (``config_fields.from_mapping``).
     """
-    if hasattr(d, "to_dict"):
-        d = d.to_dict()
-    types = _field_types()
-    values = {}
-    for key, value in dict(d).items():
-        if key not in types:
-            close = difflib.get_close_matches(key, types, n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"Unknown model config key {key!r}.{hint}")
-        want = types[key]
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise ValueError(
-                f"Model config key {key!r} must be {want.__name__}, got {type(value).__name__} "
-                f"{value!r}."
-            )
-        values[key] = value
-    cfg = ModelConfig(**values)
+    cfg = config_fields.from_mapping(ModelConfig, d, "model")
     validate_model_config(cfg)
     return cfg
 
@@ -374,7 +353,12 @@ def validate_model_config(
             f"type_vocab_size and num_labels belong to family='encoder' (BERT-style token "
             f"types and classification head); family={cfg.family!r} has neither."
         )
-    if cfg.num_decoder_layers and cfg.family != "encoder_decoder":
+    if cfg.num_decoder_layers is not None and cfg.num_decoder_layers < 1:
+        raise ValueError(
+            f"num_decoder_layers must be positive, got {cfg.num_decoder_layers}; None (the "
+            f"default) gives the decoder num_layers layers."
+        )
+    if cfg.num_decoder_layers is not None and cfg.family != "encoder_decoder":
         raise ValueError(
             f"num_decoder_layers only applies to family='encoder_decoder'; for "
             f"family={cfg.family!r} set num_layers."

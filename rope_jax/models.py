@@ -29,7 +29,10 @@ brackets; ``bias`` entries only with ``use_bias``)::
 ``<stack>`` is ``encoder`` (Encoder, EncoderDecoder) or ``decoder`` (EncoderDecoder, Decoder).
 RMSNorm has only ``scale``. Non-trainable Performer projections live in the
 "random_features" collection at ``<stack>/layers_{i}/<attention>/projection`` ``[M, D]``;
-the decode cache in the "cache" collection (see ``init_cache``).
+the decode cache in the "cache" collection (see ``init_cache``); the decoder's
+cross-attention keys/values, computed once per encoder input, in the read-only
+"cross_cache" collection at ``decoder/layers_{i}/cross_attention/{key,value}``, keys ``[B,
+H, D, S]`` and values ``[B, H, S, D]`` (``families.EncoderDecoderTask.encode_for_decoding``).
 
 The relative-position bias table lives at stack level: T5 computes it in layer 0 and every
 layer of the stack reuses it, which is what the stack does (HF name
@@ -49,6 +52,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rope_jax.attention import masks
+from rope_jax.dropout import Dropout
 from rope_jax.layers import (
     MLP,
     DenseGeneral,
@@ -120,7 +124,7 @@ class TransformerLayer(nn.Module):
         kernels that take segment ids instead of a full mask (``KernelTraits.segments``)."""
         cfg = self.config
         pre = cfg.norm_placement == "pre"
-        dropout = nn.Dropout(cfg.dropout_rate)
+        dropout = Dropout(cfg.dropout_rate)
 
         def sublayer(x, norm_name, fn):
             if pre:
@@ -298,7 +302,7 @@ class TransformerStack(nn.Module):
             x_BLE = x_BLE + self._absolute_positions(positions_BL, table_length)
         if cfg.norm_placement == "post":
             x_BLE = make_norm(cfg, "embedding_norm")(x_BLE)
-        x_BLE = nn.Dropout(cfg.dropout_rate)(x_BLE, deterministic=deterministic)
+        x_BLE = Dropout(cfg.dropout_rate)(x_BLE, deterministic=deterministic)
         x_BLE = constrain(x_BLE.astype(cfg.compute_dtype), ("batch", "length", "embed"))
 
         self_bias = None
@@ -365,7 +369,7 @@ class TransformerStack(nn.Module):
             )
         if cfg.norm_placement == "pre":
             x_BLE = make_norm(cfg, "final_norm")(x_BLE)
-            x_BLE = nn.Dropout(cfg.dropout_rate)(x_BLE, deterministic=deterministic)
+            x_BLE = Dropout(cfg.dropout_rate)(x_BLE, deterministic=deterministic)
         return x_BLE
 
 
@@ -449,7 +453,7 @@ class Encoder(nn.Module):
                 dense_init(cfg, (0,), (1,)),
                 float32_output=True,
             )
-            self.classifier_dropout = nn.Dropout(cfg.dropout_rate)
+            self.classifier_dropout = Dropout(cfg.dropout_rate)
         else:
             self.mlm_head = MLMHead(cfg)
 

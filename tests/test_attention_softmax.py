@@ -15,6 +15,7 @@ from rope_jax.attention import (
     padding_mask,
     random_synthesizer_attention,
     segment_mask,
+    softmax_attention_heads_major,
 )
 from rope_jax.attention import softmax_attention as eager_softmax_attention
 from rope_jax.positions import RopeSpec
@@ -54,6 +55,24 @@ def test_matches_float64_reference(use_padding, use_causal, use_bias):
     expected = reference_attention(q, k, v, mask=mask_array, bias=bias)
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_heads_major_keys_values_match_float64_reference(use_bias):
+    # Keys [B, H, D, S] and values [B, H, S, D] (decoding's stored cross-attention layout):
+    # the same attention as [B, S, H, D], padding mask and a bias included.
+    q, k, v = random_qkv(3, length=3, kv_length=6)
+    mask = padding_mask(np.array([[1] * 6, [1] * 4 + [0] * 2]))
+    bias = np.random.default_rng(4).normal(size=(1, 2, 3, 6)).astype(np.float32)
+    bias = bias if use_bias else None
+    out = jax.jit(softmax_attention_heads_major)(
+        q, np.einsum("bshd->bhds", k), np.einsum("bshd->bhsd", v), mask=mask, bias=bias
+    )
+    expected = reference_attention(q, k, v, mask=np.asarray(mask), bias=bias)
+    assert out.shape == q.shape and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"k \[B, H, D, S\] and v \[B, H, S, D\]"):
+        softmax_attention_heads_major(q, k, v)
 
 
 def test_causal_keyword_aligns_last_query_with_last_key():
@@ -174,11 +193,15 @@ def test_dropout_matches_float64_reference_with_documented_keep_mask():
     rate, key = 0.4, jax.random.key(3)
     out = eager_softmax_attention(q, k, v, mask=mask, bias=bias, dropout_rate=rate, dropout_rng=key)
     # The documented rule, drawn here independently of the kernel.
-    keep = np.asarray(jax.random.bernoulli(key, 1.0 - rate, (2, 2, 6, 6)))
+    # 16 random bits per weight, low half of each 32-bit word first (rope_jax.dropout).
+    words = np.asarray(jax.random.bits(key, (2 * 2 * 6 * 6 // 2,), jnp.uint32))
+    threshold = round(rate * 65536)
+    keep = (words.astype("<u4").view("<u2") >= threshold).reshape(2, 2, 6, 6)
+    keep_prob = 1.0 - threshold / 65536
     weights = _reference_weights(q, k, mask, bias)
     assert keep[weights > 0].any() and not keep[weights > 0].all()
     v64 = np.asarray(v, np.float64)
-    expected = np.einsum("bhts,bshd->bthd", weights * keep / (1.0 - rate), v64)
+    expected = np.einsum("bhts,bshd->bthd", weights * keep / keep_prob, v64)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
     # The comparison tells apart a missing rescale and a different keep mask.
     unscaled = np.einsum("bhts,bshd->bthd", weights * keep, v64)

@@ -349,8 +349,11 @@ def test_eval_pipeline_pads_to_static_shapes(tokenizer):
 
 def test_config_from_dict_rejects_unknown_keys():
     assert pipeline.data_config_from_dict({"objective": "mlm"}).kind == "encoder"
-    with pytest.raises(ValueError, match="unknown data config keys"):
+    with pytest.raises(ValueError, match="data.batchsize is not a config key.*data.batch_size"):
         pipeline.data_config_from_dict({"objective": "mlm", "batchsize": 3})
+    with pytest.raises(ValueError, match="data.targets_length must be int, got str"):
+        pipeline.data_config_from_dict({"targets_length": "64"})
+    assert pipeline.data_config_from_dict({"targets_length": None}).targets_length is None
     with pytest.raises(ValueError, match="unknown objective"):
         pipeline.DataConfig(objective="mass")
     assert pipeline.data_config_from_dict({"num_workers": 8}).num_workers == 8

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rope_jax import decoding
+from rope_jax import decoding, families
 
 VOCAB = 11
 EOS = 1
@@ -411,6 +411,90 @@ def test_beam_search_on_model_scores_at_least_greedy():
         model, params, inputs, method="beam", beam_size=1, alpha=0.0, **kwargs
     )
     np.testing.assert_array_equal(single.sequences[:, 0], greedy.sequences)
+
+
+def test_beam_search_neither_repeats_nor_reorders_the_shared_entry():
+    """State under families.SHARED stays one row per input (the step maps beam rows to
+    it); the search equals one whose state carries the same values repeated per beam."""
+    params = _toy_params(2, eos_bias=0.5)
+    batch, beam_size = 3, 3
+    bias_BV = jnp.asarray(np.random.default_rng(7).normal(size=(batch, VOCAB)), jnp.float32)
+    prompt = np.array([[3], [6], [7]], np.int32)
+    toy_step_fn = _toy_step_fn(params)
+
+    def shared_step_fn(token_ids_R, state):
+        shared_BV = state[families.SHARED]["bias"]
+        assert shared_BV.shape == (batch, VOCAB), shared_BV.shape
+        logits_RV, toy = toy_step_fn(token_ids_R, state["toy"])
+        group = token_ids_R.shape[0] // batch
+        return logits_RV + jnp.repeat(shared_BV, group, axis=0), {**state, "toy": toy}
+
+    def per_row_step_fn(token_ids_R, state):
+        logits_RV, toy = toy_step_fn(token_ids_R, state["toy"])
+        return logits_RV + state["bias"], {**state, "toy": toy}
+
+    kwargs = dict(beam_size=beam_size, max_length=10, eos_id=EOS, alpha=0.6)
+    shared = {"toy": _toy_state(batch), families.SHARED: {"bias": bias_BV}}
+    got = jax.jit(lambda s: decoding.beam_search(shared_step_fn, s, prompt, **kwargs))(shared)
+    per_row = {"toy": _toy_state(batch), "bias": bias_BV}
+    want = jax.jit(lambda s: decoding.beam_search(per_row_step_fn, s, prompt, **kwargs))(per_row)
+    np.testing.assert_array_equal(got.sequences, want.sequences)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6)
+
+
+def _beam_with_encoder_in_state(model, params, variables, inputs, **kwargs):
+    """Beam search whose state carries the encoder side per row (repeated, reordered)."""
+    task = families.as_task(model)
+    state, _ = task.decode_start(
+        params,
+        jnp.asarray(inputs),
+        max_length=kwargs["max_length"],
+        variables=variables,
+        use_cache=True,
+    )
+    state = {"cache": state["cache"], **state[families.SHARED]}
+    step_fn = task.step_fn(params, variables)
+    prompt = jnp.zeros((inputs.shape[0], 1), jnp.int32)
+    return jax.jit(lambda s: decoding.beam_search(step_fn, s, prompt, **kwargs))(state)
+
+
+@pytest.mark.parametrize("cross_attention", ["softmax", "performer", "random_synthesizer"])
+def test_beam_search_with_shared_encoder_keys_equals_repeated(cross_attention):
+    """generate keeps one copy of each encoder row's cross-attention keys/values for its
+    beams (softmax: beams attended as queries of one row; other kernels: repeated per step);
+    scores and sequences equal beam search with the encoder side repeated in the state."""
+    model, params, variables = _tiny_model("encoder_decoder", cross_attention=cross_attention)
+    inputs = np.array([[5, 6, 7, 8, 9, 1], [10, 11, 1, 0, 0, 0], [4, 9, 9, 2, 1, 0]], np.int32)
+    kwargs = dict(beam_size=3, max_length=9, alpha=0.6)
+    want = _beam_with_encoder_in_state(model, params, variables, inputs, **kwargs)
+    got = decoding.generate(model, params, inputs, method="beam", variables=variables, **kwargs)
+    np.testing.assert_array_equal(got.sequences, want.sequences)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_cache_holds_encoder_projections_once():
+    """The cross-attention keys/values are the key/value projections of the encoder output,
+    one array per layer, and the carried decode cache has none."""
+    model, params, variables = _tiny_model("encoder_decoder")
+    inputs = jnp.asarray([[5, 6, 7, 8, 9, 1], [10, 11, 1, 0, 0, 0]], jnp.int32)
+    encoder = families.as_task(model).encode_for_decoding(params, inputs, variables)
+    layer = params["decoder"]["layers_1"]["cross_attention"]
+    # Stored heads-major: keys [B, H, D, S], values [B, H, S, D].
+    want_key = np.einsum("BSE,EHD->BHDS", encoder["encoded"], layer["key"]["kernel"])
+    want_value = np.einsum("BSE,EHD->BHSD", encoder["encoded"], layer["value"]["kernel"])
+    got = encoder["cross_cache"]["decoder"]["layers_1"]["cross_attention"]
+    np.testing.assert_allclose(got["key"], want_key, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["value"], want_value, rtol=1e-5, atol=1e-5)
+    assert got["key"].shape == (2, 4, 8, 6)
+    cache = models_init_cache(model, 2, 9, 6)
+    names = {path[-1].key for path, _ in jax.tree_util.tree_leaves_with_path(cache)}
+    assert not names & {"key", "value", "cross_key", "cross_value"}, names
+
+
+def models_init_cache(model, batch, max_length, encoder_length):
+    from rope_jax import models
+
+    return models.init_cache(model, batch, max_length, encoder_length=encoder_length)
 
 
 def test_greedy_matches_hf_t5_generate(tmp_path):

@@ -243,6 +243,23 @@ def test_a_bad_variant_names_the_choices(capsys):
     assert line.endswith("unknown variant 'huge'; choose one of ('tiny', 'small', 'base').")
 
 
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("tiny,taks=CB", "no config key 'taks'; did you mean task?"),
+        ("tiny,max_input_length=long", "max_input_length must be int, got str 'long'."),
+        ("huge", "unknown variant 'huge'; choose one of ('base', 'tiny')."),
+    ],
+)
+def test_superglue_variant_mistakes_end_with_one_line_naming_the_key(arg, message, capsys):
+    config = os.path.join(ROOT, "configs", "superglue.py") + f":{arg}"
+    with pytest.raises(SystemExit) as exited:
+        _parse(["eval.py", f"--config={config}"])
+    assert exited.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
 def test_the_printed_tensorboard_command_works(tmp_path, monkeypatch):
     command = metrics.tensorboard_command(str(tmp_path / "tensorboard"))
     script = command.split(" --logdir")[0]

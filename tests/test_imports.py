@@ -107,3 +107,24 @@ def test_floors_point_down(low, high):
                 seen.add(target)
                 todo.append(target)
     assert high not in seen
+
+
+def test_library_runs_train_from_their_config_alone():
+    """No library module or entry point hands ``train_and_evaluate`` its own model or inputs
+    (``model=``, ``model_cfg=``, ``inputs=`` are for tests): a run's ``config.json`` then
+    always names what it trained, so any run (an ablation cell too) can be re-run from it."""
+    paths = list(_modules().values())
+    paths += [os.path.join(os.path.dirname(ROOT), name) for name in ("train.py", "eval.py")]
+    found = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", getattr(node.func, "id", "")) == "train_and_evaluate"
+            ):
+                given = {k.arg for k in node.keywords} & {"model", "model_cfg", "inputs"}
+                if given:
+                    found.append(f"{os.path.relpath(path, os.path.dirname(ROOT))}: {sorted(given)}")
+    assert found == []

@@ -115,8 +115,8 @@ def test_default_max_predictions_follows_bert_and_leaves_room_for_packing():
     assert losses.default_max_predictions(1.0, 10) == 10  # never more than the row
     with pytest.raises(ValueError, match="mask_rate"):
         losses.default_max_predictions(0.0, 128)
-    assert losses.resolve_max_predictions(-1, objective="mlm", mask_rate=0.15, length=512) == 96
-    assert losses.resolve_max_predictions(-1, objective="span_corruption", mask_rate=0.15,
+    assert losses.resolve_max_predictions(None, objective="mlm", mask_rate=0.15, length=512) == 96
+    assert losses.resolve_max_predictions(None, objective="span_corruption", mask_rate=0.15,
                                           length=512) == 0  # fmt: skip
     assert losses.resolve_max_predictions(0, objective="mlm", mask_rate=0.15, length=512) == 0
     with pytest.raises(ValueError, match="exceeds the row length"):
@@ -292,8 +292,10 @@ def test_fused_projections_equal_the_separate_products_and_their_gradients():
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     grads = jax.grad(lambda p: total(True, p))(params)
     want_grads = jax.grad(lambda p: total(False, p))(params)
+    # float32 rounding of sums whose terms reach ~14: scale the absolute tolerance with them
+    # (the fused and separate products may add in another order).
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
 def test_cross_entropy_with_z_loss_has_the_float64_gradient():

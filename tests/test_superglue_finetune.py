@@ -252,6 +252,21 @@ def test_workdir_tokenizer_keeps_the_vocabulary_it_was_trained_for(tmp_path):
     assert codec.tokenizer.sentinel_id(0) == trained.sentinel_id(0) == 999
 
 
+def test_a_bytes_workdir_fine_tunes_with_byte_ids(tmp_path, monkeypatch):
+    """A train.py run with ``tokenizer.kind=bytes`` (an ablation cell) caches no tokenizer
+    file: fine-tuning from it encodes text as the run did, UTF-8 bytes + 3."""
+    config = _config(tmp_path, "encoder")
+    source = tmp_path / "cell"
+    (source / "checkpoints").mkdir(parents=True)
+    record = {"model": config.model.to_dict(), "tokenizer": {"kind": "bytes"}}
+    (source / "config.json").write_text(json.dumps(record))
+    monkeypatch.setattr(pretrained, "_restore_params", lambda path: ({}, {}, f"{path}/0"))
+    config.init_checkpoint = str(source)
+    codec = pretrained.load_source(config).codec
+    assert codec.encode("hé") == [ord("h") + 3, 0xC3 + 3, 0xA9 + 3]
+    assert codec.decode(codec.encode("hé") + [codec.eos_id, 7]) == "hé"
+
+
 @pytest.mark.parametrize(
     "broken,content,error,message",
     [

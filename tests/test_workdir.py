@@ -222,7 +222,7 @@ def test_second_sigint_stops_at_once_without_saving(tmp_path):
 
 def test_a_num_train_steps_change_that_moves_the_schedule_is_reported():
     recorded = toy_train_config(num_train_steps=100).to_dict()
-    recorded["optimizer"].update(decay_steps=0, schedule="cosine", warmup_steps=10)
+    recorded["optimizer"].update(decay_steps=None, schedule="cosine", warmup_steps=10)
     new = json.loads(json.dumps(recorded))
     new["num_train_steps"] = 200
     resume = workdir.Resume(
@@ -338,16 +338,15 @@ def test_a_cell_stopped_by_a_signal_stops_the_ablation_grid(monkeypatch, tmp_pat
     """eval.py's ablation trains one cell after another; a Ctrl-C that saved one cell must
     not let the grid go on to the next."""
     from configs import ablation as ablation_config
-    from rope_jax.evaluation import ablation
+    from rope_jax.experiments import ablation, ablation_grid
     from rope_jax.training import interrupts, trainer
 
     config = ablation_config.get_config("tiny")
-    cell = next(c for c in ablation.grid(config) if not c.skip_reason)
+    cell = next(c for c in ablation_grid.grid(config) if not c.skip_reason)
     stopped = trainer.TrainResult(None, {}, {}, str(tmp_path), stop_signal=signal.SIGINT)
     monkeypatch.setattr(trainer, "train_and_evaluate", lambda *args, **kwargs: stopped)
-    tokens = np.arange(4096, dtype=np.int32) % 200
     with pytest.raises(interrupts.StoppedBySignal) as raised:
-        ablation._train(cell, config, str(tmp_path), ablation.Track(), tokens)
+        ablation._train(ablation_grid.seeded(cell, 0), str(tmp_path), config)
     assert interrupts.exit_code(raised.value.signum) == 130
 
 

@@ -17,7 +17,11 @@ from rope_jax.attention.masks import causal_mask, combine_masks, padding_mask, s
 from rope_jax.attention.nystrom import iterative_pinv, nystrom_attention
 from rope_jax.attention.performer import performer_attention, performer_projection
 from rope_jax.attention.registry import ATTENTION_FNS, get_attention_fn
-from rope_jax.attention.softmax import masked_softmax, softmax_attention
+from rope_jax.attention.softmax import (
+    masked_softmax,
+    softmax_attention,
+    softmax_attention_heads_major,
+)
 from rope_jax.attention.synthesizer import random_synthesizer_attention
 
 # Recurrent (incremental decoding) forms of the causal linear-family kernels.
@@ -49,6 +53,7 @@ __all__ = [
     "random_synthesizer_attention",
     "segment_mask",
     "softmax_attention",
+    "softmax_attention_heads_major",
     "taylor_attention",
     "taylor_features",
     "taylor_init_state",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rope_jax import dropout as dropout_lib
 from rope_jax.attention import _inputs
 from rope_jax.attention.masks import causal_mask, combine_masks
 
@@ -77,9 +78,10 @@ def softmax_attention(
         other dropout layers).
       dropout_rng: PRNG key; dropout applies only when it is given and ``dropout_rate > 0``
         (otherwise the result is exactly that of plain attention, as for evaluation).
-        The keep mask is ``jax.random.bernoulli(dropout_rng, 1 - dropout_rate, [B, H, T,
-        S])`` and kept weights are scaled by ``1 / (1 - dropout_rate)`` (inverted dropout),
-        in float32, before the weighted sum of values. Each batch row and head draws its
+        The keep mask is ``rope_jax.dropout.keep_mask(dropout_rng, dropout_rate, [B, H, T,
+        S])`` (16 random bits per weight: the rate is resolved to 2**-16) and kept weights
+        are scaled by the inverse keep probability (inverted dropout), in float32, before
+        the weighted sum of values. Each batch row and head draws its
         own mask, as in BERT and the Hugging Face T5; Flax's ``dot_product_attention``
         defaults instead to one mask shared across batch and heads.
 
@@ -108,9 +110,52 @@ def softmax_attention(
         logits_BHTS = logits_BHTS + jnp.asarray(bias).astype(jnp.float32)
     weights_BHTS = masked_softmax(logits_BHTS, mask)
     if dropout_rng is not None and dropout_rate > 0.0:
-        keep_prob = 1.0 - dropout_rate
-        keep_BHTS = jax.random.bernoulli(dropout_rng, keep_prob, weights_BHTS.shape)
         # Masked weights are exactly 0 and stay 0 whether kept or dropped.
-        weights_BHTS = jnp.where(keep_BHTS, weights_BHTS / jnp.float32(keep_prob), 0.0)
+        weights_BHTS = dropout_lib.dropout(weights_BHTS, dropout_rate, dropout_rng)
     out_BTHD = jnp.einsum("BHTS,BSHD->BTHD", weights_BHTS.astype(v_BSHD.dtype), v_BSHD)
     return out_BTHD.astype(q_BTHD.dtype)
+
+
+def softmax_attention_heads_major(q_BTHD, k_BHDS, v_BHSD, *, mask=None, bias=None, scale=None):
+    """:func:`softmax_attention` (no dropout, no RoPE) with keys ``[B, H, D, S]`` and values
+    ``[B, H, S, D]``.
+
+    Those are the operand layouts XLA's batched dot wants (batch dimensions first, then the
+    contracted and the free dimension of the right-hand operand); given ``[B, S, H, D]`` it
+    transposes keys and values at every call. Decoding reads the same encoder keys/values at
+    every step (``layers.MultiHeadAttention``'s "cross_cache"), so they are stored once in
+    this layout: on CPU the per-step transposes of T5-small's eight layers moved about 100 MB
+    per token, more than the weights of the decoder layers. Same arguments and result
+    otherwise (``[B, T, H, D]`` in q's dtype, float32 logits and softmax, masked weights
+    exactly 0).
+    """
+    if (
+        q_BTHD.ndim != 4
+        or k_BHDS.ndim != 4
+        or v_BHSD.shape
+        != (
+            k_BHDS.shape[0],
+            k_BHDS.shape[1],
+            k_BHDS.shape[3],
+            k_BHDS.shape[2],
+        )
+    ):
+        raise ValueError(
+            f"softmax_attention_heads_major: q must be [B, T, H, D], k [B, H, D, S] and v "
+            f"[B, H, S, D], got shapes {q_BTHD.shape}, {k_BHDS.shape}, {v_BHSD.shape}."
+        )
+    batch, _, heads, head_dim = q_BTHD.shape
+    if k_BHDS.shape[:3] != (batch, heads, head_dim):
+        raise ValueError(
+            f"softmax_attention_heads_major: k {k_BHDS.shape} must be [B, H, D, S] with q's "
+            f"batch, heads and head_dim {q_BTHD.shape}."
+        )
+    if scale is None:
+        scale = q_BTHD.shape[3] ** -0.5
+    logits_BHTS = jnp.einsum("BTHD,BHDS->BHTS", q_BTHD, k_BHDS, preferred_element_type=jnp.float32)
+    logits_BHTS = logits_BHTS * jnp.float32(scale)
+    if bias is not None:
+        logits_BHTS = logits_BHTS + jnp.asarray(bias).astype(jnp.float32)
+    weights_BHTS = masked_softmax(logits_BHTS, mask)
+    out_BHTD = jnp.einsum("BHTS,BHSD->BHTD", weights_BHTS.astype(v_BHSD.dtype), v_BHSD)
+    return jnp.einsum("BHTD->BTHD", out_BHTD).astype(q_BTHD.dtype)

@@ -40,7 +40,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from rope_jax import objectives
+from rope_jax import config_fields, objectives
 from rope_jax.data.corpora import CorpusStats, DocumentIndex
 from rope_jax.data.embedded import embedded_corpus
 from rope_jax.data.examples import OBJECTIVES, ExampleMaker, model_kind
@@ -51,11 +51,16 @@ __all__ = [
     "OBJECTIVES",
     "DataConfig",
     "DataIterator",
+    "HeldOutSplit",
     "data_config_from_dict",
     "make_eval_pipeline",
     "make_pipeline",
     "pack_spec",
 ]
+
+
+SAMPLINGS = ("documents", "windows")
+WINDOW_OBJECTIVES = ("causal_lm", "mlm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +77,11 @@ class DataConfig:
       paths: comma-separated globs; empty = the embedded corpus (``data/embedded.py``).
       format / text_mode / text_field: see ``corpora.py``.
       pack: several examples per row (T5-style) or one example per row.
+      sampling: ``"documents"`` (examples cut from each document by the objective, packed
+        or padded into rows: this module) or ``"windows"`` (rows are windows of
+        ``inputs_length`` tokens at uniformly random offsets of the training documents
+        tokenized and joined with EOS, the usual set-up of length-extrapolation studies;
+        ``causal_lm`` and ``mlm`` only, no packing: ``data/windows.py``).
       num_epochs: ``None`` repeats forever (training).
       eval_every: document ``i`` with ``i % eval_every == eval_every - 1`` is held out for
         evaluation and never seen in training (``0`` disables the split; eval then reads all).
@@ -98,6 +108,7 @@ class DataConfig:
     text_mode: str = "blocks"
     text_field: str = "text"
     pack: bool = True
+    sampling: str = "documents"
     num_epochs: int | None = None
     eval_every: int = 20
     num_threads: int = 0
@@ -116,6 +127,19 @@ class DataConfig:
             raise ValueError(f"unknown objective {self.objective!r}; expected one of {OBJECTIVES}")
         if self.inputs_length < 4:
             raise ValueError(f"inputs_length must be >= 4, got {self.inputs_length}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling={self.sampling!r}; choose one of {SAMPLINGS}")
+        if self.sampling == "windows":
+            if self.objective not in WINDOW_OBJECTIVES:
+                raise ValueError(
+                    f"sampling='windows' makes {' or '.join(WINDOW_OBJECTIVES)} rows, not "
+                    f"objective={self.objective!r}; set sampling='documents'"
+                )
+            if self.pack:
+                raise ValueError(
+                    "sampling='windows' cuts each row from one token stream, so there is "
+                    "nothing to pack: set pack=False"
+                )
         if self.num_threads < 0 or self.num_workers < 0:
             raise ValueError(
                 f"num_threads and num_workers must be >= 0, got {self.num_threads} and "
@@ -138,14 +162,9 @@ class DataConfig:
 
 
 def data_config_from_dict(mapping: Mapping[str, Any] | Any) -> DataConfig:
-    """``DataConfig`` from a dict or ``ml_collections.ConfigDict``; an unknown key is an error."""
-    if hasattr(mapping, "to_dict"):
-        mapping = mapping.to_dict()
-    known = {f.name for f in dataclasses.fields(DataConfig)}
-    unknown = sorted(set(mapping) - known)
-    if unknown:
-        raise ValueError(f"unknown data config keys {unknown}; known keys: {sorted(known)}")
-    return DataConfig(**mapping)
+    """``DataConfig`` from a dict or ``ml_collections.ConfigDict``; an unknown key or a value
+    of the wrong type is an error naming it (``config_fields.from_mapping``)."""
+    return config_fields.from_mapping(DataConfig, mapping, "data")
 
 
 def pack_spec(config: DataConfig) -> PackSpec:
@@ -172,8 +191,9 @@ def pack_spec(config: DataConfig) -> PackSpec:
     )
 
 
-class _HeldOutSplit:
-    """Index view of a document source: the training part or the held-out part."""
+class HeldOutSplit:
+    """Index view of a document source: the training part or the held-out part (document
+    ``i`` is held out when ``i % every == every - 1``; ``every <= 1``: no split)."""
 
     def __init__(self, source, every: int, held_out: bool):
         self.source, self.every, self.held_out = source, every, held_out
@@ -450,6 +470,11 @@ def _in_worker_processes(examples: grain.IterDataset, num_workers: int) -> grain
 
 
 def _build(config, tokenizer, documents, *, process_index, process_count, train, num_batches):
+    if config.sampling != "documents":
+        raise ValueError(
+            f"sampling={config.sampling!r} rows come from rope_jax.data.windows "
+            "(make_window_inputs), not this document pipeline"
+        )
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if config.batch_size % process_count:
@@ -459,7 +484,7 @@ def _build(config, tokenizer, documents, *, process_index, process_count, train,
     _check_sentinels(config, tokenizer)
     documents = _documents(config) if documents is None else documents
     stats = getattr(documents, "stats", CorpusStats())
-    split = _HeldOutSplit(documents, config.eval_every, held_out=not train)
+    split = HeldOutSplit(documents, config.eval_every, held_out=not train)
     if len(split) < process_count:
         raise ValueError(
             f"{len(split)} {'training' if train else 'held-out'} documents for {process_count} "

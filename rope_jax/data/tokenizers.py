@@ -1,6 +1,6 @@
 """What the pipeline, the objectives and evaluation need from a tokenizer, and the kinds.
 
-Two kinds satisfy :class:`TextTokenizer`:
+Three kinds satisfy :class:`TextTokenizer`:
 
 * ``"sentencepiece"`` -- :class:`rope_jax.data.tokenizer.Tokenizer`, T5/mT5 ids: pad 0,
   EOS 1, unk 2, no BOS, decoder start = pad 0 (T5), masks and sentinels as extra ids after
@@ -9,7 +9,9 @@ Two kinds satisfy :class:`TextTokenizer`:
   PEGASUS tokenizer: a BERT ``vocab.txt`` with jieba pre-segmentation; ``[PAD]`` (id 0)
   pads, ``[SEP]`` ends every sequence (T5's EOS), ``[CLS]`` starts decoder inputs and,
   as ``bos_id``, encoder inputs (bert4keras ``Tokenizer.encode`` gives ``[CLS] text
-  [SEP]``, which is how T5 PEGASUS was pretrained and fine-tuned). It has no sentinels.
+  [SEP]``, which is how T5 PEGASUS was pretrained and fine-tuned). It has no sentinels;
+* ``"bytes"`` -- :class:`rope_jax.data.byte_tokenizer.ByteTokenizer`, UTF-8 bytes + 3 with
+  T5's pad/EOS/unk and a ``[MASK]`` id (260 ids, nothing to train); no sentinels.
 
 Special ids the rest of the code reads from the tokenizer, never as constants:
 
@@ -21,7 +23,7 @@ Special ids the rest of the code reads from the tokenizer, never as constants:
 * ``sentinel_id(k)`` for ``k < num_sentinels``: T5 ``<extra_id_k>``, counting down from
   ``vocab_size - 1`` (the layout ``objectives.span_corruption`` writes).
 
-Both kinds pickle (grain worker processes receive them).
+All kinds pickle (grain worker processes receive them).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-KINDS = ("sentencepiece", "jieba_bert")
+KINDS = ("sentencepiece", "jieba_bert", "bytes")
 
 __all__ = ["KINDS", "TextTokenizer", "check_kind"]
 

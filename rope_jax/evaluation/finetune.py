@@ -10,10 +10,11 @@ so a bad file fails in seconds, before any model work. Then for each task:
    Hugging Face folder, or nothing = random init for smoke tests) and cast for the family
    (text-to-text for encoder-decoders, classification / multiple choice for encoders);
 3. it is fine-tuned by the same run as pretraining (``training.runner.run``: the config's
-   ``mesh``, ``logical_axis_rules``, ``optimizer`` incl. ``grad_accum_steps``,
-   ``prng_impl``; the sharded, jitted, donated step; Orbax checkpoints in
-   ``<workdir>/<task>/checkpoints``; SIGINT/SIGTERM save and exact resume; ``metrics.jsonl``,
-   TensorBoard and the progress line);
+   ``mesh``, ``logical_axis_rules``, ``optimizer`` incl. ``grad_accum_steps`` read as typed
+   sections by ``runner.loop_setup`` as for pretraining, ``prng_impl``; the sharded,
+   jitted, donated step; Orbax checkpoints in ``<workdir>/<task>/checkpoints``;
+   SIGINT/SIGTERM save and exact resume; ``metrics.jsonl``, TensorBoard and the progress
+   line);
 4. every ``eval_every_steps`` (and after the last step) the loop runs the evaluators of
    ``config.evaluators`` (``superglue``: the validation metrics; ``held_out_loss``;
    ``loss_by_position``) and keeps the best checkpoint by the validation ``score``
@@ -53,7 +54,7 @@ from rope_jax.evaluation import pretrained as pretrained_lib
 from rope_jax.evaluation.predictor import Predictor, TaskModel, padded_batches, task_arrays
 from rope_jax.training import best as best_lib
 from rope_jax.training import evaluators as loop_evaluators
-from rope_jax.training import interrupts, optim, preflight, runner, sharding
+from rope_jax.training import interrupts, preflight, runner, sharding
 from rope_jax.training import workdir as workdir_lib
 
 # The validation scalar the best checkpoint is chosen by (see the module docstring).
@@ -136,10 +137,8 @@ def run_task(
     resume = workdir_lib.plan_resume(config, task_dir)
     with preflight.config_errors():
         runner.set_prng_impl(config.prng_impl)
-        mesh = sharding.make_mesh(config.mesh, devices)
-        rules = sharding.rules_from_config(config.logical_axis_rules)
-        tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
-        runner.check_batch_size(config.batch_size, config.optimizer.grad_accum_steps, mesh)
+        setup = runner.loop_setup(config, devices)
+    mesh, rules = setup.mesh, setup.rules
     tm = pretrained_lib.load_for_task(task, config, source=source)
     _, arrays = task_arrays(task, tm, task_splits.train.records, config, training=True)
     if not len(next(iter(arrays.values()))):
@@ -174,8 +173,8 @@ def run_task(
         resume=resume,
         mesh=mesh,
         rules=rules,
-        tx=tx,
-        schedule=schedule,
+        tx=setup.tx,
+        schedule=setup.schedule,
         model_cfg=tm.cfg if tm.text_to_text else None,
         initial_params=(tm.params, tm.random_features),
         evaluators=loop_evals,
@@ -219,10 +218,21 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def check_dropout_rate(rate) -> None:
+    """``config.dropout_rate``: a rate in [0, 1), or None to keep the checkpoint's."""
+    if rate is not None and not 0.0 <= rate < 1.0:
+        raise preflight.ConfigError(
+            f"dropout_rate={rate}: give a rate in [0, 1), or None to keep the checkpoint's "
+            "(None goes in the config argument, e.g. --config=configs/superglue.py:"
+            "tiny,dropout_rate=None; a --config.dropout_rate flag cannot be None)"
+        )
+
+
 def finetune_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, devices: list | None = None
 ) -> dict[str, dict[str, float]]:
     """Runs ``config.task`` (or every task with ``"all"``); writes metrics.json and tables."""
+    check_dropout_rate(config.dropout_rate)
     # Every file first: a bad or missing split fails here, before a model is loaded.
     run_splits = splits.read_run_splits(config)
     os.makedirs(workdir, exist_ok=True)

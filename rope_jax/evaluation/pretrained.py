@@ -7,7 +7,8 @@
   the ``model`` of ``config.pretrain_config`` (the pretraining config as given to train.py,
   e.g. ``configs/mt5.py:tiny,attention=performer``), or ``config.model``; the tokenizer is
   the one train.py cached in ``<workdir>/tokenizer/spm.model`` (or ``vocab.txt`` for
-  ``tokenizer.kind=jieba_bert``);
+  ``tokenizer.kind=jieba_bert``), or UTF-8 bytes when the run recorded
+  ``tokenizer.kind=bytes`` (e.g. an ablation cell: ``data/byte_tokenizer.py``);
 * a Hugging Face model folder (it has ``config.json`` and weights): imported with
   ``rope_jax.convert.from_hf``; its ``spiece.model`` (T5/mT5), ``vocab.txt`` (an
   encoder-decoder with a BERT vocabulary: T5 PEGASUS, read by ``convert.tokenizer_from_hf``
@@ -92,13 +93,18 @@ def _bert_vocab_codec(path: str):
     return inputs_lib.SentencePieceCodec(JiebaBertTokenizer.load(path))
 
 
-def _codec(config, cfg, folder: str | None):
+def _codec(config, cfg, folder: str | None, recorded_kind: str = ""):
+    """``recorded_kind``: the ``tokenizer.kind`` a train.py workdir recorded ("" if none)."""
     # A HF T5 pads its embedding to 32128 beyond 32000 pieces + 100 extra ids, so the
     # tokenizer's vocabulary is its own, never the model's.
     if config.tokenizer:
         if config.tokenizer.endswith(".txt"):
             return _bert_vocab_codec(config.tokenizer)
         return _sentencepiece_codec(config.tokenizer)
+    if recorded_kind == "bytes":  # nothing on disk: the ids are the text's UTF-8 bytes
+        from rope_jax.data.byte_tokenizer import ByteTokenizer
+
+        return inputs_lib.SentencePieceCodec(ByteTokenizer())
     spm_path = _find_spm(folder) if folder else None
     if spm_path:
         return _sentencepiece_codec(spm_path)
@@ -195,17 +201,19 @@ def load_source(config) -> Source:
     if os.path.isdir(os.path.join(path, "checkpoints")):
         from rope_jax.training import workdir
 
-        model_dict = config.model
+        model_dict, kind = config.model, ""
         # The config of the run's last start (config_history.jsonl), else config.json.
         saved = workdir.recorded_config(path)
         if saved is not None:
             model_dict = saved.get("model", model_dict)
+            kind = (saved.get("tokenizer") or {}).get("kind", "")
         elif config.pretrain_config:
             model_dict = _pretrain_model_dict(config.pretrain_config)
         cfg = _model_config(model_dict)
-        params, random_features, where = _restore_params(path)
-        codec = _codec(config, cfg, path)
+        # The tokenizer before the parameters: a missing one fails before a large read.
+        codec = _codec(config, cfg, path, recorded_kind=kind)
         _check_vocabulary(codec, cfg)
+        params, random_features, where = _restore_params(path)
         return Source(cfg, params, random_features, codec, where)
     if os.path.exists(os.path.join(path, "config.json")):
         from rope_jax import convert
@@ -259,7 +267,7 @@ def load_for_task(task: str, config, *, source: Source | None = None):
             f"SuperGLUE fine-tuning needs an encoder or an encoder_decoder, not a {cfg.family} "
             "model (casts exist for these two families only)"
         )
-    if config.dropout_rate >= 0:
+    if config.dropout_rate is not None:
         cfg = dataclasses.replace(cfg, dropout_rate=config.dropout_rate)
     model = build_model(cfg)
     # Jitted: an eager init runs op by op and costs seconds even for a tiny model.

@@ -8,7 +8,13 @@ without a ``config`` (a hand-written test model) needs its task named:
 
 from __future__ import annotations
 
-from rope_jax.families.base import RANDOM_FEATURES, ModelTask, dummy_batch, variables_of
+from rope_jax.families.base import (
+    RANDOM_FEATURES,
+    SHARED,
+    ModelTask,
+    dummy_batch,
+    variables_of,
+)
 from rope_jax.families.encoder import EncoderTask, classification_sums
 from rope_jax.families.generative import DecoderTask, EncoderDecoderTask
 
@@ -46,6 +52,7 @@ def as_task(model_or_task) -> ModelTask:
 
 __all__ = [
     "RANDOM_FEATURES",
+    "SHARED",
     "TASKS",
     "DecoderTask",
     "EncoderDecoderTask",

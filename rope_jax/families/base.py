@@ -25,6 +25,9 @@ import numpy as np
 from rope_jax.training import losses
 
 RANDOM_FEATURES = "random_features"
+# The entry of a decoding state (a dict) holding per-input constants that every step reads
+# and none writes: beam search neither repeats them per beam nor reorders them.
+SHARED = "shared"
 
 
 def variables_of(params, random_features=None, cache=None) -> dict[str, Any]:

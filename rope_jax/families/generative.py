@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rope_jax.families.base import ModelTask, variables_of
+from rope_jax.families.base import SHARED, ModelTask, variables_of
 
 
 def _collections(params, variables, cache=None):
@@ -65,30 +65,71 @@ class EncoderDecoderTask(ModelTask):
     # ------------------------------------------------------------- decoding
 
     def decode_start(self, params, inputs_BL, *, max_length, variables, use_cache, **unused):
-        """``(prompt_BP, state, start_position)``: the decoder starts from
-        ``decoder_start_id`` (filled in by the caller) after one encoder pass."""
+        """``(state, start_position)``: the decoder starts from ``decoder_start_id`` (filled
+        in by the caller) after one encoder pass.
+
+        Cached: the encoder side is computed once, cross-attention keys/values of every
+        decoder layer included, and held under ``state[SHARED]``, which beam search neither
+        repeats per beam nor reorders (beam rows attend to their encoder row,
+        ``layers.MultiHeadAttention._grouped_cross``); only the decoder's own cache is
+        carried per row.
+        """
         del unused
         from rope_jax import models as models_lib
 
         batch, encoder_length = inputs_BL.shape
+        if not use_cache:
+            encoded = self.model.apply(_collections(params, variables), inputs_BL, method="encode")
+            state = {"encoded": encoded, "encoder_tokens": inputs_BL}
+            return _recompute_state(state, batch, max_length), 0
+        cache = models_lib.init_cache(self.model, batch, max_length, encoder_length=encoder_length)
+        return {"cache": cache, SHARED: self.encode_for_decoding(params, inputs_BL, variables)}, 0
+
+    def encode_for_decoding(self, params, inputs_BL, variables=None) -> dict:
+        """Encoder output, encoder tokens and every decoder layer's cross-attention keys/values
+        (the "cross_cache" collection, ``[B, S, H, D]`` per layer).
+
+        The keys/values are what one decoder call stores when "cross_cache" is mutable; that
+        call runs on a throw-away one-slot cache. Hugging Face's Flax T5 instead recomputes
+        them from the encoder output at every step.
+        """
+        from rope_jax import models as models_lib
+
+        batch, encoder_length = inputs_BL.shape
         encoded = self.model.apply(_collections(params, variables), inputs_BL, method="encode")
-        state = {"encoded": encoded, "encoder_tokens": inputs_BL}
-        if use_cache:
-            state["cache"] = models_lib.init_cache(
-                self.model, batch, max_length, encoder_length=encoder_length
-            )
-        else:
-            state = _recompute_state(state, batch, max_length)
-        return state, 0
+        scratch = models_lib.init_cache(self.model, batch, 1, encoder_length=encoder_length)
+        _, mutated = self.model.apply(
+            _collections(params, variables, scratch),
+            encoded,
+            inputs_BL,
+            jnp.zeros((batch, 1), jnp.int32),
+            decode=True,
+            mutable=["cache", "cross_cache"],
+            method="decode",
+        )
+        return {
+            "encoded": encoded,
+            "encoder_tokens": inputs_BL,
+            "cross_cache": mutated["cross_cache"],
+        }
 
     def step_fn(self, params, variables=None):
-        """Cached step: one decoder token against the cache, attending to the encoding."""
+        """Cached step: one decoder token against the cache, attending to the encoding.
+
+        The encoder side is read from ``state[SHARED]``; a state without it carries the
+        encoder side at top level (per row: beam search repeats and reorders it, the
+        reference the shared form is tested against).
+        """
 
         def step(token_ids_B, state):
+            encoder = state.get(SHARED, state)
+            collections = _collections(params, variables, state["cache"])
+            if "cross_cache" in encoder:
+                collections["cross_cache"] = encoder["cross_cache"]
             logits_BTV, mutated = self.model.apply(
-                _collections(params, variables, state["cache"]),
-                state["encoded"],
-                state["encoder_tokens"],
+                collections,
+                encoder["encoded"],
+                encoder["encoder_tokens"],
                 token_ids_B[:, None],
                 decode=True,
                 mutable=["cache"],

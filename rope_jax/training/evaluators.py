@@ -1,7 +1,8 @@
 """Evaluators the train loop calls (big_vision's ``evaluators`` pattern), built from config.
 
 A config lists ``(name, every_steps, kwargs)`` triples; ``from_config`` turns each into an
-object with ``name``, ``every_steps`` (0 = the run's ``eval_every_steps``) and
+object with ``name``, ``every_steps`` (None = the run's ``eval_every_steps``; 0 = only after
+the last step, as for the loop's other periods) and
 ``run(state) -> {scalar: value}``, using a registry of builders the caller supplies (the
 trainer knows no SuperGLUE: ``evaluation.finetune`` registers its own). The loop calls them
 every ``every_steps`` steps and after the last step (``loop.run_steps``).
@@ -43,20 +44,27 @@ def from_config(
     default_every: int,
 ) -> list[Evaluator]:
     """``[(name, every_steps, kwargs), ...]`` -> evaluators; ``builders[name](**kwargs)``
-    gives the ``run`` function. An unknown name or a malformed entry is an error naming it."""
+    gives the ``run`` function; ``every_steps`` None is ``default_every``. An unknown name
+    or a malformed entry is an error naming it."""
     out = []
     for spec in specs:
         if len(spec) != 3 or not isinstance(spec[2], Mapping):
             raise ValueError(
                 f"evaluators entry {spec!r}: give (name, every_steps, kwargs), e.g. "
-                "('held_out_loss', 0, {})"
+                "('held_out_loss', None, {}) (None = every eval_every_steps)"
             )
         name, every, kwargs = spec
         if name not in builders:
             raise ValueError(f"unknown evaluator {name!r}; known: {sorted(builders)}")
-        if int(every) < 0:
-            raise ValueError(f"evaluator {name!r}: every_steps must be >= 0, got {every}")
-        out.append(Evaluator(name, int(every) or default_every, builders[name](**dict(kwargs))))
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, int) or every < 0
+        ):
+            raise ValueError(
+                f"evaluator {name!r}: every_steps must be None (= eval_every_steps) or an "
+                f"int >= 0 (0 = only after the last step), got {every!r}"
+            )
+        every = default_every if every is None else every
+        out.append(Evaluator(name, every, builders[name](**dict(kwargs))))
     return out
 
 

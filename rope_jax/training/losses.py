@@ -29,25 +29,27 @@ def default_max_predictions(mask_rate: float, length: int) -> int:
     return min(length, 8 * math.ceil(math.ceil(1.2 * per_row) / 8))
 
 
-def resolve_max_predictions(setting: int, *, objective: str, mask_rate: float, length: int) -> int:
+def resolve_max_predictions(
+    setting: int | None, *, objective: str, mask_rate: float, length: int
+) -> int:
     """``config.mlm_max_predictions`` -> the cap the step uses (0 = head at every position).
 
-    -1 (default): ``default_max_predictions(mask_rate, length)`` for the ``mlm`` objective,
+    None (default): ``default_max_predictions(mask_rate, length)`` for the ``mlm`` objective,
     0 for the others (their losses are at every target position); 0: the full head; a
     positive value: that cap, at most the row length.
     """
-    if setting < -1:
+    if setting is not None and setting < 0:
         raise ValueError(
-            f"mlm_max_predictions must be -1 (derive), 0 (off) or positive, got {setting}."
+            f"mlm_max_predictions must be None (derive), 0 (off) or positive, got {setting}."
         )
     if objective != "mlm" or setting == 0:
         return 0
-    if setting == -1:
+    if setting is None:
         return default_max_predictions(mask_rate, length)
     if setting > length:
         raise ValueError(
             f"mlm_max_predictions={setting} exceeds the row length {length}; use at most "
-            f"{length}, or -1 to derive it from the masking rate."
+            f"{length}, or None to derive it from the masking rate."
         )
     return setting
 

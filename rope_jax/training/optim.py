@@ -18,6 +18,7 @@ microbatches itself (see ``trainer.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable
@@ -27,6 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from jax import lax
+
+from rope_jax import config_fields
 
 SCHEDULES = ("constant", "cosine", "linear", "rsqrt")
 OPTIMIZERS = ("adamw", "adafactor")
@@ -39,7 +42,7 @@ def learning_rate_schedule(
     warmup_steps: int,
     decay_steps: int,
     end_factor: float = 0.0,
-    rsqrt_timescale: int = 0,
+    rsqrt_timescale: int | None = None,
 ) -> Callable[[jax.Array], jax.Array]:
     """Returns ``step -> learning rate`` (float32) for the schedule described in the module doc."""
     if schedule not in SCHEDULES:
@@ -48,7 +51,7 @@ def learning_rate_schedule(
         raise ValueError(f"optimizer.warmup_steps must be >= 0, got {warmup_steps}.")
     peak = float(learning_rate)
     end = peak * float(end_factor)
-    timescale = float(rsqrt_timescale if rsqrt_timescale > 0 else max(warmup_steps, 1))
+    timescale = float(max(warmup_steps, 1) if rsqrt_timescale is None else rsqrt_timescale)
 
     def schedule_fn(step):
         step = jnp.asarray(step, jnp.float32)
@@ -102,9 +105,10 @@ def param_path_name(path) -> str:
 
 
 def make_optimizer(
-    config: ml_collections.ConfigDict, num_train_steps: int
+    config: OptimizerConfig | ml_collections.ConfigDict, num_train_steps: int
 ) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
-    """(optax transformation, schedule) from ``config`` (= the ``optimizer`` block).
+    """(optax transformation, schedule) from ``config`` (the typed ``optimizer`` section,
+    ``config_boundary.optimizer_section``; a ConfigDict of the same keys also works).
 
     AdamW (Loshchilov & Hutter) with decoupled weight decay masked by ``decay_mask``;
     Adafactor (Shazeer & Stern 2018) with T5's settings by default (factored second moments,
@@ -112,7 +116,7 @@ def make_optimizer(
     """
     if config.name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={config.name!r}; choose one of {OPTIMIZERS}.")
-    decay_steps = config.decay_steps if config.decay_steps > 0 else num_train_steps
+    decay_steps = num_train_steps if config.decay_steps is None else config.decay_steps
     schedule = learning_rate_schedule(
         learning_rate=config.learning_rate,
         schedule=config.schedule,
@@ -312,33 +316,37 @@ def clip_by_global_norm(grads, max_norm: float):
     return jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads), norm
 
 
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Every key the optimizer reads (``config.optimizer``); ``None`` = derived."""
+
+    name: str = "adamw"
+    learning_rate: float = 1e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    # None = decay until num_train_steps.
+    decay_steps: int | None = None
+    end_factor: float = 0.1
+    # rsqrt only; None = use warmup_steps (at least 1).
+    rsqrt_timescale: int | None = None
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    no_decay_pattern: str = r"(bias|scale|norm)"
+    grad_clip_norm: float = 1.0
+    # Microbatches per step; the global batch is split inside the jitted step.
+    grad_accum_steps: int = 1
+    # Adafactor only.
+    min_dim_size_to_factor: int = 128
+    decay_rate: float = 0.8
+    clipping_threshold: float = 1.0
+    multiply_by_parameter_scale: bool = True
+    momentum: float = 0.0
+    factored: bool = True
+
+
 def default_optimizer_config() -> ml_collections.ConfigDict:
-    """Every key the optimizer reads, so overrides of unknown keys fail at start."""
-    return ml_collections.ConfigDict(
-        {
-            "name": "adamw",
-            "learning_rate": 1e-3,
-            "schedule": "cosine",
-            "warmup_steps": 100,
-            # 0 = decay until num_train_steps.
-            "decay_steps": 0,
-            "end_factor": 0.1,
-            # rsqrt only; 0 = use warmup_steps.
-            "rsqrt_timescale": 0,
-            "b1": 0.9,
-            "b2": 0.999,
-            "eps": 1e-8,
-            "weight_decay": 0.01,
-            "no_decay_pattern": r"(bias|scale|norm)",
-            "grad_clip_norm": 1.0,
-            # Microbatches per step; the global batch is split inside the jitted step.
-            "grad_accum_steps": 1,
-            # Adafactor only.
-            "min_dim_size_to_factor": 128,
-            "decay_rate": 0.8,
-            "clipping_threshold": 1.0,
-            "multiply_by_parameter_scale": True,
-            "momentum": 0.0,
-            "factored": True,
-        }
-    )
+    """``OptimizerConfig``'s fields and defaults as a ConfigDict, so overrides of unknown
+    keys fail at start; unset (None) fields keep their type (an ml_collections placeholder)."""
+    return config_fields.as_config_dict(OptimizerConfig)

@@ -15,7 +15,10 @@ import math
 from collections.abc import Iterator
 
 # What each entry point runs, by ``config.kind``.
-ENTRY_POINT_KINDS = {"train.py": ("pretrain",), "eval.py": ("superglue", "ablation", "fewshot")}
+ENTRY_POINT_KINDS = {
+    "train.py": ("pretrain",),
+    "eval.py": ("superglue", "summarization", "fewshot", "ablation"),
+}
 # The config file that trains each model family, for messages.
 FAMILY_CONFIGS = {
     "encoder": "configs/roformer.py",
@@ -70,7 +73,8 @@ def _number(value) -> bool:
 
 
 def check_optimizer(optimizer, prefix: str = "optimizer") -> None:
-    """Values of ``config.optimizer`` (see ``rope_jax.training.optim``) in their ranges."""
+    """Values of ``config.optimizer`` (an ``optim.OptimizerConfig``, or a ConfigDict of its
+    keys) in their ranges."""
     from rope_jax.training import optim
 
     def key(name):
@@ -90,9 +94,10 @@ def check_optimizer(optimizer, prefix: str = "optimizer") -> None:
     )
     lr = optimizer.learning_rate
     _require(_number(lr) and lr > 0, key("learning_rate"), lr, "must be a finite number > 0")
-    for name in ("warmup_steps", "decay_steps", "rsqrt_timescale"):
-        value = optimizer[name]
-        _require(value >= 0, key(name), value, "must be >= 0 (0 = derived, see optim.py)")
+    _require(optimizer.warmup_steps >= 0, key("warmup_steps"), optimizer.warmup_steps, ">= 0")
+    for name in ("decay_steps", "rsqrt_timescale"):
+        value = getattr(optimizer, name)
+        _require(value is None or value >= 1, key(name), value, "must be >= 1 (None = derived)")
     _require(
         _number(optimizer.end_factor) and optimizer.end_factor >= 0,
         key("end_factor"),
@@ -119,7 +124,7 @@ def check_optimizer(optimizer, prefix: str = "optimizer") -> None:
     )
     if optimizer.name == "adamw":
         for name in ("b1", "b2"):
-            value = optimizer[name]
+            value = getattr(optimizer, name)
             _require(_number(value) and 0 <= value < 1, key(name), value, "must be in [0, 1)")
         _require(
             _number(optimizer.eps) and optimizer.eps > 0, key("eps"), optimizer.eps, "must be > 0"
@@ -195,8 +200,11 @@ def check_objective_matches_family(config) -> None:
 def check_pretraining_config(config, *, model_given: bool = False) -> None:
     """Every check of a ``train.py`` config that needs no file: loop values, optimizer
     values and, unless the caller brings its own model, the objective against the family."""
+    from rope_jax import config_boundary
+
     check_loop(config)
-    check_optimizer(config.optimizer)
+    with config_errors():
+        check_optimizer(config_boundary.optimizer_section(config))
     if not model_given:
         check_objective_matches_family(config)
 

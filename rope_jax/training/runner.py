@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from rope_jax import config_boundary
 from rope_jax.training import checkpoint as checkpoint_lib
-from rope_jax.training import loop, metrics, sharding
+from rope_jax.training import loop, metrics, optim, preflight, sharding
 from rope_jax.training import step as step_lib
 from rope_jax.training import workdir as workdir_lib
 
@@ -55,6 +56,32 @@ def set_prng_impl(name: str) -> None:
     if name not in allowed:
         raise ValueError(f"prng_impl={name!r}; choose one of {allowed}.")
     jax.config.update("jax_default_prng_impl", "threefry2x32" if name == "threefry" else name)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSetup:
+    """What a run needs besides its model and inputs: mesh, axis rules, optimizer."""
+
+    mesh: Any
+    rules: Any
+    tx: Any
+    schedule: Callable[[Any], Any]
+    optimizer: Any  # optim.OptimizerConfig
+
+
+def loop_setup(config, devices: Sequence | None = None) -> LoopSetup:
+    """The mesh, ``logical_axis_rules`` and optimizer of a run from the typed ``mesh`` and
+    ``optimizer`` sections (``config_boundary``: an unknown key or a wrong type names
+    ``<section>.<key>``), with the optimizer's values and the batch split checked.
+    Pretraining and fine-tuning both call it: one boundary for every loop. ``devices``
+    (default: all) restricts the mesh."""
+    optimizer = config_boundary.optimizer_section(config)
+    preflight.check_optimizer(optimizer)
+    mesh = sharding.make_mesh(config_boundary.mesh_section(config), devices)
+    rules = sharding.rules_from_config(config.logical_axis_rules)
+    tx, schedule = optim.make_optimizer(optimizer, config.num_train_steps)
+    check_batch_size(config.batch_size, optimizer.grad_accum_steps, mesh)
+    return LoopSetup(mesh=mesh, rules=rules, tx=tx, schedule=schedule, optimizer=optimizer)
 
 
 def check_batch_size(global_batch: int, grad_accum_steps: int, mesh) -> None:

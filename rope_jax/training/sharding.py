@@ -11,6 +11,7 @@ once per array (flax's ``logical_to_mesh_axes``), so ``batch -> (data, fsdp)`` p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -98,14 +99,21 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
     return tuple(values)
 
 
-def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence | None = None) -> Mesh:
+def make_mesh(
+    mesh_config: MeshConfig | ml_collections.ConfigDict, devices: Sequence | None = None
+) -> Mesh:
     """Mesh with axes ``(data, fsdp, tensor)`` from ``config.mesh`` (e.g. ``data=-1``).
 
     Axis types stay "auto" (sharding propagated by the compiler from the in/out shardings),
     which is why this does not use ``jax.make_mesh`` (explicit axes by default in jax 0.10).
     """
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(dict(mesh_config), len(devices))
+    sizes = (
+        dataclasses.asdict(mesh_config)
+        if dataclasses.is_dataclass(mesh_config)
+        else dict(mesh_config)
+    )
+    shape = mesh_shape(sizes, len(devices))
     try:
         # Topology-aware order on TPU/GPU: the last axis (tensor) gets the fastest links.
         device_grid = mesh_utils.create_device_mesh(shape, devices=devices)
@@ -186,8 +194,18 @@ def host_local_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) 
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes (``config.mesh``). -1 is a size, not an unset value: that axis gets
+    the devices the others leave (MaxText's ``ici_*_parallelism`` convention)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
 def default_mesh_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    return ml_collections.ConfigDict(dataclasses.asdict(MeshConfig()))
 
 
 def describe(mesh: Mesh) -> str:

@@ -130,7 +130,7 @@ def make_train_step(
     z_loss: float = 0.0,
     redraw_features_every: int = 0,
     example_batch: dict | None = None,
-    debug_nan_step: int = -1,
+    debug_nan_step: int | None = None,
     mlm_max_predictions: int = 0,
 ) -> Callable:
     """Builds the pure ``train_step(state, batch, rng) -> (state, metrics)``.
@@ -147,7 +147,7 @@ def make_train_step(
     every step's metrics before it saves a checkpoint and stops on a non-finite step, so a
     checkpoint never holds the result of one. (Selecting the old state inside the step with
     ``jnp.where`` would cost a pass over params and optimizer state, ~20% of a CPU step.)
-    ``debug_nan_step >= 0`` turns that step's loss and gradients into NaN (tests the guard).
+    ``debug_nan_step`` (not None) turns that step's loss and gradients into NaN (tests the guard).
     """
 
     task = families.as_task(task)
@@ -214,7 +214,7 @@ def make_train_step(
         denominator = jnp.maximum(stats["weight_sum"], 1.0)
         loss = stats["loss_sum"] / denominator
         scale = 1.0 / denominator
-        if debug_nan_step >= 0:
+        if debug_nan_step is not None:
             # A divergence as it happens: loss and every gradient turn NaN, and so do the params.
             poison = jnp.where(state.step == debug_nan_step, jnp.nan, 1.0)
             loss, scale = loss * poison, scale * poison

@@ -21,8 +21,9 @@ import jax
 import ml_collections
 from absl import logging
 
-from rope_jax import families
-from rope_jax.training import losses, optim, preflight, runner, sharding
+from rope_jax import config_boundary, families
+from rope_jax.data.pipeline import DataConfig
+from rope_jax.training import losses, preflight, runner, sharding
 from rope_jax.training import workdir as workdir_lib
 
 # Re-exported: callers and tests know them as trainer.*.
@@ -43,19 +44,21 @@ def build_model(config: ml_collections.ConfigDict):
     from ``config.data`` decide which attention kernels are allowed (packed rows need full
     masks or segment ids, a prefix LM a full mask), and its row lengths how long a learned
     position table must be."""
-    from rope_jax.model_config import model_config_from_dict
     from rope_jax.models import build_model as build
 
     try:
-        cfg = model_config_from_dict(config.model)
-        longest = max(config.data.inputs_length, config.data.targets_length)
+        cfg = config_boundary.model_section(config)
+        data = config_boundary.data_section(config)
+        longest = max(data.inputs_length, data.decoder_length())
         model = build(
             cfg,
-            packed_inputs=bool(config.data.pack),
+            packed_inputs=data.pack and data.sampling == "documents",
             max_sequence_length=longest,
-            prefix_lm=config.data.objective == "prefix_lm",
+            prefix_lm=data.objective == "prefix_lm",
         )
         return model, cfg
+    except config_boundary.ConfigKeyError:
+        raise
     except ValueError as err:
         raise ValueError(
             f"config.model: {err} (model keys are --config.model.<key>; packing is "
@@ -64,13 +67,9 @@ def build_model(config: ml_collections.ConfigDict):
         ) from err
 
 
-def data_settings(config: ml_collections.ConfigDict) -> dict:
-    """``config.data`` as ``DataConfig`` fields (batch size and seed from the top level)."""
-    data = config.data.to_dict()
-    data["targets_length"] = None if data["targets_length"] < 0 else data["targets_length"]
-    data["num_epochs"] = data["num_epochs"] or None
-    data.update(batch_size=config.batch_size, seed=config.seed)
-    return data
+def data_settings(config: ml_collections.ConfigDict) -> DataConfig:
+    """``config.data`` as a ``DataConfig`` (batch size and seed from the top level)."""
+    return config_boundary.data_section(config)
 
 
 def build_corpus(config: ml_collections.ConfigDict):
@@ -99,7 +98,8 @@ def build_tokenizer(
 ):
     """The configured SentencePiece model, or one trained on the training corpus (cached in
     ``<workdir>/tokenizer``, never trained again: see ``load_or_train_tokenizer``); with
-    ``tokenizer.kind=jieba_bert`` the T5 PEGASUS tokenizer (``data/bert_vocab.py``).
+    ``tokenizer.kind=jieba_bert`` the T5 PEGASUS tokenizer (``data/bert_vocab.py``), with
+    ``tokenizer.kind=bytes`` UTF-8 bytes (``data/byte_tokenizer.py``).
 
     A loaded model keeps ``tokenizer.num_extra_ids`` extra ids after its pieces, whatever the
     model's vocabulary: mT5's ``spiece.model`` (250000 pieces + 100) puts ``<extra_id_0>`` at
@@ -117,6 +117,10 @@ def build_tokenizer(
     if kind == "jieba_bert":
         with preflight.config_errors():
             tokenizer = _jieba_bert_tokenizer(config, workdir, documents=documents)
+    elif kind == "bytes":
+        from rope_jax.data.byte_tokenizer import ByteTokenizer
+
+        tokenizer = ByteTokenizer()
     elif config.tokenizer.path:
         tokenizer = Tokenizer.load(
             config.tokenizer.path, num_extra_ids=config.tokenizer.num_extra_ids
@@ -156,6 +160,11 @@ def _tokenizer_kind(config: ml_collections.ConfigDict) -> str:
         raise ValueError(
             "tokenizer.path names a SentencePiece model; for tokenizer.kind=jieba_bert give a "
             "BERT vocab.txt as --config.tokenizer.vocab_path (or nothing, to build one)"
+        )
+    if kind == "bytes" and (config.tokenizer.path or config.tokenizer.get("vocab_path")):
+        raise ValueError(
+            "tokenizer.kind=bytes reads no tokenizer file; clear tokenizer.path and "
+            "tokenizer.vocab_path, or choose tokenizer.kind=sentencepiece or jieba_bert"
         )
     if kind == "sentencepiece" and config.tokenizer.get("vocab_path"):
         raise ValueError(
@@ -197,9 +206,8 @@ def build_inputs(
     """
     from rope_jax.data import pipeline
 
-    data = data_settings(config)
-    with preflight.config_errors("data: "):
-        pipeline.data_config_from_dict(data)
+    with preflight.config_errors():
+        data = data_settings(config)
     documents = build_corpus(config)
     evaluates = config.eval_steps > 0 and config.eval_every_steps > 0
     preflight.check_held_out_split(
@@ -214,6 +222,14 @@ def build_inputs(
         config, workdir, documents=documents, reuse_for_other_corpus=reuse_tokenizer
     )
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if data.sampling == "windows":
+        from rope_jax.data import windows
+
+        with preflight.config_errors("data: "):
+            train, eval_batches = windows.make_window_inputs(
+                data, tokenizer, documents, eval_steps=config.eval_steps, **shard
+            )
+        return Inputs(train=train, eval_batches=eval_batches if evaluates else None)
     with preflight.config_errors("data: "):
         train = pipeline.make_pipeline(data, tokenizer, documents=documents, **shard)
     train.stats.log("training corpus")
@@ -259,10 +275,7 @@ def train_and_evaluate(
             model, model_cfg = build_model(config)
     # Config errors surface before the tokenizer is trained and the corpus is read.
     with preflight.config_errors():
-        mesh = sharding.make_mesh(config.mesh, devices)
-        rules = sharding.rules_from_config(config.logical_axis_rules)
-        tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
-        runner.check_batch_size(config.batch_size, config.optimizer.grad_accum_steps, mesh)
+        setup = runner.loop_setup(config, devices)
         mlm_max_predictions = losses.resolve_max_predictions(
             config.mlm_max_predictions,
             objective=config.data.objective,
@@ -286,7 +299,7 @@ def train_and_evaluate(
         config.num_train_steps,
         os.path.join(workdir, workdir_lib.CONFIG_FILE),
     )
-    logging.info("mesh: %s over %d devices", sharding.describe(mesh), mesh.size)
+    logging.info("mesh: %s over %d devices", sharding.describe(setup.mesh), setup.mesh.size)
 
     return runner.run(
         config,
@@ -294,10 +307,10 @@ def train_and_evaluate(
         task=families.as_task(model),
         inputs=inputs,
         resume=resume,
-        mesh=mesh,
-        rules=rules,
-        tx=tx,
-        schedule=schedule,
+        mesh=setup.mesh,
+        rules=setup.rules,
+        tx=setup.tx,
+        schedule=setup.schedule,
         model_cfg=model_cfg,
         mlm_max_predictions=mlm_max_predictions,
     )

@@ -34,6 +34,7 @@ from typing import Any
 
 from absl import logging
 
+from rope_jax.config_boundary import upgrade_record
 from rope_jax.training import checkpoint as checkpoint_lib
 from rope_jax.training.preflight import ConfigError
 
@@ -182,7 +183,8 @@ def _read_json(path: str) -> dict[str, Any]:
 
 def recorded_config(workdir: str | os.PathLike) -> dict[str, Any] | None:
     """The config the run in ``workdir`` last started with: the last entry of
-    ``config_history.jsonl``, else ``config.json``; ``None`` for a new directory."""
+    ``config_history.jsonl``, else ``config.json``; ``None`` for a new directory. Earlier
+    versions' "unset" sentinels read as None (``config_boundary.upgrade_record``)."""
     workdir = os.fspath(workdir)
     history = os.path.join(workdir, HISTORY_FILE)
     if os.path.exists(history):
@@ -194,9 +196,9 @@ def recorded_config(workdir: str | os.PathLike) -> dict[str, Any] | None:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue  # a line cut short by a kill mid-write
         if last is not None:
-            return last
+            return upgrade_record(last)
     path = os.path.join(workdir, CONFIG_FILE)
-    return _read_json(path) if os.path.exists(path) else None
+    return upgrade_record(_read_json(path)) if os.path.exists(path) else None
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -318,14 +320,14 @@ def record_start(resume: Resume, start_step: int, *, is_primary: bool = True) ->
 
 def schedule_note(resume: Resume) -> str | None:
     """A warning when a changed ``num_train_steps`` moves a schedule that decays until it
-    (``optimizer.decay_steps=0``): learning rates from the resumed step on follow the new
+    (``optimizer.decay_steps`` None): learning rates from the resumed step on follow the new
     length. ``None`` when the schedule is unaffected."""
     if not resume.resuming or "num_train_steps" not in resume.changes:
         return None
     old_opt = resume.recorded.get("optimizer", {})
     new_opt = resume.config.get("optimizer", {})
     if any(
-        opt.get("decay_steps", 0) > 0 or opt.get("schedule") not in ("cosine", "linear")
+        opt.get("decay_steps") is not None or opt.get("schedule") not in ("cosine", "linear")
         for opt in (old_opt, new_opt)
     ):
         return None
@@ -346,7 +348,7 @@ def schedule_note(resume: Resume) -> str | None:
         rates.append(float(schedule(at)))
     return (
         f"num_train_steps {old_steps} -> {new_steps} also changes the {new_opt['schedule']} "
-        f"learning-rate schedule (optimizer.decay_steps=0 decays until num_train_steps): at "
+        f"learning-rate schedule (optimizer.decay_steps unset decays until num_train_steps): at "
         f"step {at} the rate is now {rates[1]:.3g}, {rates[0]:.3g} under the first schedule. "
         f"To keep the first schedule, add --config.optimizer.decay_steps={old_steps} "
         f"--config.{ACCEPT_KEY}=optimizer.decay_steps."

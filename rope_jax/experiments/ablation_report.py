@@ -1,14 +1,18 @@
-"""Markdown tables and matplotlib plots of the position x attention ablation."""
+"""Markdown tables of the position x attention ablation: mean ± sample standard deviation
+over seeds (``ablation_measure.aggregate``), with n."""
 
 from __future__ import annotations
 
-import math
-import os
 from typing import Any
 
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _fmt_spread(mean, std) -> str:
+    """``mean ± std`` (std of one seed is undefined and left out)."""
+    return _fmt(mean) if std is None or mean is None else f"{mean:.3f} ± {std:.3f}"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -24,7 +28,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"Every cell trains at L = {L} for {results['num_train_steps']} steps (batch "
         f"{results['batch_size']}, tokenizer {results['tokenizer']}) and is evaluated on "
         f"{results['num_eval_windows']} held-out windows, the same for every cell. Losses are "
-        f"in nats. Tracks: {listed}"
+        f"in nats, mean ± sample standard deviation over n = {len(results['seeds'])} "
+        f"seed(s) {results['seeds']} (data order, masks and initialisation; one seed shows "
+        f"no spread). Tracks: {listed}"
         + (
             "; they measure different tasks and are not comparable across tracks."
             if len(tracks) > 1
@@ -67,8 +73,8 @@ def _track_section(results: dict[str, Any], section: dict[str, Any]) -> list[str
         "",
         "| kernel | position | train loss | "
         + " | ".join(f"loss @{n}" for n in lengths)
-        + f" | beyond L @{longest} | train s |",
-        "|---|---|---:|" + "---:|" * len(lengths) + "---:|---:|",
+        + f" | beyond L @{longest} | n | train s |",
+        "|---|---|---:|" + "---:|" * len(lengths) + "---:|---:|---:|",
     ]
     skipped: dict[str, list[str]] = {}  # reason -> what it applies to, listed once
     for name, run in section["runs"].items():
@@ -83,13 +89,18 @@ def _track_section(results: dict[str, Any], section: dict[str, Any]) -> list[str
                 if n == longest:
                     skipped.setdefault(entry["skipped"], []).append(f"{name} beyond {L}")
             else:
-                cells.append(_fmt(entry.get("mean_loss")))
-        beyond = run["lengths"].get(str(longest), {}).get("loss_beyond_train_length")
+                cells.append(_fmt_spread(entry.get("mean_loss"), entry.get("mean_loss_std")))
+        at_longest = run["lengths"].get(str(longest), {})
+        beyond = _fmt_spread(
+            at_longest.get("loss_beyond_train_length"),
+            at_longest.get("loss_beyond_train_length_std"),
+        )
         shared = "" if run["trained_as"] == name else f" (= {run['trained_as']})"
+        train = _fmt_spread(run["final_train_loss"], run["final_train_loss_std"])
         lines.append(
-            f"| {run['kernel']} | {run['position']}{shared} | {_fmt(run['final_train_loss'])} | "
+            f"| {run['kernel']} | {run['position']}{shared} | {train} | "
             + " | ".join(cells)
-            + f" | {_fmt(beyond)} | {run['train_seconds']:.0f} |"
+            + f" | {beyond} | {run['num_seeds']} | {run['train_seconds']:.0f} |"
         )
     lines += ["", *_range_table(section, L, longest)]
     if skipped:
@@ -111,72 +122,11 @@ def _range_table(section: dict[str, Any], L: int, longest: int) -> list[str]:
         "|---|---|" + "---:|" * len(ranges),
     ]
     for run in section["runs"].values():
-        means = run.get("lengths", {}).get(str(longest), {}).get("range_losses")
+        entry = run.get("lengths", {}).get(str(longest), {})
+        means = entry.get("range_losses")
         if means is None:
             continue
-        lines.append(
-            f"| {run['kernel']} | {run['position']} | " + " | ".join(_fmt(m) for m in means) + " |"
-        )
+        stds = entry.get("range_losses_std") or [None] * len(means)
+        cells = " | ".join(_fmt_spread(m, s) for m, s in zip(means, stds, strict=True))
+        lines.append(f"| {run['kernel']} | {run['position']} | {cells} |")
     return lines
-
-
-def plot_run(
-    run: dict[str, Any],
-    name: str,
-    train_length: int,
-    directory: str,
-    *,
-    ylabel: str = "next-token loss (nats)",
-) -> str:
-    """PNG ``<directory>/<name>.png`` of loss against position: per-position loss at the
-    longest length (light) and bucket means at every evaluated length (lines with markers),
-    training length marked.
-
-    In a causal model the loss at a position does not depend on how many tokens follow, so
-    the lengths coincide where they overlap unless the encoding depends on the evaluation
-    length (position interpolation); in a bidirectional encoder every position sees the
-    whole window, and the masked positions differ by length. The markers keep each length
-    visible. Positions or buckets without a target (no masked token) are gaps.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def values(losses):
-        return [math.nan if x is None else x for x in losses]
-
-    os.makedirs(directory, exist_ok=True)
-    figure, axes = plt.subplots(figsize=(6, 3.5))
-    evaluated = sorted(
-        ((int(n), e) for n, e in run["lengths"].items() if "position_losses" in e),
-        key=lambda item: item[0],
-    )
-    if evaluated:
-        longest, entry = evaluated[-1]
-        axes.plot(
-            values(entry["position_losses"]), color="0.8", linewidth=0.8, label="per position"
-        )
-    markers = "osd^v"
-    for i, (length, entry) in enumerate(evaluated):
-        buckets = values(entry["bucket_losses"])
-        width = length / len(buckets)
-        centres = [width * (k + 0.5) for k in range(len(buckets))]
-        axes.plot(
-            centres,
-            buckets,
-            marker=markers[i % len(markers)],
-            markersize=4,
-            linewidth=1.2,
-            label=f"length {length} (bucket means)",
-        )
-    axes.axvline(train_length, color="gray", linestyle="--", linewidth=1, label="train length")
-    axes.set_xlabel("position")
-    axes.set_ylabel(ylabel)
-    axes.set_title(name)
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    path = os.path.join(directory, f"{name}.png")
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path

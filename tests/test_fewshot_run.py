@@ -177,9 +177,17 @@ def _split_config(root, eval_split="auto"):
     return config
 
 
-def test_auto_evaluation_splits_select_on_dev32_and_report_val(tmp_path):
+def _found(caplog):
+    """The one line the split choice logged (absl logs through the ``absl`` logger)."""
+    (line,) = [r.getMessage() for r in caplog.records if "eval_split=auto" in r.getMessage()]
+    caplog.clear()
+    return line
+
+
+def test_auto_evaluation_splits_select_on_dev32_and_report_val(tmp_path, caplog):
     from rope_jax.evaluation import splits
 
+    caplog.set_level("INFO")
     _data(tmp_path)
     (rte,) = splits.read_run_splits(_split_config(tmp_path))
     assert [(e.name, e.data.split) for e in rte.evaluations] == [
@@ -187,11 +195,24 @@ def test_auto_evaluation_splits_select_on_dev32_and_report_val(tmp_path):
         ("RTE/dev32", "dev32"),
     ]
     assert rte.select.data.split == "dev32"
-    (tmp_path / "RTE" / "val.jsonl").unlink()
+    assert _found(caplog) == (
+        f"RTE: eval_split=auto found dev32.jsonl and val.jsonl in {tmp_path / 'RTE'}; "
+        "selecting (best checkpoint) on dev32, reporting val"
+    )
+    (tmp_path / "RTE" / "val.jsonl").unlink()  # FewGLUE as shipped: train and dev32
     (rte,) = splits.read_run_splits(_split_config(tmp_path))
     assert [(e.name, e.data.split) for e in rte.evaluations] == [("RTE", "dev32")]
     assert rte.select.name == "RTE"
+    assert _found(caplog).endswith(
+        f"found dev32.jsonl in {tmp_path / 'RTE'} (no val.jsonl); selecting (best "
+        "checkpoint) on dev32, reporting dev32"
+    )
+    (tmp_path / "RTE" / "val.jsonl").write_text((tmp_path / "RTE" / "dev32.jsonl").read_text())
     (tmp_path / "RTE" / "dev32.jsonl").unlink()
+    (rte,) = splits.read_run_splits(_split_config(tmp_path))
+    assert [(e.name, e.data.split) for e in rte.evaluations] == [("RTE", "val")]
+    assert "found val.jsonl" in _found(caplog)
+    (tmp_path / "RTE" / "val.jsonl").unlink()
     with pytest.raises(FileNotFoundError) as error:
         splits.read_run_splits(_split_config(tmp_path))
     message = str(error.value)

@@ -2,7 +2,7 @@
 prompts (``method="ptuning"``) on any model family: ``run_fewshot(config, workdir)``.
 
 Each task of ``config.task`` (or ``"all"``) is cast by its pattern (``pvp``; ``pattern_id``
--1 = the method's first), tokenised for the model's family (``cloze_inputs``) and trained
+None = the method's first), tokenised for the model's family (``cloze_inputs``) and trained
 by the same run as pretraining and SuperGLUE fine-tuning (``training.runner.run``: mesh,
 checkpoints, SIGINT/SIGTERM save and resume, the loop's evaluators and best checkpoint),
 with the loss of ``cloze.ClozeTask``. ``num_train_steps=0`` scores zero-shot. Outputs are
@@ -38,7 +38,13 @@ from rope_jax import families
 from rope_jax.evaluation import cloze, cloze_inputs, evaluators, fewshot_report, pvp, splits
 from rope_jax.evaluation import inputs as inputs_lib
 from rope_jax.evaluation import pretrained as pretrained_lib
-from rope_jax.evaluation.finetune import BEST_METRIC, _abstract, _labelled, _last_train_loss
+from rope_jax.evaluation.finetune import (
+    BEST_METRIC,
+    _abstract,
+    _labelled,
+    _last_train_loss,
+    check_dropout_rate,
+)
 from rope_jax.evaluation.predictor import padded_batches
 from rope_jax.training import best as best_lib
 from rope_jax.training import evaluators as loop_evaluators
@@ -49,15 +55,36 @@ GENERATIVE_TASKS = ("WSC",)
 
 
 def pattern_of(config, task: str) -> int:
+    """``config.pattern_id``, or with None the method's first pattern for ``task``."""
     pattern_id = config.pattern_id
-    return pvp.default_pattern_id(task, config.method) if pattern_id < 0 else pattern_id
+    return pvp.default_pattern_id(task, config.method) if pattern_id is None else pattern_id
 
 
 def check_config(config) -> None:
     """Everything the config alone decides, before any file or model is read."""
+    check_dropout_rate(config.dropout_rate)
     with preflight.config_errors():
         if config.method not in pvp.METHODS:
             raise ValueError(f"method={config.method!r}; choose one of {pvp.METHODS}")
+        pattern_id = config.pattern_id
+        if pattern_id is not None and (isinstance(pattern_id, bool) or pattern_id < 0):
+            raise ValueError(
+                f"pattern_id={pattern_id}: give a pattern number (rope_jax/evaluation/pvp.py "
+                "PATTERN_IDS) or None for each task's first (None goes in the config argument, "
+                "e.g. --config=configs/fewshot.py:tiny,pattern_id=None; -1 is no longer read "
+                "as the default)"
+            )
+        rate = config.prompt_learning_rate
+        if rate is not None and not rate > 0:
+            raise ValueError(
+                f"prompt_learning_rate={rate}: give a positive rate, or None for "
+                "optimizer.learning_rate (None goes in the config argument, e.g. "
+                "--config=configs/fewshot.py:tiny,prompt_learning_rate=None)"
+            )
+        if not 0.0 <= config.pet_alpha <= 1.0:
+            raise ValueError(
+                f"pet_alpha={config.pet_alpha} must be in [0, 1] (1 = no auxiliary MLM loss)"
+            )
         if config.num_seeds < 1:
             raise ValueError(f"num_seeds={config.num_seeds} must be >= 1")
         if config.prompt_encoder not in ("lstm", "mlp", "embedding"):
@@ -92,7 +119,7 @@ def build_task(task: str, config, source) -> tuple[cloze.ClozeTask, dict, dict]:
     cfg = source.cfg
     if cfg.family == "encoder" and cfg.num_labels:
         raise ValueError("PET scores with the MLM head; this encoder has a classification head")
-    if config.dropout_rate >= 0:
+    if config.dropout_rate is not None:
         cfg = _replace(cfg, dropout_rate=config.dropout_rate)
     inner = families.for_model(build_model(cfg))
     pattern_id = pattern_of(config, task)
@@ -168,7 +195,7 @@ def make_optimizer(config, task_obj: cloze.ClozeTask):
     if not task_obj.num_prompts:
         return tx, schedule
     prompt_config = ml_collections.ConfigDict(config.optimizer.to_dict())
-    if config.prompt_learning_rate > 0:
+    if config.prompt_learning_rate is not None:
         prompt_config.learning_rate = config.prompt_learning_rate
     prompt_tx, prompt_schedule = optim.make_optimizer(prompt_config, config.num_train_steps)
 

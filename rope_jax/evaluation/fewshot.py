@@ -24,6 +24,7 @@ std over seeds is written as ``fewshot.md`` and ``fewshot.json`` (``fewshot_repo
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 
@@ -139,8 +140,7 @@ def build_task(task: str, config, source) -> tuple[cloze.ClozeTask, dict, dict]:
         pet_alpha=config.pet_alpha,
         mask_id=specials.mask if cfg.family == "encoder" else None,
     )
-    init = jax.jit(lambda key: nn.unbox(task_obj.init(task_obj.init_rngs(key))))
-    variables = init(jax.random.key(config.seed))
+    variables = _init(task_obj, jax.random.key(config.seed))
     params = dict(variables["params"])
     random_features = variables.get(families.RANDOM_FEATURES, {})
     if source.params is not None:
@@ -153,6 +153,23 @@ def build_task(task: str, config, source) -> tuple[cloze.ClozeTask, dict, dict]:
                 random_features, source.random_features, new_prefixes=()
             )
     return task_obj, params, random_features
+
+
+# Jitted with the cloze task static (ClozeTask compares by its settings): the seeds of a
+# run, and tasks whose arrays have one shape, trace and compile these once.
+@functools.partial(jax.jit, static_argnums=0)
+def _init(task_obj: cloze.ClozeTask, key):
+    return nn.unbox(task_obj.init(task_obj.init_rngs(key)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _scores(task_obj: cloze.ClozeTask, variables, batch):
+    return task_obj.candidate_scores(variables, batch)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _generate(task_obj: cloze.ClozeTask, variables, batch):
+    return task_obj.generate(variables, batch)
 
 
 def _replace(cfg, **changes):
@@ -229,8 +246,6 @@ class ClozePredictor:
 
     def __init__(self, task_obj: cloze.ClozeTask, codec, config):
         self.task_obj, self.codec, self.config = task_obj, codec, config
-        self._scores = jax.jit(lambda v, b: task_obj.candidate_scores(v, b))
-        self._generate = jax.jit(task_obj.generate)
 
     def predict_fn(self, task: str):
         config, codec = self.config, self.codec
@@ -246,10 +261,11 @@ class ClozePredictor:
             for batch in padded_batches(arrays, size, weight_key="example_weights"):
                 batch = {k: v for k, v in batch.items() if k != "example_weights"}
                 if task in GENERATIVE_TASKS:
-                    tokens, weights = jax.device_get(self._generate(variables, batch))
+                    tokens, weights = jax.device_get(_generate(self.task_obj, variables, batch))
                     outputs.extend(zip(np.asarray(tokens), np.asarray(weights), strict=True))
                 else:
-                    outputs.extend(np.asarray(jax.device_get(self._scores(variables, batch))))
+                    scores = _scores(self.task_obj, variables, batch)
+                    outputs.extend(np.asarray(jax.device_get(scores)))
             predictions = []
             for example, output in zip(clozes, outputs, strict=False):
                 record = records[example.record]

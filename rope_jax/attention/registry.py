@@ -15,9 +15,11 @@ import jax
 
 from rope_jax.attention import (
     linear,
+    local,
     nystrom,
     performer,
     softmax,
+    sparse,
     synthesizer,
 )
 from rope_jax.attention.spec import (
@@ -176,6 +178,39 @@ KERNELS: dict[str, KernelSpec] = {
                 "on its own",
             },
             ablation=False,
+        ),
+        KernelSpec(
+            name="sparse_topk",
+            fn=sparse.sparse_topk_attention,
+            summary="softmax over the top-k logits per query (Explicit Sparse Transformer)",
+            traits=KernelTraits(
+                full_mask=True, causal=True, bias=True, dropout=True, independent_queries=True
+            ),
+            flops=sparse.forward_flops,
+            config_fields=(
+                ConfigField("sparse_top_k", int, 8, "logits kept per query", minimum=1),
+            ),
+            hyperparameters={"top_k": "sparse_top_k"},
+        ),
+        KernelSpec(
+            name="sliding_window",
+            fn=local.sliding_window_attention,
+            summary="softmax within a window of slots (Longformer; Mistral's rolling cache)",
+            traits=KernelTraits(
+                full_mask=False, causal=True, bias=False, segments=True, cross=False
+            ),
+            flops=local.forward_flops,
+            config_fields=(
+                ConfigField("window_size", int, 16, "keys each side, itself included", minimum=1),
+            ),
+            hyperparameters={"window": "window_size"},
+            recurrent=Recurrent(
+                local.init_state, local.step, init_arguments=("window",), step_arguments=("scale",)
+            ),
+            why_not={
+                **_NO_SCORE_MATRIX,
+                "cross": "its window is a band of slots of one sequence",
+            },
         ),
     )
 }

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import subprocess_env
 from test_superglue_finetune import ByteCodec, _config, _fixture_data
 
 from rope_jax import families
@@ -209,19 +210,6 @@ def test_restore_leaves_a_mid_save_pretraining_workdir_byte_identical(tmp_path):
 # ------------------------------------------------------ SIGTERM and resume (eval.py)
 
 
-def _env(cache_dir):
-    environment = dict(os.environ)
-    environment.pop("XLA_FLAGS", None)  # one CPU device: a fast subprocess
-    environment.update(
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=ROOT + os.pathsep + environment.get("PYTHONPATH", ""),
-        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
-    return environment
-
-
 def test_sigterm_mid_finetune_then_the_same_command_ends_like_an_uninterrupted_run(tmp_path, data):
     documents = [line for line in open(data / "CB" / "train.jsonl")] * 4
     embedded.load_or_train_tokenizer(tmp_path / "tok", vocab_size=512, documents=documents)
@@ -242,7 +230,7 @@ def test_sigterm_mid_finetune_then_the_same_command_ends_like_an_uninterrupted_r
     command = [sys.executable, "eval.py", "--config=configs/superglue.py:tiny"]
     command += [f"--config.{key}={value}" for key, value in flags.items()]
     command += [f"--workdir={workdir}"]
-    env = _env(tmp_path / "xla_cache")
+    env = subprocess_env.one_device()
     process = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

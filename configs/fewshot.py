@@ -16,9 +16,11 @@ Evaluation (``eval_split="auto"``): every split present among ``dev32`` (selecti
 ``val`` (the official validation set, reported, as the paper does): copy SuperGLUE's
 ``val.jsonl`` into the FewGLUE task folders, or ``--config.train_data_dir=<FewGLUE>
 --config.data_dir=<SuperGLUE>`` (``val`` only); ``--config.eval_split=dev32`` names one.
-``num_train_steps=0`` scores zero-shot. ``pattern_id=-1`` takes the method's first pattern
-(``rope_jax/evaluation/pvp.py`` lists them). ``freeze_lm=True`` (P-tuning) trains only the
-prompt encoder.
+``num_train_steps=0`` scores zero-shot. ``pattern_id`` None (the default) takes the
+method's first pattern (``rope_jax/evaluation/pvp.py`` lists them). ``freeze_lm=True``
+(P-tuning) trains only the prompt encoder. The argument after ``:`` is a variant plus
+``key=value`` overrides, as for every config (``configs/fewshot.py:tiny,pattern_id=2,
+prompt_learning_rate=None``): a None goes there, a ``--config.<key>`` flag cannot be None.
 """
 
 import ml_collections
@@ -29,14 +31,13 @@ from rope_jax.training import optim
 VARIANTS = ("base", "tiny")
 
 
-def get_config(arg: str = "base") -> ml_collections.ConfigDict:
-    variant = arg or "base"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant, overrides = common.split_arg(arg, VARIANTS)
     config = common.add_loop_keys(ml_collections.ConfigDict())
     config.kind = "fewshot"
     config.method = "pet"
-    config.pattern_id = -1
+    # None: the method's first pattern for each task (pvp.PATTERN_IDS); an int field.
+    config.pattern_id = ml_collections.config_dict.placeholder(int)
     config.task = "RTE"
     config.data_dir = ""
     config.train_data_dir = ""
@@ -53,7 +54,8 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
     config.prompt_encoder = "lstm"
     # Train the prompts only (the LM's parameters stay bit-identical).
     config.freeze_lm = False
-    # The prompts' learning rate (0 = optimizer.learning_rate).
+    # The prompts' learning rate (None = optimizer.learning_rate): a float that may be None.
+    config.prompt_learning_rate = ml_collections.config_dict.placeholder(float)
     config.prompt_learning_rate = 1e-4
     # PET's auxiliary MLM loss: alpha * cloze + (1 - alpha) * MLM (1 = off; encoders only).
     config.pet_alpha = 1.0
@@ -99,4 +101,5 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
             {"vocab_size": 512, "d_model": 32, "num_heads": 2, "head_dim": 16, "d_ff": 64,
              "num_layers": 1, "max_length": 128}
         )  # fmt: skip
+    common.apply_overrides(config, overrides)
     return config

@@ -42,6 +42,9 @@ LEGACY_UNSET = {
     "debug_nan_step": -1,
     # SuperGLUE fine-tuning: keep the checkpoint's dropout.
     "dropout_rate": -1,
+    # Few-shot (configs/fewshot.py): the method's first pattern; the optimizer's rate.
+    "pattern_id": -1,
+    "prompt_learning_rate": 0,
 }
 
 

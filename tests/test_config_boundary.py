@@ -154,3 +154,49 @@ def test_evaluator_periods_and_dropout_unset_are_none(tmp_path):
     legacy["evaluators"] = [["superglue", 0, {}], ["held_out_loss", 0, {}]]
     (tmp_path / "config.json").write_text(json.dumps(legacy))
     assert workdir.recorded_config(tmp_path) == record
+
+
+def test_fewshot_pattern_and_prompt_rate_unset_are_none(tmp_path):
+    """``pattern_id`` None = each task's first pattern, ``prompt_learning_rate`` None = the
+    optimizer's rate (formerly -1 and 0); bad values are named at start; old records read
+    the sentinels as None."""
+    from configs import fewshot as fewshot_config
+    from rope_jax.evaluation import fewshot, pvp
+    from rope_jax.training import preflight
+
+    config = fewshot_config.get_config("tiny,method=ptuning,freeze_lm=True")
+    assert config.pattern_id is None and config.prompt_learning_rate == 3e-3
+    assert fewshot.pattern_of(config, "RTE") == pvp.default_pattern_id("RTE", "ptuning") == 1
+    fewshot.check_config(config)
+    prompts = type("Prompts", (), {"num_prompts": 2})()
+    # freeze_lm: the schedule returned is the prompts'.
+    assert fewshot.make_optimizer(config, prompts)[1](0) == pytest.approx(3e-3)
+    config = fewshot_config.get_config("tiny,method=ptuning,freeze_lm=True,task=WiC,pattern_id=3,"
+                                       "prompt_learning_rate=None")  # fmt: skip
+    assert fewshot.pattern_of(config, "WiC") == 3 and config.prompt_learning_rate is None
+    fewshot.check_config(config)
+    assert fewshot.make_optimizer(config, prompts)[1](0) == pytest.approx(1e-3)  # optimizer's
+    with pytest.raises(TypeError, match="pattern_id"):
+        fewshot_config.get_config("tiny,pattern_id=first")
+    for key, value, message in [
+        ("pattern_id", -1, "pattern_id=-1: give a pattern number .* or None for each task's"),
+        ("prompt_learning_rate", 0.0, "prompt_learning_rate=0.0: give a positive rate, or None"),
+        ("pet_alpha", 1.5, r"pet_alpha=1.5 must be in \[0, 1\]"),
+        ("dropout_rate", -1.0, "dropout_rate=-1.0: give a rate in"),
+    ]:
+        bad = fewshot_config.get_config("tiny")
+        bad[key] = value
+        with pytest.raises(preflight.ConfigError, match=message):
+            fewshot.check_config(bad)
+    with pytest.raises(preflight.ConfigError, match="RTE has no pet pattern_id 9; choose one of"):
+        fewshot.check_config(fewshot_config.get_config("tiny,pattern_id=9"))
+    # A run recorded with the earlier sentinels resumes as the same experiment.
+    record = workdir.as_plain_dict(fewshot_config.get_config("tiny,prompt_learning_rate=None"))
+    legacy = json.loads(json.dumps(record))
+    legacy.update(pattern_id=-1, prompt_learning_rate=0)
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    assert workdir.recorded_config(tmp_path) == record
+    legacy.update(pattern_id=2, prompt_learning_rate=0.01)  # real values stay
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    assert workdir.recorded_config(tmp_path)["pattern_id"] == 2
+    assert workdir.recorded_config(tmp_path)["prompt_learning_rate"] == 0.01

@@ -50,6 +50,9 @@ def _config(data, method):
     config.model.update({"vocab_size": 260, "d_model": 16, "head_dim": 8, "d_ff": 32,
                          "max_length": 32, "dropout_rate": 0.0})  # fmt: skip
     config.dropout_rate = 0.0
+    # The SuperGLUE evaluator only (held_out_loss is the loop's generic evaluator, tested
+    # with SuperGLUE fine-tuning): one program fewer per task and seed.
+    config.evaluators = [("superglue", None, {})]
     return config
 
 
@@ -78,7 +81,10 @@ def pet_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ptuning_run(tmp_path_factory):
-    return _run(tmp_path_factory, "ptuning", freeze_lm=True, prompt_encoder="mlp")
+    # dropout_rate None: the model's own (0.0 here), the path a pretrained checkpoint takes.
+    return _run(
+        tmp_path_factory, "ptuning", freeze_lm=True, prompt_encoder="mlp", dropout_rate=None
+    )
 
 
 def _check_outputs(workdir, results):
@@ -177,9 +183,17 @@ def _split_config(root, eval_split="auto"):
     return config
 
 
-def test_auto_evaluation_splits_select_on_dev32_and_report_val(tmp_path):
+def _found(caplog):
+    """The one line the split choice logged (absl logs through the ``absl`` logger)."""
+    (line,) = [r.getMessage() for r in caplog.records if "eval_split=auto" in r.getMessage()]
+    caplog.clear()
+    return line
+
+
+def test_auto_evaluation_splits_select_on_dev32_and_report_val(tmp_path, caplog):
     from rope_jax.evaluation import splits
 
+    caplog.set_level("INFO")
     _data(tmp_path)
     (rte,) = splits.read_run_splits(_split_config(tmp_path))
     assert [(e.name, e.data.split) for e in rte.evaluations] == [
@@ -187,11 +201,24 @@ def test_auto_evaluation_splits_select_on_dev32_and_report_val(tmp_path):
         ("RTE/dev32", "dev32"),
     ]
     assert rte.select.data.split == "dev32"
-    (tmp_path / "RTE" / "val.jsonl").unlink()
+    assert _found(caplog) == (
+        f"RTE: eval_split=auto found dev32.jsonl and val.jsonl in {tmp_path / 'RTE'}; "
+        "selecting (best checkpoint) on dev32, reporting val"
+    )
+    (tmp_path / "RTE" / "val.jsonl").unlink()  # FewGLUE as shipped: train and dev32
     (rte,) = splits.read_run_splits(_split_config(tmp_path))
     assert [(e.name, e.data.split) for e in rte.evaluations] == [("RTE", "dev32")]
     assert rte.select.name == "RTE"
+    assert _found(caplog).endswith(
+        f"found dev32.jsonl in {tmp_path / 'RTE'} (no val.jsonl); selecting (best "
+        "checkpoint) on dev32, reporting dev32"
+    )
+    (tmp_path / "RTE" / "val.jsonl").write_text((tmp_path / "RTE" / "dev32.jsonl").read_text())
     (tmp_path / "RTE" / "dev32.jsonl").unlink()
+    (rte,) = splits.read_run_splits(_split_config(tmp_path))
+    assert [(e.name, e.data.split) for e in rte.evaluations] == [("RTE", "val")]
+    assert "found val.jsonl" in _found(caplog)
+    (tmp_path / "RTE" / "val.jsonl").unlink()
     with pytest.raises(FileNotFoundError) as error:
         splits.read_run_splits(_split_config(tmp_path))
     message = str(error.value)

@@ -191,6 +191,9 @@ def test_prompt_positions_take_the_prompt_encoder_vectors_in_order():
     clozes = pvp.cloze_examples("WiC", WIC, method="ptuning", pattern_id=4, training=True)
     arrays = cloze_inputs.cloze_arrays(clozes, ByteCodec(), family="encoder", max_length=LENGTH)
     assert (arrays["prompt_mask"].sum(-1) == 4).all()
+    # PET's auxiliary MLM loss never masks a prompt position (its input is not a token).
+    maskable = cloze.mlm_maskable(arrays, MASK_ID)
+    assert maskable.any() and not (maskable & (arrays["prompt_mask"][:, 0] > 0)).any()
     task, variables = _task("encoder", num_prompts=4, prompt_kind="embedding")
     batch = {k: jnp.asarray(v) for k, v in arrays.items()}
     scores = _scores(task, variables, batch, iterative=False)  # one pass, as below
@@ -244,6 +247,45 @@ def test_pet_auxiliary_mlm_loss_mixes_linearly_with_the_cloze_loss():
             out.append(sums["loss_sum"])
         return out
 
-    cloze_only, mlm_only, mixed = (float(x) for x in losses(variables, batch, jax.random.key(1)))
+    key = jax.random.key(1)
+    cloze_only, mlm_only, mixed = (float(x) for x in losses(variables, batch, key))
     assert mlm_only > 0 and abs(mlm_only - cloze_only) > 1e-3
     np.testing.assert_allclose(mixed, 0.25 * cloze_only + 0.75 * mlm_only, rtol=1e-5)
+    # The MLM part by hand: the mean float64 cross entropy of the original tokens at the
+    # corrupted positions (the corruption is the step's, from its key), per example.
+    tokens = arrays["tokens"][:, 0]
+    maskable = np.asarray(cloze.mlm_maskable(arrays, MASK_ID))
+    np.testing.assert_array_equal(
+        maskable,
+        (arrays["segment_ids"][:, 0] > 0) & (tokens != MASK_ID),  # RTE: no prompts
+    )
+    masking = jax.jit(functools.partial(cloze.bert_masking, mask_id=MASK_ID, vocab_size=260))
+    inputs, chosen = jax.device_get(masking(tokens, maskable, key))
+    assert chosen.any() and not (chosen & ~maskable).any()
+    logits = _apply(
+        task.model,
+        variables,
+        jnp.asarray(inputs),
+        segment_ids=jnp.asarray(arrays["segment_ids"][:, 0]),
+        positions=jnp.asarray(arrays["positions"][:, 0]),
+    )
+    log_probs = _log_softmax64(logits)
+    rows, cols = np.nonzero(chosen)
+    expected = -log_probs[rows, cols, tokens[rows, cols]].mean() * len(tokens)
+    np.testing.assert_allclose(mlm_only, expected, rtol=1e-5)
+
+
+def test_bert_masking_rates():
+    """15 % of the maskable positions, of which 80 % mask, 10 % a random id, 10 % kept."""
+    tokens = np.arange(64 * 512, dtype=np.int32).reshape(64, 512) % 250 + 3
+    maskable = np.ones_like(tokens, bool)
+    maskable[:, ::4] = False
+    masking = jax.jit(functools.partial(cloze.bert_masking, mask_id=MASK_ID, vocab_size=260))
+    inputs, chosen = jax.device_get(masking(tokens, maskable, jax.random.key(3)))
+    assert not (chosen & ~maskable).any() and (inputs[~chosen] == tokens[~chosen]).all()
+    assert abs(chosen.sum() / maskable.sum() - 0.15) < 0.01
+    masked = inputs[chosen] == MASK_ID
+    kept = inputs[chosen] == tokens[chosen]
+    assert abs(masked.mean() - 0.8) < 0.03 and abs(kept.mean() - 0.1) < 0.02
+    # Random ids span the vocabulary (1 in 260 equals the original by chance).
+    assert abs((~masked & ~kept).mean() - 0.1 * 259 / 260) < 0.02

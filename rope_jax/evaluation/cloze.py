@@ -270,17 +270,13 @@ class ClozeTask(ModelTask):
         lm_variables, prompt_params = self.split(variables)
         first = {k: v[:, :1] for k, v in batch.items() if np.ndim(v) == 3 and k != "labels"}
         tokens_BL = first["tokens"][:, 0]
-        candidates_BL = (first["segment_ids"][:, 0] > 0) & (first["prompt_mask"][:, 0] == 0)
-        select_key, kind_key, random_key = jax.random.split(jax.random.fold_in(key, 1), 3)
-        chosen_BL = candidates_BL & jax.random.bernoulli(select_key, 0.15, tokens_BL.shape)
-        kind_BL = jax.random.uniform(kind_key, tokens_BL.shape)
-        random_BL = jax.random.randint(
-            random_key, tokens_BL.shape, 0, self.inner.config.vocab_size, tokens_BL.dtype
+        inputs_BL, chosen_BL = bert_masking(
+            tokens_BL,
+            mlm_maskable(first, self.mask_id),
+            key,
+            mask_id=self.mask_id,
+            vocab_size=self.inner.config.vocab_size,
         )
-        corrupted = jnp.where(
-            kind_BL < 0.8, self.mask_id, jnp.where(kind_BL < 0.9, random_BL, tokens_BL)
-        )
-        inputs_BL = jnp.where(chosen_BL, corrupted, tokens_BL)
         rows = self._rows(first, inputs_BL[:, None])
         extra = self._prompt_kwargs(prompt_params, first)
         logits_BLV = self.inner.logits(
@@ -292,6 +288,29 @@ class ClozeTask(ModelTask):
         if "example_weights" in batch:
             weights_BL = weights_BL * batch["example_weights"][:, None].astype(jnp.float32)
         return jnp.sum(nll_BL * weights_BL) / jnp.maximum(jnp.sum(weights_BL), 1.0)
+
+
+def mlm_maskable(rows, mask_id: int) -> jax.Array:
+    """``[B, L]``: the first row's positions PET's MLM loss may mask: not padding, not a
+    prompt position, not the cloze's own masks (PET leaves special tokens, the mask among
+    them, unmasked; the separators are not told apart here and may be chosen)."""
+    tokens_BL = rows["tokens"][:, 0]
+    return (
+        (rows["segment_ids"][:, 0] > 0) & (rows["prompt_mask"][:, 0] == 0) & (tokens_BL != mask_id)
+    )
+
+
+def bert_masking(tokens_BL, maskable_BL, key, *, mask_id: int, vocab_size: int, rate=0.15):
+    """BERT's corruption (Devlin et al. 2019; PET ``wrapper.mask_tokens``): each maskable
+    position is chosen with probability ``rate``; a chosen one becomes the mask (80 %), a
+    random id (10 %) or stays (10 %). Returns ``(inputs [B, L], chosen [B, L])``; the draws
+    come from ``fold_in(key, 1)`` (the step's dropout key is ``key``)."""
+    select_key, kind_key, random_key = jax.random.split(jax.random.fold_in(key, 1), 3)
+    chosen_BL = maskable_BL & jax.random.bernoulli(select_key, rate, tokens_BL.shape)
+    kind_BL = jax.random.uniform(kind_key, tokens_BL.shape)
+    random_BL = jax.random.randint(random_key, tokens_BL.shape, 0, vocab_size, tokens_BL.dtype)
+    corrupted = jnp.where(kind_BL < 0.8, mask_id, jnp.where(kind_BL < 0.9, random_BL, tokens_BL))
+    return jnp.where(chosen_BL, corrupted, tokens_BL), chosen_BL
 
 
 def _example_weights(batch, example_weight_N, n):

@@ -2,7 +2,7 @@
 prompts (``method="ptuning"``) on any model family: ``run_fewshot(config, workdir)``.
 
 Each task of ``config.task`` (or ``"all"``) is cast by its pattern (``pvp``; ``pattern_id``
--1 = the method's first), tokenised for the model's family (``cloze_inputs``) and trained
+None = the method's first), tokenised for the model's family (``cloze_inputs``) and trained
 by the same run as pretraining and SuperGLUE fine-tuning (``training.runner.run``: mesh,
 checkpoints, SIGINT/SIGTERM save and resume, the loop's evaluators and best checkpoint),
 with the loss of ``cloze.ClozeTask``. ``num_train_steps=0`` scores zero-shot. Outputs are
@@ -24,6 +24,7 @@ std over seeds is written as ``fewshot.md`` and ``fewshot.json`` (``fewshot_repo
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 
@@ -38,7 +39,13 @@ from rope_jax import families
 from rope_jax.evaluation import cloze, cloze_inputs, evaluators, fewshot_report, pvp, splits
 from rope_jax.evaluation import inputs as inputs_lib
 from rope_jax.evaluation import pretrained as pretrained_lib
-from rope_jax.evaluation.finetune import BEST_METRIC, _abstract, _labelled, _last_train_loss
+from rope_jax.evaluation.finetune import (
+    BEST_METRIC,
+    _abstract,
+    _labelled,
+    _last_train_loss,
+    check_dropout_rate,
+)
 from rope_jax.evaluation.predictor import padded_batches
 from rope_jax.training import best as best_lib
 from rope_jax.training import evaluators as loop_evaluators
@@ -49,15 +56,36 @@ GENERATIVE_TASKS = ("WSC",)
 
 
 def pattern_of(config, task: str) -> int:
+    """``config.pattern_id``, or with None the method's first pattern for ``task``."""
     pattern_id = config.pattern_id
-    return pvp.default_pattern_id(task, config.method) if pattern_id < 0 else pattern_id
+    return pvp.default_pattern_id(task, config.method) if pattern_id is None else pattern_id
 
 
 def check_config(config) -> None:
     """Everything the config alone decides, before any file or model is read."""
+    check_dropout_rate(config.dropout_rate)
     with preflight.config_errors():
         if config.method not in pvp.METHODS:
             raise ValueError(f"method={config.method!r}; choose one of {pvp.METHODS}")
+        pattern_id = config.pattern_id
+        if pattern_id is not None and (isinstance(pattern_id, bool) or pattern_id < 0):
+            raise ValueError(
+                f"pattern_id={pattern_id}: give a pattern number (rope_jax/evaluation/pvp.py "
+                "PATTERN_IDS) or None for each task's first (None goes in the config argument, "
+                "e.g. --config=configs/fewshot.py:tiny,pattern_id=None; -1 is no longer read "
+                "as the default)"
+            )
+        rate = config.prompt_learning_rate
+        if rate is not None and not rate > 0:
+            raise ValueError(
+                f"prompt_learning_rate={rate}: give a positive rate, or None for "
+                "optimizer.learning_rate (None goes in the config argument, e.g. "
+                "--config=configs/fewshot.py:tiny,prompt_learning_rate=None)"
+            )
+        if not 0.0 <= config.pet_alpha <= 1.0:
+            raise ValueError(
+                f"pet_alpha={config.pet_alpha} must be in [0, 1] (1 = no auxiliary MLM loss)"
+            )
         if config.num_seeds < 1:
             raise ValueError(f"num_seeds={config.num_seeds} must be >= 1")
         if config.prompt_encoder not in ("lstm", "mlp", "embedding"):
@@ -92,7 +120,7 @@ def build_task(task: str, config, source) -> tuple[cloze.ClozeTask, dict, dict]:
     cfg = source.cfg
     if cfg.family == "encoder" and cfg.num_labels:
         raise ValueError("PET scores with the MLM head; this encoder has a classification head")
-    if config.dropout_rate >= 0:
+    if config.dropout_rate is not None:
         cfg = _replace(cfg, dropout_rate=config.dropout_rate)
     inner = families.for_model(build_model(cfg))
     pattern_id = pattern_of(config, task)
@@ -112,8 +140,7 @@ def build_task(task: str, config, source) -> tuple[cloze.ClozeTask, dict, dict]:
         pet_alpha=config.pet_alpha,
         mask_id=specials.mask if cfg.family == "encoder" else None,
     )
-    init = jax.jit(lambda key: nn.unbox(task_obj.init(task_obj.init_rngs(key))))
-    variables = init(jax.random.key(config.seed))
+    variables = _init(task_obj, jax.random.key(config.seed))
     params = dict(variables["params"])
     random_features = variables.get(families.RANDOM_FEATURES, {})
     if source.params is not None:
@@ -126,6 +153,23 @@ def build_task(task: str, config, source) -> tuple[cloze.ClozeTask, dict, dict]:
                 random_features, source.random_features, new_prefixes=()
             )
     return task_obj, params, random_features
+
+
+# Jitted with the cloze task static (ClozeTask compares by its settings): the seeds of a
+# run, and tasks whose arrays have one shape, trace and compile these once.
+@functools.partial(jax.jit, static_argnums=0)
+def _init(task_obj: cloze.ClozeTask, key):
+    return nn.unbox(task_obj.init(task_obj.init_rngs(key)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _scores(task_obj: cloze.ClozeTask, variables, batch):
+    return task_obj.candidate_scores(variables, batch)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _generate(task_obj: cloze.ClozeTask, variables, batch):
+    return task_obj.generate(variables, batch)
 
 
 def _replace(cfg, **changes):
@@ -168,7 +212,7 @@ def make_optimizer(config, task_obj: cloze.ClozeTask):
     if not task_obj.num_prompts:
         return tx, schedule
     prompt_config = ml_collections.ConfigDict(config.optimizer.to_dict())
-    if config.prompt_learning_rate > 0:
+    if config.prompt_learning_rate is not None:
         prompt_config.learning_rate = config.prompt_learning_rate
     prompt_tx, prompt_schedule = optim.make_optimizer(prompt_config, config.num_train_steps)
 
@@ -202,8 +246,6 @@ class ClozePredictor:
 
     def __init__(self, task_obj: cloze.ClozeTask, codec, config):
         self.task_obj, self.codec, self.config = task_obj, codec, config
-        self._scores = jax.jit(lambda v, b: task_obj.candidate_scores(v, b))
-        self._generate = jax.jit(task_obj.generate)
 
     def predict_fn(self, task: str):
         config, codec = self.config, self.codec
@@ -219,10 +261,11 @@ class ClozePredictor:
             for batch in padded_batches(arrays, size, weight_key="example_weights"):
                 batch = {k: v for k, v in batch.items() if k != "example_weights"}
                 if task in GENERATIVE_TASKS:
-                    tokens, weights = jax.device_get(self._generate(variables, batch))
+                    tokens, weights = jax.device_get(_generate(self.task_obj, variables, batch))
                     outputs.extend(zip(np.asarray(tokens), np.asarray(weights), strict=True))
                 else:
-                    outputs.extend(np.asarray(jax.device_get(self._scores(variables, batch))))
+                    scores = _scores(self.task_obj, variables, batch)
+                    outputs.extend(np.asarray(jax.device_get(scores)))
             predictions = []
             for example, output in zip(clozes, outputs, strict=False):
                 record = records[example.record]

@@ -83,7 +83,7 @@ def markdown(summary: dict, method: str, num_seeds: int) -> str:
 def write(workdir: str, by_seed: dict, config) -> str:
     """Writes ``fewshot.md`` and ``fewshot.json``; returns the markdown."""
     summary = summarize(by_seed)
-    pattern = "default" if config.pattern_id < 0 else str(config.pattern_id)
+    pattern = "default" if config.pattern_id is None else str(config.pattern_id)
     method = f"{config.method} (pattern {pattern}{', LM frozen' if config.freeze_lm else ''})"
     table = markdown(summary, method, len(by_seed))
     with open(os.path.join(workdir, "fewshot.md"), "w") as f:

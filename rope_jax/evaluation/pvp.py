@@ -160,7 +160,7 @@ def check_pattern(task: str, method: str, pattern_id: int) -> None:
     if pattern_id not in PATTERN_IDS[method][task]:
         raise ValueError(
             f"{task} has no {method} pattern_id {pattern_id}; choose one of "
-            f"{PATTERN_IDS[method][task]} (or -1 for {default_pattern_id(task, method)})"
+            f"{PATTERN_IDS[method][task]} (or None for {default_pattern_id(task, method)})"
         )
 
 

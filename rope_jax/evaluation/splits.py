@@ -79,17 +79,15 @@ def eval_splits(task: str, config) -> list[str]:
             f"{folder} ({readers.folder_contents(folder)}); add one or name the split with "
             "eval_split"
         )
-    if present == ["val"]:
-        logging.warning(
-            "%s: no dev32.jsonl in %s; selecting (best checkpoint) on val, the split reported",
-            task,
-            folder,
-        )
-    logging.info(
-        "%s: evaluation splits found in %s: %s; selecting on %s, reporting %s",
+    missing = [s for s in AUTO_SPLITS if s not in present]
+    # One line: what was found, what selects, what is reported (a warning when val selects).
+    log = logging.warning if present == ["val"] else logging.info
+    log(
+        "%s: eval_split=auto found %s in %s%s; selecting (best checkpoint) on %s, reporting %s",
         task,
+        " and ".join(f"{s}.jsonl" for s in present),
         folder,
-        ", ".join(present),
+        "".join(f" (no {s}.jsonl)" for s in missing),
         present[0],
         present[-1],
     )

@@ -208,9 +208,15 @@ def test_killing_one_process_ends_the_other_with_one_line(tmp_path, env, tokeniz
     assert run.wait() == 128 + signal.SIGKILL, run.output[-3000:]
     seconds = time.monotonic() - killed
     survivor = run.lines_of(1)
-    assert survivor[-1].startswith(
-        "train.py: error: a collective operation with the other processes failed"
-    ), run.output[-3000:]
+    # Our one line; jax's own coordination-service thread can notice the dead coordinator
+    # in the same instant and log its fatal error after it, before the process is gone.
+    ours = [
+        line
+        for line in survivor
+        if line.startswith("train.py: error: a collective operation with the other processes")
+    ]
+    assert len(ours) == 1, run.output[-3000:]
+    assert not any(line.startswith("Traceback") for line in survivor), run.output[-3000:]
     assert "process 1: exit code 1" in run.output  # ended on its own, not by the launcher
     assert seconds < 20, seconds
     print(f"kill -9 of process 0: process 1 ended with exit code 1 after {seconds:.1f} s")

@@ -1,5 +1,5 @@
 """Model shells: parameter tree, dtypes, every valid kernel x position combo, masking
-properties (causality by gradient, padding invariance, packed segments), remat, decode
+properties (causality by gradient, padding invariance, packed segments), decode
 cache. Tiny shapes, mostly eager (no jit) so no test pays a long compile."""
 
 import dataclasses
@@ -305,8 +305,8 @@ def test_config_from_dict_rejects_unknown_key_and_wrong_type():
     assert cfg.rope_base == 500.0 and isinstance(cfg.rope_base, float)
     with pytest.raises(ValueError, match="model.num_head is not a config key.*model.num_heads"):
         model_config_from_dict({"num_head": 4})
-    with pytest.raises(ValueError, match="model.remat must be bool, got int 1"):
-        model_config_from_dict({"remat": 1})
+    with pytest.raises(ValueError, match="model.scan_layers must be bool, got int 1"):
+        model_config_from_dict({"scan_layers": 1})
     # Unset is None, and only where the field allows it.
     assert model_config_from_dict({"num_decoder_layers": None}).decoder_layers == 8
     with pytest.raises(ValueError, match="model.num_layers must be int, got None"):
@@ -506,26 +506,8 @@ def test_tied_t5_rescales_decoder_output():
     np.testing.assert_allclose(logits, hidden["h"] @ table.T * 32**-0.5, rtol=1e-5, atol=1e-5)
 
 
-def test_remat_gives_same_gradients():
-    cfg = tiny(family="decoder", position="rope", num_layers=2, dropout_rate=0.1)
-    x = tokens(2, 8)
-    variables = init(build_model(cfg), x)
-
-    def grads(remat):
-        model = build_model(dataclasses.replace(cfg, remat=remat))
-
-        def loss(params):
-            logits = model.apply(
-                {"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(1)}
-            )
-            return jnp.mean(logits**2)
-
-        return jax.jit(jax.grad(loss))(variables["params"])
-
-    plain, rematted = grads(False), grads(True)
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), plain, rematted
-    )
+# Remat policies (none, full, save_dots) with and without scanned layers:
+# tests/test_scan_layers.py::test_remat_policies_give_the_same_gradients.
 
 
 def test_dropout_needs_rng_and_changes_output():

@@ -429,6 +429,14 @@ def _lm_head(cfg: ModelConfig, name: str = "lm_head") -> DenseGeneral:
     )
 
 
+def _constrain_logits(logits_BLV):
+    """Sharding hint on the float32 logits ``[B, L, V]``: the largest activation of a
+    large-vocabulary model (mT5: V = 250,112, 1 GB per 1,024 tokens), so the config's rules
+    (``vocab -> tensor`` by default) split it like the output layer instead of leaving the
+    compiler to gather it on one device."""
+    return constrain(logits_BLV, ("batch", "length", "vocab"))
+
+
 def _check_tokens(name, tokens):
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(
@@ -561,7 +569,7 @@ class Encoder(nn.Module):
                     f"{hidden_BLE.shape[0]}."
                 )
             hidden_BLE = jnp.take_along_axis(hidden_BLE, masked_positions[..., None], axis=1)
-        return self.mlm_head(hidden_BLE, self.token_embedder)
+        return _constrain_logits(self.mlm_head(hidden_BLE, self.token_embedder))
 
 
 class MLMHead(nn.Module):
@@ -670,8 +678,8 @@ class EncoderDecoder(nn.Module):
         )
         if cfg.tie_embeddings:
             # T5 (original, tied) rescales before the shared-embedding projection.
-            return self.token_embedder.attend(hidden_BTE * cfg.d_model**-0.5)
-        return self.lm_head(hidden_BTE)
+            return _constrain_logits(self.token_embedder.attend(hidden_BTE * cfg.d_model**-0.5))
+        return _constrain_logits(self.lm_head(hidden_BTE))
 
     def __call__(
         self,
@@ -745,8 +753,8 @@ class Decoder(nn.Module):
             decode=decode,
         )
         if self.config.tie_embeddings:
-            return self.token_embedder.attend(hidden_BLE)
-        return self.lm_head(hidden_BLE)
+            return _constrain_logits(self.token_embedder.attend(hidden_BLE))
+        return _constrain_logits(self.lm_head(hidden_BLE))
 
 
 MODEL_CLASSES = {"encoder": Encoder, "encoder_decoder": EncoderDecoder, "decoder": Decoder}

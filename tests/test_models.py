@@ -686,3 +686,24 @@ def test_training_mode_reaches_every_attention_layer(family):
         {"attention", "cross_attention"} if family == "encoder_decoder" else {"attention"}
     )
     assert all(flag is False for _, flag in seen), seen
+
+
+@pytest.mark.parametrize("family", ["encoder", "decoder"])
+def test_logits_are_sharded_by_the_vocab_rule(family):
+    """The logits [B, L, V] carry (batch, length, vocab): on 8 simulated devices with the
+    default rules their vocabulary is split over `tensor` and their rows over `data`, though
+    every weight is replicated (without the constraint they come out replicated)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from rope_jax.training import sharding
+
+    overrides = dict(BERT) if family == "encoder" else dict(family="decoder", position="rope")
+    model = build_model(tiny(**overrides))
+    x = tokens(2, 4)
+    variables = init(model, x)
+    mesh = sharding.make_mesh({"data": 2, "tensor": 4}, jax.devices()[:8])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_LOGICAL_AXIS_RULES):
+        logits = jax.jit(model.apply)(variables, x)
+    want = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, "tensor"))
+    assert logits.shape == (2, 4, 40)
+    assert logits.sharding.is_equivalent_to(want, logits.ndim), logits.sharding

@@ -7,7 +7,9 @@ the best checkpoint), then checks for a stop request (``interrupts.StopRequest``
 SIGINT/SIGTERM saves at that step boundary and returns with ``stop_signal`` set), then the
 checkpoint period; evaluating first means a stopped and resumed run evaluates the same steps
 as an uninterrupted one. A NaN or Inf loss raises ``NonFiniteLossError`` without saving.
-Setting up (restore or initialise) is ``runner.run``'s job.
+The first step's wall time (tracing, compilation and the step: what every start and restart
+waits for) is logged and written as ``compile_seconds`` into the first ``metrics.jsonl``
+record of each start. Setting up (restore or initialise) is ``runner.run``'s job.
 """
 
 from __future__ import annotations
@@ -207,6 +209,7 @@ def run_steps(
     window_start = time.perf_counter()
     timed_steps = 0  # steps in the window that count for throughput (not the compiling one)
     pending: tuple[int, Any] | None = None
+    first_dispatch = time.perf_counter()
     num_steps = config.num_train_steps
     stop_signal: int | None = None
 
@@ -214,6 +217,15 @@ def run_steps(
         """Host side of a finished step: NaN guard, logging."""
         nonlocal window_start, timed_steps
         host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        startup = {}
+        if step_number == start_step + 1:
+            # Tracing, compiling and running the first step: what a (re)start waits for.
+            startup["compile_seconds"] = time.perf_counter() - first_dispatch
+            if jax.process_index() == 0:
+                logging.info(
+                    "first step after %.1f s (tracing and compilation included)",
+                    startup["compile_seconds"],
+                )
         history[step_number] = host
         if host["finite"] < 1.0:
             checkpointer.wait()
@@ -232,8 +244,12 @@ def run_steps(
         else:
             timed_steps += 1
         log_every = config.log_every_steps  # 0 = only the last step, like the other periods
-        if (log_every > 0 and step_number % log_every == 0) or step_number == num_steps:
+        logged = (log_every > 0 and step_number % log_every == 0) or step_number == num_steps
+        if startup and not logged:
+            writer.write_scalars(step_number, startup)  # the first record has it either way
+        if logged:
             scalars = metrics.mean_of_step_metrics(window)
+            scalars.update(startup)
             scalars.pop("finite", None)
             scalars["learning_rate"] = host["learning_rate"]
             # A window holding only the compiling step has no timing: no throughput, ETA "?".
@@ -260,6 +276,8 @@ def run_steps(
                 host_batch = next(inputs.train)
             batch = sharding.host_local_to_global(host_batch, batch_sharding)
             rng = jax.random.fold_in(base_key, step_number)
+            if step_number == start_step:
+                first_dispatch = time.perf_counter()
             state, device_metrics = jit_train_step(state, batch, rng)
             if pending is not None:
                 consume(*pending)

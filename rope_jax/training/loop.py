@@ -213,11 +213,17 @@ def run_steps(
     num_steps = config.num_train_steps
     stop_signal: int | None = None
 
+    # compile_seconds joins the first record this start writes, whichever step it is at.
+    startup: dict[str, float] = {}
+
+    def write(step_number: int, scalars: dict[str, float]) -> None:
+        writer.write_scalars(step_number, {**scalars, **startup})
+        startup.clear()
+
     def consume(step_number: int, device_metrics) -> None:
         """Host side of a finished step: NaN guard, logging."""
         nonlocal window_start, timed_steps
         host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        startup = {}
         if step_number == start_step + 1:
             # Tracing, compiling and running the first step: what a (re)start waits for.
             startup["compile_seconds"] = time.perf_counter() - first_dispatch
@@ -244,12 +250,8 @@ def run_steps(
         else:
             timed_steps += 1
         log_every = config.log_every_steps  # 0 = only the last step, like the other periods
-        logged = (log_every > 0 and step_number % log_every == 0) or step_number == num_steps
-        if startup and not logged:
-            writer.write_scalars(step_number, startup)  # the first record has it either way
-        if logged:
+        if (log_every > 0 and step_number % log_every == 0) or step_number == num_steps:
             scalars = metrics.mean_of_step_metrics(window)
-            scalars.update(startup)
             scalars.pop("finite", None)
             scalars["learning_rate"] = host["learning_rate"]
             # A window holding only the compiling step has no timing: no throughput, ETA "?".
@@ -260,7 +262,7 @@ def run_steps(
                 scalars["tokens_per_sec"] = tokens_per_step / max(seconds_per_step, 1e-9)
                 if peak > 0 and flops_per_step > 0:
                     scalars["mfu"] = flops_per_step / max(seconds_per_step, 1e-9) / peak
-            writer.write_scalars(step_number, scalars)
+            write(step_number, scalars)
             if jax.process_index() == 0:
                 logging.info(
                     metrics.progress_line(step_number, num_steps, scalars, seconds_per_step)
@@ -296,7 +298,7 @@ def run_steps(
                 eval_history.setdefault(done, {}).update(held_out)
                 # Evaluation time does not count against training throughput.
                 window_start += time.perf_counter() - eval_start
-                writer.write_scalars(done, held_out, prefix="eval_")
+                write(done, {f"eval_{k}": v for k, v in held_out.items()})
                 logging.info("eval at step %d: loss %.4f", done, held_out["loss"])
             due = [
                 ev
@@ -313,7 +315,7 @@ def run_steps(
                     found = evaluator.run(state)
                     scalars.update({f"{evaluator.name}/{k}": v for k, v in found.items()})
                 eval_history.setdefault(done, {}).update(scalars)
-                writer.write_scalars(done, scalars)
+                write(done, scalars)
                 logging.info(
                     "eval at step %d: %s",
                     done,

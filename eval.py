@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from rope_jax import cli
 from rope_jax.data.embedded import TokenizerCacheError
-from rope_jax.training import checkpoint, interrupts, preflight
+from rope_jax.training import checkpoint, interrupts, preflight, sharding
 from rope_jax.training.metrics import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -36,6 +36,9 @@ def main(argv):
     with cli.reported_errors((preflight.ConfigError,)):
         preflight.check_kind(config, "eval.py", cli.config_name())
     quiet_library_logs()
+    # Before any device query: multi-host jobs join the cluster first.
+    with cli.reported_errors((ValueError,)):
+        sharding.maybe_initialize_distributed(config)
     logging.info("JAX devices: %s", jax.devices())
     # Grid cells and fine-tunes are runs of the trainer: its restart checks, signals and
     # errors are theirs.

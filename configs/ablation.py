@@ -5,7 +5,8 @@ Launch (the ``tiny`` grid: both tracks, one seed)::
   python eval.py --config=configs/ablation.py:tiny --workdir=runs/ablation
   python eval.py --config=configs/ablation.py:tiny,num_seeds=3 --workdir=runs/ablation3
 
-The grid (every kernel x every position) runs once per track in ``config.tracks``:
+The grid (every kernel of the attention registry marked for the ablation x every position)
+runs once per track in ``config.tracks``:
 ``causal_lm`` (decoder-only causal LM, next-token loss; Nystrom is skipped, it has no causal
 form) and ``mlm`` (bidirectional encoder with BERT's MLM head and masking, masked-token loss;
 every kernel including Nystrom, t5_bias with bidirectional buckets, symmetric alibi). Each
@@ -27,6 +28,7 @@ grid with ``--config.mlm.kernels='("nystrom",)'``. A corpus of text files:
 import ml_collections
 
 from configs import common
+from rope_jax.attention import registry
 
 VARIANTS = ("tiny", "small")
 POSITIONS = (
@@ -40,7 +42,8 @@ POSITIONS = (
     "t5_bias",
     "alibi",
 )
-KERNELS = ("softmax", "performer", "nystrom", "linear")
+# Every registered kernel whose spec joins the default grid (KernelSpec.ablation).
+KERNELS = tuple(name for name, spec in registry.KERNELS.items() if spec.ablation)
 TRACKS = ("causal_lm", "mlm")
 
 

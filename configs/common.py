@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
     ]
     # "auto": jax.distributed.initialize() when the environment describes a multi-host job.
     config.distributed = "auto"
+    # Multi-process runs: a process silent this long counts as dead, and the others stop
+    # with an error naming it (jax.distributed's heartbeat timeout).
+    config.distributed_timeout_seconds = 100
     config.keep_checkpoints = 3
     config.async_checkpointing = True
     # PaLM/T5X auxiliary loss weight on logsumexp(logits)**2 (0 = off).
@@ -94,6 +97,7 @@ LOOP_KEYS = (
     "mesh",
     "logical_axis_rules",
     "distributed",
+    "distributed_timeout_seconds",
     "keep_checkpoints",
     "async_checkpointing",
     "z_loss",

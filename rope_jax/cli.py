@@ -155,6 +155,46 @@ def reported_errors(
         if logging.get_verbosity() >= logging.DEBUG:
             traceback.print_exc()
         fail(str(err))
+    except Exception as err:
+        if not _lost_peer(err):
+            raise
+        if logging.get_verbosity() >= logging.DEBUG:
+            traceback.print_exc()
+        _fail_without_peers(err, workdir)
+
+
+def _lost_peer(error: BaseException) -> bool:
+    """True for a runtime error of a multi-process run's collectives (a peer process died,
+    so gloo/NCCL lost its connection): not a bug of this process."""
+    jax = sys.modules.get("jax")
+    if jax is None or not isinstance(error, jax.errors.JaxRuntimeError):
+        return False
+    try:
+        return jax.process_count() > 1
+    except Exception:
+        return False
+
+
+def _fail_without_peers(error: BaseException, workdir: str) -> None:
+    """Ends a process whose peers are gone with one line, at once. A normal exit would
+    first wait in jax.distributed's shutdown barrier for the dead process, until its
+    heartbeat timeout, and then abort with a stack dump."""
+    from rope_jax.training import checkpoint
+
+    where = "checkpoints already written are complete"
+    if workdir:
+        steps = checkpoint.complete_steps_on_disk(os.path.join(workdir, "checkpoints"))
+        where = f"the last complete checkpoint is step {steps[-1]}" if steps else "no checkpoint"
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.write(
+        f"{_program()}: error: a collective operation with the other processes failed "
+        f"({_last_line(str(error).splitlines()[0] if str(error) else error)}): another process "
+        f"has probably died or was stopped, see its output. This process stops too ({where}); "
+        "start all processes again to resume.\n"
+    )
+    sys.stderr.flush()
+    os._exit(EXIT_ERROR)
 
 
 def run(main) -> None:

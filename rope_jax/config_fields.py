@@ -22,6 +22,30 @@ from ml_collections import config_dict
 T = TypeVar("T")
 
 
+@dataclasses.dataclass(frozen=True)
+class ConfigField:
+    """A model-config field that a component declares (an attention kernel, a position
+    encoding); ``ModelConfig`` gathers them from the registries.
+
+    ``choices`` (if any) lists the allowed values; ``minimum`` bounds numbers from below.
+    """
+
+    name: str
+    type: type
+    default: Any
+    doc: str
+    choices: tuple = ()
+    minimum: float | None = None
+
+    def check(self, value) -> None:
+        if self.choices and value not in self.choices:
+            raise ValueError(
+                f"{self.name}={value!r} is not one of {', '.join(map(str, self.choices))}."
+            )
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"{self.name} must be >= {self.minimum}, got {value!r}.")
+
+
 class ConfigKeyError(ValueError):
     """A config key that does not exist or holds a value of the wrong type."""
 

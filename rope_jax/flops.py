@@ -14,7 +14,8 @@ forward counted as
 
 Embedding lookups, norms, biases, activations and softmax are not counted (they are not
 matmuls; the convention of Kaplan et al. 2020 and PaLM's MFU). Causal attention is counted
-as the full ``T x S`` product because that is what the softmax kernel computes. This is
+as the full ``T x S`` product because that is what the softmax kernel computes (each
+kernel's spec counts what its function computes). This is
 what "6 x params x tokens" gets wrong for an encoder-decoder: with 512 input and 114 target
 tokens (T5 span corruption) it charges every weight for all 626 tokens and overcounts a
 T5 by about 2.7x.
@@ -28,6 +29,7 @@ import math
 import flax.linen as nn
 import jax
 
+from rope_jax.attention import registry
 from rope_jax.model_config import ModelConfig
 
 
@@ -36,39 +38,12 @@ def count_params(params) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.unbox(params))))
 
 
-def attention_forward_flops(cfg: ModelConfig, kernel: str, q_len: int, kv_len: int) -> float:
-    """Forward matmul FLOPs of one attention layer's kernel (projections excluded)."""
-    heads, head_dim = cfg.num_heads, cfg.head_dim
-    if kernel == "softmax":
-        # q k^T and weights v.
-        return 4.0 * q_len * kv_len * heads * head_dim
-    if kernel == "random_synthesizer":
-        # Only the weights-times-values product: its logits are a parameter, not q k^T.
-        return 2.0 * q_len * kv_len * heads * head_dim
-    if kernel == "performer":
-        m = cfg.num_features
-        # Feature projections of q and k, phi(K)^T V and phi(Q) (phi(K)^T V).
-        return 2.0 * heads * m * head_dim * (2 * q_len + 2 * kv_len)
-    if kernel in ("linear", "taylor"):
-        m = head_dim if kernel == "linear" else 1 + head_dim + head_dim**2
-        if kernel == "taylor":
-            features = 2.0 * heads * head_dim**2 * (q_len + kv_len)  # outer products
-        else:
-            features = 0.0
-        return features + 2.0 * heads * m * head_dim * (q_len + kv_len)
-    if kernel == "nystrom":
-        m = min(cfg.num_landmarks, q_len, kv_len)
-        # softmax(Q K~^T), softmax(Q~ K^T), its product with V, the two products that
-        # assemble the output, and 6 Newton-Schulz iterations of 4 m x m matmuls.
-        per_head = (
-            2.0 * q_len * m * head_dim
-            + 4.0 * m * kv_len * head_dim
-            + 2.0 * q_len * m * m
-            + 2.0 * q_len * m * head_dim
-            + 6 * 4 * 2.0 * m**3
-        )
-        return heads * per_head
-    raise ValueError(f"No FLOP count for attention kernel {kernel!r}.")
+def attention_forward_flops(
+    cfg: ModelConfig, kernel: str, q_len: int, kv_len: int, causal: bool = False
+) -> float:
+    """Forward matmul FLOPs of one attention layer's kernel (projections excluded), from
+    the kernel's registry entry (``KernelSpec.flops``)."""
+    return registry.get_spec(kernel).flops(cfg, q_len, kv_len, causal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +95,7 @@ def training_flops(
         decoder = _layer_weights(cfg, cross=False) * cfg.num_layers * input_len
         output = e * v * input_len
         attention = cfg.num_layers * attention_forward_flops(
-            cfg, cfg.attention, input_len, input_len
+            cfg, cfg.attention, input_len, input_len, causal=True
         )
     else:
         encoder = _layer_weights(cfg, cross=False) * cfg.num_layers * input_len
@@ -132,7 +107,9 @@ def training_flops(
         attention = cfg.num_layers * attention_forward_flops(
             cfg, cfg.attention, input_len, input_len
         ) + cfg.decoder_layers * (
-            attention_forward_flops(cfg, cfg.decoder_self_attention, target_len, target_len)
+            attention_forward_flops(
+                cfg, cfg.decoder_self_attention, target_len, target_len, causal=True
+            )
             + attention_forward_flops(cfg, cfg.decoder_cross_attention, target_len, input_len)
         )
     # 2 FLOPs per multiply-add, 3x for forward + backward.

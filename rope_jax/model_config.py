@@ -27,59 +27,34 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from rope_jax import config_fields, scanning
+from rope_jax import config_fields, position_encodings, scanning
+from rope_jax.attention import registry as kernel_registry
+from rope_jax.attention.registry import KERNELS
+from rope_jax.attention.spec import KernelTraits
+from rope_jax.position_encodings import POSITION_ENCODINGS, get_position_spec
 
 FAMILIES = ("encoder", "encoder_decoder", "decoder")
 MLP_ACTIVATIONS = ("gated-gelu", "gelu", "relu", "gated-silu")
 NORMS = ("rms", "layer")
 NORM_PLACEMENTS = ("pre", "post")
-POSITIONS = ("none", "sinusoidal", "learned", "learned_hierarchical", "rope", "t5_bias", "alibi")
-ROPE_LAYOUTS = ("interleaved", "half")
-ROPE_RECIPES = ("feature", "input")
+POSITIONS = tuple(POSITION_ENCODINGS)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelTraits:
-    """What an attention kernel can express, as far as the model shells are concerned.
-
-    full_mask: accepts an arbitrary boolean ``[B, H, T, S]`` mask (packed segments, prefix LM);
-      otherwise only a key-padding mask ``[B, 1, 1, S]`` plus ``causal``.
-    causal: has a causal mode that never looks at later positions.
-    bias: accepts an additive ``[B|1, H|1, T, S]`` bias (T5 relative bias, ALiBi).
-    recurrent: has an ``init_state``/``step`` form for incremental decoding.
-    segments: takes packed-row segment ids (``segment_ids=``, ``kv_segment_ids=``) and keeps
-      the packed examples apart without a full mask (the linear family).
-    """
-
-    full_mask: bool
-    causal: bool
-    bias: bool
-    recurrent: bool
-    segments: bool = False
-
-
-KERNEL_TRAITS: dict[str, KernelTraits] = {
-    "softmax": KernelTraits(full_mask=True, causal=True, bias=True, recurrent=False),
-    "performer": KernelTraits(
-        full_mask=False, causal=True, bias=False, recurrent=True, segments=True
-    ),
-    "linear": KernelTraits(full_mask=False, causal=True, bias=False, recurrent=True, segments=True),
-    "taylor": KernelTraits(full_mask=False, causal=True, bias=False, recurrent=True, segments=True),
-    # Nystrom's landmarks are means over query and key segments: every output depends on
-    # every position, so it has no causal form.
-    "nystrom": KernelTraits(full_mask=False, causal=False, bias=False, recurrent=False),
-    # Random Synthesizer: learned [H, max_length, max_length] logits, masked like softmax.
-    "random_synthesizer": KernelTraits(full_mask=True, causal=True, bias=True, recurrent=False),
-}
+# What each kernel can express (``rope_jax.attention.spec.KernelTraits``), by name.
+KERNEL_TRAITS: dict[str, KernelTraits] = {name: spec.traits for name, spec in KERNELS.items()}
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelFields:
     """Everything that decides the shape and the computation of a model.
 
     Lengths are not part of the model except ``max_length``, the size of a learned absolute
-    position table (and the default size of a sinusoidal one).
+    position table (and the default size of a sinusoidal one). The attention kernels' and
+    position encodings' own fields (``num_features``, ``num_landmarks``, ``rope_base``,
+    ``relpos_num_buckets``, ...) come from their registry entries (``config_fields`` of
+    ``KernelSpec`` / ``PositionSpec``; listed in docs/kernels.md) and complete
+    :class:`ModelConfig`.
     """
 
     family: str = "encoder_decoder"
@@ -108,25 +83,10 @@ class ModelConfig:
     attention: str = "softmax"
     decoder_attention: str = ""
     cross_attention: str = ""
-    # Performer (FAVOR+) hyper-parameters.
-    num_features: int = 256
-    performer_kernel: str = "softmax"
-    # Nystromformer hyper-parameters (conv_kernel_size 0 = no depthwise convolution skip).
-    num_landmarks: int = 64
-    conv_kernel_size: int = 0
 
+    # Position encoding by name (rope_jax.position_encodings registry).
     position: str = "t5_bias"
-    rope_base: float = 10000.0
-    rope_layout: str = "interleaved"
-    # Position interpolation: positions are multiplied by rope_scale (L_train / L_target).
-    rope_scale: float = 1.0
-    # NTK-aware base scaling factor (1.0 = off): base becomes rope_ntk_base(base, D, factor).
-    rope_ntk_factor: float = 1.0
-    rope_recipe: str = "feature"
     max_length: int = 512
-    hierarchical_alpha: float = 0.4
-    relpos_num_buckets: int = 32
-    relpos_max_distance: int = 128
 
     type_vocab_size: int = 0
     num_labels: int = 0
@@ -172,6 +132,20 @@ class ModelConfig:
         return self.mlp_activation.startswith("gated-")
 
 
+# The model config: the fields above plus every registered kernel's and position
+# encoding's config fields.
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig",
+    [
+        (field.name, field.type, dataclasses.field(default=field.default))
+        for field in (*kernel_registry.config_fields(), *position_encodings.config_fields())
+    ],
+    bases=(ModelFields,),
+    frozen=True,
+    namespace={"__module__": __name__, "__doc__": ModelFields.__doc__},
+)
+
+
 def model_config_from_dict(d: Any) -> ModelConfig:
     """Builds and validates a ModelConfig from a dict or an ``ml_collections.ConfigDict``.
 
@@ -194,15 +168,6 @@ def _choice(cfg: ModelConfig, name: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}.")
 
 
-def _kernel(name: str, field: str) -> KernelTraits:
-    if name not in KERNEL_TRAITS:
-        raise ValueError(
-            f"{field}={name!r} is not a known attention kernel; choose one of "
-            f"{', '.join(KERNEL_TRAITS)}."
-        )
-    return KERNEL_TRAITS[name]
-
-
 def used_kernels(cfg: ModelConfig) -> dict[str, str]:
     """Kernel name per attention role that the family actually has."""
     if cfg.family == "encoder":
@@ -216,13 +181,78 @@ def used_kernels(cfg: ModelConfig) -> dict[str, str]:
     }
 
 
-def learned_table_message(cfg: ModelConfig, length: int) -> str:
-    return (
-        f"position='learned' has a table of max_length={cfg.max_length} rows but the model "
-        f"is asked for {length} positions. Set position='learned_hierarchical' to extend the "
-        f"table by hierarchical decomposition (to max_length**2 positions), raise max_length, "
-        f"or use a relative encoding (rope, t5_bias, alibi)."
-    )
+def _kernels_with(trait: str) -> str:
+    """The registered kernels that have ``trait``, for error messages."""
+    return ", ".join(name for name, spec in KERNELS.items() if getattr(spec.traits, trait))
+
+
+def _check_kernel_roles(cfg, kernels, specs, *, prefix_lm: bool, packed_inputs: bool) -> None:
+    """What each attention role asks of its kernel: a causal form (decoder self-attention),
+    cross-attention, a per-query mask (prefix LM), packed rows."""
+    causal_roles = {"decoder": ["attention"], "encoder_decoder": ["decoder_attention"]}
+    for role in causal_roles.get(cfg.family, []):
+        if not specs[role].traits.causal:
+            raise ValueError(
+                f"{role}={kernels[role]!r} has no causal form{specs[role].reason('causal')}; "
+                f"a causal decoder needs one of {_kernels_with('causal')}"
+                + (
+                    f" (set decoder_attention='softmax' to keep {kernels[role]} in the encoder)."
+                    if role == "decoder_attention"
+                    else "."
+                )
+            )
+    if prefix_lm and cfg.family == "decoder" and not specs["attention"].traits.full_mask:
+        raise ValueError(
+            f"objective='prefix_lm' lets prefix tokens attend to later prefix tokens, a "
+            f"per-query mask which attention={kernels['attention']!r} cannot apply (it takes "
+            f"key padding, segment ids and causal only). Use objective='causal_lm' with this "
+            f"kernel, or attention='softmax' for a prefix LM (the kernels that take a full "
+            f"mask: {_kernels_with('full_mask')})."
+        )
+    if "cross_attention" in kernels and not specs["cross_attention"].traits.cross:
+        raise ValueError(
+            f"cross_attention={kernels['cross_attention']!r} cannot attend from one sequence "
+            f"to another{specs['cross_attention'].reason('cross')}. Set cross_attention to one "
+            f"of {_kernels_with('cross')}."
+        )
+    if packed_inputs:
+        for role, spec in specs.items():
+            traits = spec.traits
+            if not traits.packed or not (traits.full_mask or traits.segments):
+                raise ValueError(
+                    f"{role}={kernels[role]!r} cannot keep packed examples in one row apart"
+                    f"{spec.reason('packed')}. Turn packing off for this kernel (pad each "
+                    f"example to its own row) or use one of "
+                    f"{', '.join(n for n, s in KERNELS.items() if s.traits.packed)}."
+                )
+
+
+def _check_position(cfg, position, kernels, specs, max_sequence_length: int) -> None:
+    """What the position encoding asks of the self-attention kernels, its own settings,
+    and the longest sequence the data will give."""
+    for role in ("attention", "decoder_attention"):
+        if role not in kernels:
+            continue
+        traits = specs[role].traits
+        if position.kind == "bias" and not traits.bias:
+            raise ValueError(
+                f"position={cfg.position!r} is an additive bias on the T x S score "
+                f"matrix, which {role}={kernels[role]!r} cannot take"
+                f"{specs[role].reason('bias')}. Use position='rope' (applied inside linear "
+                f"kernels by the RoFormer recipe), 'sinusoidal', 'learned' or 'none', or "
+                f"one of the kernels that take a bias: {_kernels_with('bias')}."
+            )
+        if position.kind == "rotary" and traits.rope == "none":
+            raise ValueError(
+                f"position={cfg.position!r} rotates q and k, which {role}={kernels[role]!r} "
+                f"never uses{specs[role].reason('rope')}; choose a position encoding of "
+                f"another kind: "
+                f"{', '.join(n for n, p in POSITION_ENCODINGS.items() if p.kind != 'rotary')}."
+            )
+    if position.check is not None:
+        position.check(cfg)
+    if max_sequence_length:
+        position.check_length(cfg, max_sequence_length)
 
 
 def validate_model_config(
@@ -249,12 +279,8 @@ def validate_model_config(
     _choice(cfg, "mlp_activation", MLP_ACTIVATIONS)
     _choice(cfg, "norm", NORMS)
     _choice(cfg, "norm_placement", NORM_PLACEMENTS)
-    _choice(cfg, "position", POSITIONS)
-    _choice(cfg, "rope_layout", ROPE_LAYOUTS)
-    _choice(cfg, "rope_recipe", ROPE_RECIPES)
     _choice(cfg, "dtype", DTYPES)
     _choice(cfg, "param_dtype", DTYPES)
-    _choice(cfg, "performer_kernel", ("softmax", "relu"))
     if cfg.remat not in scanning.REMAT_POLICIES:
         raise ValueError(scanning.remat_message(cfg.remat))
     for name in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers"):
@@ -266,99 +292,20 @@ def validate_model_config(
         raise ValueError(f"dropout_rate must be in [0, 1), got {cfg.dropout_rate}.")
 
     kernels = used_kernels(cfg)
-    traits = {role: _kernel(name, role) for role, name in kernels.items()}
+    specs = {role: kernel_registry.get_spec(name, role) for role, name in kernels.items()}
+    position = get_position_spec(cfg.position)
+    # A component checks the fields it owns (performer_kernel when a performer is used).
+    for spec in (*specs.values(), position):
+        for field in spec.config_fields:
+            field.check(getattr(cfg, field.name))
     if cfg.family != "encoder_decoder" and (cfg.decoder_attention or cfg.cross_attention):
         raise ValueError(
             f"decoder_attention/cross_attention only apply to family='encoder_decoder'; for "
             f"family={cfg.family!r} set attention= instead."
         )
+    _check_kernel_roles(cfg, kernels, specs, prefix_lm=prefix_lm, packed_inputs=packed_inputs)
 
-    causal_roles = []
-    if cfg.family == "decoder":
-        causal_roles.append("attention")
-    if cfg.family == "encoder_decoder":
-        causal_roles.append("decoder_attention")
-    for role in causal_roles:
-        if not traits[role].causal:
-            raise ValueError(
-                f"{role}={kernels[role]!r} has no causal form (its landmarks average over "
-                f"all positions, so every output would see future tokens); a causal decoder "
-                f"needs softmax, performer, linear or taylor attention"
-                + (
-                    " (set decoder_attention='softmax' to keep Nystrom in the encoder)."
-                    if role == "decoder_attention"
-                    else "."
-                )
-            )
-    if prefix_lm and cfg.family == "decoder" and not traits["attention"].full_mask:
-        raise ValueError(
-            f"objective='prefix_lm' lets prefix tokens attend to later prefix tokens, a "
-            f"per-query mask which attention={kernels['attention']!r} cannot apply (it takes "
-            f"key padding, segment ids and causal only). Use objective='causal_lm' with this "
-            f"kernel, or attention='softmax' for a prefix LM."
-        )
-    if cfg.family == "encoder_decoder" and kernels["cross_attention"] == "nystrom":
-        raise ValueError(
-            "cross_attention='nystrom' would leak future decoder tokens: its query landmarks "
-            "average decoder positions, including later ones. Set cross_attention='softmax' "
-            "(or performer/linear/taylor)."
-        )
-
-    if cfg.position in ("t5_bias", "alibi"):
-        for role in ("attention", "decoder_attention"):
-            if role in kernels and not traits[role].bias:
-                raise ValueError(
-                    f"position={cfg.position!r} is an additive bias on the T x S score "
-                    f"matrix, which {role}={kernels[role]!r} never forms. Use position='rope' "
-                    f"(applied inside linear kernels by the RoFormer recipe), 'sinusoidal', "
-                    f"'learned' or 'none', or use softmax attention."
-                )
-    if cfg.position == "rope":
-        for role in ("attention", "decoder_attention"):
-            if kernels.get(role) == "random_synthesizer":
-                raise ValueError(
-                    f"position='rope' rotates q and k, which {role}='random_synthesizer' "
-                    f"never uses (its attention logits are learned per position pair); choose "
-                    f"position='none', 'learned', 'sinusoidal', 't5_bias' or 'alibi'."
-                )
-        if cfg.head_dim % 2:
-            raise ValueError(
-                f"position='rope' rotates pairs of dimensions, so head_dim must be even "
-                f"(got {cfg.head_dim}); choose an even head_dim."
-            )
-        if cfg.rope_scale <= 0 or cfg.rope_ntk_factor <= 0:
-            raise ValueError("rope_scale and rope_ntk_factor must be positive.")
-    if cfg.position == "learned" and max_sequence_length > cfg.max_length:
-        raise ValueError(learned_table_message(cfg, max_sequence_length))
-    if cfg.position == "learned_hierarchical" and max_sequence_length > cfg.max_length**2:
-        raise ValueError(
-            f"position='learned_hierarchical' extends a {cfg.max_length}-row table to "
-            f"{cfg.max_length**2} positions, fewer than {max_sequence_length}; raise max_length."
-        )
-    if cfg.position == "learned_hierarchical" and (
-        not 0.0 < cfg.hierarchical_alpha < 1.0 or cfg.hierarchical_alpha == 0.5
-    ):
-        raise ValueError(
-            f"hierarchical_alpha must be in (0, 1) and not 0.5 (positions (i, j) and (j, i) "
-            f"would coincide), got {cfg.hierarchical_alpha}; the published choice is 0.4."
-        )
-
-    if packed_inputs:
-        for role, trait in traits.items():
-            if not trait.full_mask and not trait.segments:
-                raise ValueError(
-                    f"{role}={kernels[role]!r} takes neither a full mask nor segment ids, so "
-                    f"packed examples in one row would attend to each other. Turn packing off "
-                    f"for this kernel (pad each example to its own row) or use softmax, "
-                    f"performer, linear or taylor attention."
-                )
-            if kernels[role] == "random_synthesizer":
-                raise ValueError(
-                    f"{role}='random_synthesizer' learns one logit per (query slot, key slot) "
-                    f"of a row, so a packed example that starts mid-row would get other "
-                    f"attention weights than on its own. Turn packing off (pad each example to "
-                    f"its own row) or use softmax attention."
-                )
+    _check_position(cfg, position, kernels, specs, max_sequence_length)
 
     if cfg.family == "encoder":
         if cfg.num_labels < 0:

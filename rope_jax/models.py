@@ -75,15 +75,9 @@ from rope_jax.layers import (
 from rope_jax.model_config import (
     KERNEL_TRAITS,
     ModelConfig,
-    learned_table_message,
     validate_model_config,
 )
-from rope_jax.positions import (
-    alibi_bias,
-    extend_positions_hierarchical,
-    sinusoidal_positions,
-    t5_relative_bias,
-)
+from rope_jax.position_encodings import POSITION_ENCODINGS
 
 
 def positions_from_segments(segment_ids_BL):
@@ -143,7 +137,7 @@ class TransformerLayer(nn.Module):
             cfg,
             self.kernel_name,
             causal=self.causal,
-            use_rope=cfg.position == "rope",
+            use_rope=POSITION_ENCODINGS[cfg.position].kind == "rotary",
             name="attention",
         )
         x_BLE = sublayer(
@@ -198,15 +192,13 @@ class TransformerStack(nn.Module):
     cross_kernel_name: str = ""
 
     def _absolute_positions(self, positions_BL, table_length):
+        """The position encoding's absolute table (``PositionSpec.table``) at the positions;
+        a learned one reads the stack's "position_embedder" ``[max_length, E]``."""
         cfg = self.config
-        if cfg.position == "sinusoidal":
-            if cfg.d_model % 2:
-                raise ValueError(f"sinusoidal positions need an even d_model, got {cfg.d_model}.")
-            table_PE = sinusoidal_positions(max(cfg.max_length, table_length), cfg.d_model)
-        else:
-            if cfg.position == "learned" and table_length > cfg.max_length:
-                raise ValueError(learned_table_message(cfg, table_length))
-            table_PE = Embed(
+        encoding = POSITION_ENCODINGS[cfg.position]
+        learned_PE = None
+        if encoding.learned_table:
+            learned_PE = Embed(
                 cfg.max_length,
                 cfg.d_model,
                 embedding_init(cfg),
@@ -215,10 +207,7 @@ class TransformerStack(nn.Module):
                 param_dtype=cfg.storage_dtype,
                 name="position_embedder",
             ).embedding
-            if table_length > cfg.max_length:
-                table_PE = extend_positions_hierarchical(
-                    table_PE, table_length, alpha=cfg.hierarchical_alpha
-                )
+        table_PE = encoding.table(cfg, learned_PE, table_length)
         return jnp.take(table_PE, positions_BL, axis=0).astype(cfg.compute_dtype)
 
     def _layers(self, x_BLE, *layer_args):
@@ -255,6 +244,26 @@ class TransformerStack(nn.Module):
         layer = scanned_cls(cfg, self.kernel_name, **attributes, name=scanning.LAYERS)
         x_BLE, _ = layer(x_BLE, *layer_args)
         return x_BLE
+
+    def _position_bias(self, positions_BL, kv_positions_BS):
+        """The encoding's additive bias (``PositionSpec.bias``), or None; a learned one
+        reads the stack's "relpos_bias" table, shared by all layers as in T5."""
+        cfg = self.config
+        encoding = POSITION_ENCODINGS[cfg.position]
+        if encoding.kind != "bias":
+            return None
+        table = None
+        if encoding.bias_table is not None:
+            table = self.param(
+                "relpos_bias",
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(stddev=cfg.initializer_range or 1.0),
+                    encoding.bias_table_axes,
+                ),
+                encoding.bias_table(cfg),
+                cfg.storage_dtype,
+            )
+        return encoding.bias(cfg, table, positions_BL, kv_positions_BS, self.causal)
 
     @nn.compact
     def __call__(
@@ -342,34 +351,14 @@ class TransformerStack(nn.Module):
                         visible = visible | (prefix[:, None, :, None] & prefix[:, None, None, :])
                     self_mask = masks.combine_masks(self_mask, visible)
 
-        if cfg.position in ("sinusoidal", "learned", "learned_hierarchical"):
+        if POSITION_ENCODINGS[cfg.position].kind == "absolute":
             x_BLE = x_BLE + self._absolute_positions(positions_BL, table_length)
         if cfg.norm_placement == "post":
             x_BLE = make_norm(cfg, "embedding_norm")(x_BLE)
         x_BLE = Dropout(cfg.dropout_rate)(x_BLE, deterministic=deterministic)
         x_BLE = constrain(x_BLE.astype(cfg.compute_dtype), ("batch", "length", "embed"))
 
-        self_bias = None
-        if cfg.position == "t5_bias":
-            table_NH = self.param(
-                "relpos_bias",
-                nn.with_logical_partitioning(
-                    nn.initializers.normal(stddev=cfg.initializer_range or 1.0),
-                    ("relpos_buckets", "heads"),
-                ),
-                (cfg.relpos_num_buckets, cfg.num_heads),
-                cfg.storage_dtype,
-            )
-            self_bias = t5_relative_bias(
-                table_NH,
-                positions_BL,
-                kv_positions_BS,
-                bidirectional=not self.causal,
-                num_buckets=cfg.relpos_num_buckets,
-                max_distance=cfg.relpos_max_distance,
-            )
-        elif cfg.position == "alibi":
-            self_bias = alibi_bias(cfg.num_heads, positions_BL, kv_positions_BS, causal=self.causal)
+        self_bias = self._position_bias(positions_BL, kv_positions_BS)
 
         cross_mask = None
         if encoded_BSE is not None and encoder_valid_BS is not None:

@@ -40,6 +40,21 @@ from jax import lax
 Initializer = Callable[..., jax.Array]
 
 
+def dense_init(cfg, in_axes: Sequence[int], out_axes: Sequence[int], scale=1.0):
+    """BERT-style N(0, initializer_range) or T5-style fan-in truncated-normal init
+    (``cfg``: the model config)."""
+    if cfg.initializer_range > 0:
+        return nn.initializers.normal(stddev=cfg.initializer_range * scale)
+    return nn.initializers.variance_scaling(
+        scale, "fan_in", "truncated_normal", in_axis=tuple(in_axes), out_axis=tuple(out_axes)
+    )
+
+
+def constrain(x, names):
+    """Activation sharding hint; a no-op unless logical axis rules are in context."""
+    return nn.with_logical_constraint(x, names)
+
+
 def lead(v, ndim):
     """``v`` with leading unit axes up to ``ndim`` (explicit broadcasting, no rank promotion)."""
     return v.reshape((1,) * (ndim - v.ndim) + v.shape)

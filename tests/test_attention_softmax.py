@@ -1,5 +1,7 @@
 """Exact softmax attention, masks, random synthesizer and the registry."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ from attention_reference import random_qkv, rope_rotate
 from attention_reference import softmax_attention as reference_attention
 
 from rope_jax.attention import (
-    ATTENTION_FNS,
+    KERNELS,
     causal_mask,
     combine_masks,
     get_attention_fn,
@@ -18,6 +20,7 @@ from rope_jax.attention import (
     softmax_attention_heads_major,
 )
 from rope_jax.attention import softmax_attention as eager_softmax_attention
+from rope_jax.model_config import ModelConfig
 from rope_jax.positions import RopeSpec
 
 softmax_attention = jax.jit(eager_softmax_attention, static_argnames=("causal", "scale", "rope"))
@@ -296,15 +299,22 @@ def test_registry_binds_hyperparameters_and_rejects_unknowns():
 
 
 def test_every_registered_kernel_keeps_bfloat16_and_stays_finite():
+    """Every registry entry, called as the attention layer calls it: hyperparameters from a
+    config (``KernelSpec.bind``), variables made by the spec's own initialisers."""
     q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in random_qkv(11, length=8, std=3.0))
-    hyperparameters = {
-        "performer": dict(projection=jax.random.normal(jax.random.PRNGKey(0), (16, 8))),
-        "nystrom": dict(num_landmarks=4),
-        "random_synthesizer": dict(logits=np.zeros((2, 8, 8), np.float32)),
-    }
+    cfg = ModelConfig(
+        num_heads=2, head_dim=8, max_length=8, num_features=16, num_landmarks=4,
+        window_size=3, sparse_top_k=2,
+    )  # fmt: skip
     mask = padding_mask(np.array([[1] * 8, [1] * 5 + [0] * 3]))
-    for name in ATTENTION_FNS:
-        fn = jax.jit(get_attention_fn(name, **hyperparameters.get(name, {})))
+    for name, spec in KERNELS.items():
+        variables = {}
+        for variable in spec.variables:
+            if variable.used(cfg, False):
+                value = variable.init(cfg)(jax.random.PRNGKey(0), variable.shape(cfg), jnp.float32)
+                read = variable.read or (lambda value, *_: value)
+                variables[variable.argument] = read(value, cfg, 0, 8, 8)
+        fn = jax.jit(functools.partial(spec.bind(cfg), **variables))
         out = fn(q, k, v, mask=mask)
         assert out.dtype == jnp.bfloat16, name
         assert out.shape == q.shape, name

@@ -1,5 +1,6 @@
 """Tokenizer, corpora, packing and the checkpointable pipeline on tiny fixtures."""
 
+import collections
 import concurrent.futures
 import dataclasses
 import json
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from rope_jax import objectives
-from rope_jax.data import corpora, embedded, packing, pipeline
+from rope_jax.data import corpora, embedded, packing, pipeline, row_streams
 from rope_jax.data.tokenizer import Tokenizer, train_tokenizer
 
 ENGLISH = [
@@ -333,9 +334,12 @@ def test_eval_pipeline_pads_to_static_shapes(tokenizer):
     documents = corpora.InMemoryDocuments(ENGLISH[:6])
     batches = list(pipeline.make_eval_pipeline(config, tokenizer, documents=documents))
     assert all(b["encoder_input_tokens"].shape == (4, 32) for b in batches)
-    used = np.concatenate([b["encoder_segment_ids"].any(axis=1) for b in batches])
-    assert len(batches) == -(-used.sum() // 4) and not used[used.sum() :].any()
-    padded = np.concatenate([b["decoder_loss_weights"] for b in batches])[~used]
+    # Row r of every batch is row stream r: a stream that ran out gives all-zero rows, and
+    # the pass ends with the last stream.
+    used_TB = np.stack([b["encoder_segment_ids"].any(axis=1) for b in batches])
+    assert used_TB[-1].any() and not used_TB[:, 3].any()  # 3 held-out documents, 4 streams
+    assert (np.diff(used_TB.astype(int), axis=0) <= 0).all()  # no row after a stream ends
+    padded = np.stack([b["decoder_loss_weights"] for b in batches])[~used_TB]
     assert not padded.any()
     fixed = list(
         pipeline.make_eval_pipeline(
@@ -401,3 +405,79 @@ def test_pseudo_summary_examples_use_t5_pegasus_pieces(tokenizer, max_chars):
     )
     with pytest.raises(ValueError, match="summary_max_chars must be >= 0"):
         ExampleMaker("pseudo_summary", tokenizer, inputs_length=400, summary_max_chars=-1)
+
+
+# ----------------------------------------------------------- global order, any process count
+
+
+def _process_pipelines(config, tokenizer, documents, process_count, state=None):
+    iterators = [
+        pipeline.make_pipeline(
+            config,
+            tokenizer,
+            documents=documents,
+            process_index=index,
+            process_count=process_count,
+        )
+        for index in range(process_count)
+    ]
+    if state is not None:
+        for iterator in iterators:
+            iterator.set_state(json.loads(json.dumps(state)))  # what a checkpoint stores
+    return iterators
+
+
+def _global_batch(iterators):
+    parts = [next(iterator) for iterator in iterators]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+@pytest.mark.parametrize("objective", ["span_corruption", "causal_lm"])
+def test_global_batches_are_the_same_for_any_process_count(tokenizer, objective):
+    """The union of the processes' rows at step N is the 1-process batch, and the merged
+    state of P processes resumes on any other number of processes exactly."""
+    config = pipeline.DataConfig(objective=objective, inputs_length=32, batch_size=4, seed=5)
+    documents = corpora.InMemoryDocuments(ENGLISH + CHINESE)
+    single = _process_pipelines(config, tokenizer, documents, 1)
+    want = [_global_batch(single) for _ in range(8)]
+    two = _process_pipelines(config, tokenizer, documents, 2)
+    assert [it.streams for it in two] == [[0, 1], [2, 3]]
+    got = [_global_batch(two) for _ in range(4)]
+    merged = row_streams.merge_process_states([it.get_state() for it in two])
+    for process_count in (1, 2, 4):
+        resumed = _process_pipelines(config, tokenizer, documents, process_count, merged)
+        got_after = [_global_batch(resumed) for _ in range(4)]
+        _assert_same_batches(got + got_after, want)
+    # The merged state of two processes is the state one process has at the same step.
+    replay = _process_pipelines(config, tokenizer, documents, 1)
+    for _ in range(4):
+        next(replay[0])
+    assert merged == json.loads(json.dumps(replay[0].get_state()))
+    key = "input_tokens" if objective == "causal_lm" else "encoder_input_tokens"
+    assert len({want[0][key][r].tobytes() for r in range(4)}) == 4  # 4 streams, not copies
+
+
+def test_every_document_of_an_epoch_is_read_once(tokenizer):
+    """With one document per row, row r of batch t is global position r + t B; the first
+    n positions (epoch 0) hold every training document exactly once, across processes."""
+    docs = [f"doc{i} the cat" for i in range(18)]
+    documents = corpora.InMemoryDocuments(docs)
+    config = pipeline.DataConfig(
+        objective="causal_lm", inputs_length=200, batch_size=4, pack=False, eval_every=4
+    )
+    training = [d for i, d in enumerate(docs) if i % 4 != 3]  # 14 documents
+    iterators = _process_pipelines(config, tokenizer, documents, 2)
+    read = collections.Counter()
+    by_position = {}
+    for step in range(5):
+        for iterator in iterators:
+            batch = next(iterator)
+            for row, stream in enumerate(iterator.streams):
+                weights = batch["segment_ids"][row] > 0
+                text = tokenizer.decode(batch["target_tokens"][row][weights])
+                by_position[stream + step * config.batch_size] = text
+                read[text] += 1
+    epoch = [by_position[k] for k in range(len(training))]
+    assert sorted(epoch) == sorted(training)  # each training document once in epoch 0
+    assert sum(read.values()) == 20 and set(read) == set(training)
+    assert epoch != training  # shuffled

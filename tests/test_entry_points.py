@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import subprocess_env
 from absl import flags
 from ml_collections import config_flags
 from training_toys import tree_digest
@@ -30,19 +31,8 @@ TINY = (
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """One CPU device (not the tests' 8), this checkout first on the path, and a
-    compilation cache shared by the processes of this module."""
-    environment = dict(os.environ)
-    environment.pop("XLA_FLAGS", None)
-    environment.update(
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=ROOT + os.pathsep + environment.get("PYTHONPATH", ""),
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
-    return environment
+def env():
+    return subprocess_env.one_device()
 
 
 @pytest.fixture(scope="module")

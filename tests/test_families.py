@@ -68,11 +68,12 @@ def test_loss_sums_equal_float64_numpy_cross_entropy(family):
     task = families.for_model(model)
     assert task.family == family and type(task) is families.TASKS[family]
     batch = {k: jnp.asarray(v) for k, v in _lm_batch(family, np.random.default_rng(0)).items()}
-    variables = task.init(task.init_rngs(jax.random.key(0)), batch)
+    # Every call jitted: eagerly, each of the model's ops would compile on its own.
+    variables = jax.jit(task.init)(task.init_rngs(jax.random.key(0)), batch)
     # The model call is the module's own contract (contracts.md batch format).
-    logits = task.logits(variables, batch)
+    logits = jax.jit(task.logits)(variables, batch)
     if family == "encoder_decoder":
-        direct = model.apply(
+        direct = jax.jit(model.apply)(
             variables,
             batch["encoder_input_tokens"],
             batch["decoder_input_tokens"],
@@ -82,7 +83,7 @@ def test_loss_sums_equal_float64_numpy_cross_entropy(family):
             decoder_positions=batch["decoder_positions"],
         )
     else:
-        direct = model.apply(
+        direct = jax.jit(model.apply)(
             variables,
             batch["input_tokens"],
             segment_ids=batch["segment_ids"],
@@ -95,16 +96,17 @@ def test_loss_sums_equal_float64_numpy_cross_entropy(family):
     targets = np.asarray(batch[f"{prefix}target_tokens"])
     weights = np.asarray(batch[f"{prefix}loss_weights"])
     token_ce, expected = _numpy_cross_entropy(logits, targets, weights)
-    sums = task.loss_sums(variables, batch, deterministic=True)
+    loss_sums = jax.jit(task.loss_sums, static_argnames=("deterministic", "z_loss"))
+    sums = loss_sums(variables, batch, deterministic=True)
     for name, value in expected.items():
         np.testing.assert_allclose(float(sums[name]), value, rtol=1e-5, err_msg=name)
     assert float(sums["dropped_sum"]) == 0.0
-    np.testing.assert_allclose(task.token_losses(variables, batch), token_ce, rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(task.token_losses)(variables, batch), token_ce, rtol=1e-5)
     np.testing.assert_allclose(
-        task.score(variables, batch), -(token_ce * weights).sum(-1), rtol=1e-5
+        jax.jit(task.score)(variables, batch), -(token_ce * weights).sum(-1), rtol=1e-5
     )
     # z-loss: weighted sum of logsumexp squared, on top of the cross entropy.
-    with_z = task.loss_sums(variables, batch, deterministic=True, z_loss=1e-2)
+    with_z = loss_sums(variables, batch, deterministic=True, z_loss=1e-2)
     logits64 = np.asarray(logits, np.float64)
     log_z = np.log(np.exp(logits64).sum(-1))
     np.testing.assert_allclose(
@@ -141,11 +143,13 @@ def test_classification_head_sums_against_numpy():
         "choice_mask": np.ones((n, 1), np.int32),
         "labels": np.array([0, 2, 1, 2], np.int32),
     }
-    variables = task.init(task.init_rngs(jax.random.key(0)), arrays)
-    logits = np.asarray(task.head_logits(variables, arrays), np.float64)
+    variables = jax.jit(task.init)(task.init_rngs(jax.random.key(0)), arrays)
+    logits = np.asarray(jax.jit(task.head_logits)(variables, arrays), np.float64)
     assert logits.shape == (n, 1, 3)
     ce, expected = _numpy_cross_entropy(logits[:, 0], arrays["labels"], np.ones(n))
-    sums = task.loss_sums(variables, arrays, deterministic=True)
+    sums = jax.jit(task.loss_sums, static_argnames="deterministic")(
+        variables, arrays, deterministic=True
+    )
     for name, value in expected.items():
         np.testing.assert_allclose(float(sums[name]), value, rtol=1e-5, err_msg=name)
 

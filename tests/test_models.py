@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rope_jax.attention.registry import KERNELS
 from rope_jax.layers import MultiHeadAttention
 from rope_jax.model_config import (
     KERNEL_TRAITS,
@@ -603,20 +604,20 @@ def decode_incrementally(model, variables, x, prompt_len, **kwargs):
     return jnp.concatenate(outs, axis=1)
 
 
-@pytest.mark.parametrize(
-    "kernel,position",
-    [
-        ("softmax", "rope"),
-        ("softmax", "t5_bias"),
-        ("softmax", "alibi"),
-        ("performer", "rope"),
-        ("linear", "sinusoidal"),
-        ("taylor", "rope"),
-        ("random_synthesizer", "none"),
-    ],
-)
+# Every registered kernel with a causal form (RoPE where it uses q and k), and the biases.
+DECODE_CASES = [
+    (name, "none" if spec.traits.rope == "none" else "rope")
+    for name, spec in KERNELS.items()
+    if spec.traits.causal
+] + [("softmax", "t5_bias"), ("softmax", "alibi"), ("linear", "sinusoidal")]
+
+
+@pytest.mark.parametrize("kernel,position", DECODE_CASES)
 def test_cached_decoding_matches_full_forward(kernel, position):
-    model = build_model(tiny(family="decoder", attention=kernel, position=position))
+    # A window and a top-k smaller than the 8 tokens, so neither is plain softmax here.
+    cfg = tiny(family="decoder", attention=kernel, position=position)
+    cfg = dataclasses.replace(cfg, window_size=3, sparse_top_k=3)
+    model = build_model(cfg)
     x = tokens(2, 8)
     variables = init(model, x)
     full = run(model, variables, x)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import subprocess_env
 from absl import flags
 from ml_collections import config_flags
 
@@ -227,13 +228,7 @@ def test_errors_at_start_name_the_problem_and_write_nothing(tmp_path, files):
 
 @pytest.fixture(scope="module")
 def env():
-    """eval.py's environment: one CPU device (not the tests' 8), this checkout first."""
-    environment = dict(os.environ)
-    environment.pop("XLA_FLAGS", None)
-    environment.update(
-        JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + environment.get("PYTHONPATH", "")
-    )
-    return environment
+    return subprocess_env.one_device()
 
 
 def test_eval_py_reports_a_malformed_file_in_one_line(tmp_path, files, env):

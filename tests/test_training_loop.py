@@ -170,6 +170,34 @@ def test_each_process_resumes_its_own_input_position(tmp_path, monkeypatch):
     ckpt.close()
 
 
+def test_row_stream_states_merge_into_one_item_any_process_count_resumes(tmp_path, monkeypatch):
+    """The document pipeline's states (disjoint rows) are saved as one global state, which
+    every process of any count restores; states equal on all processes stay one state."""
+    per_process = [
+        {"row_streams": {"0": {"document": 1}, "1": {"document": 2}}},
+        {"row_streams": {"2": {"document": 0}, "3": {"document": 4}}},
+    ]
+    merged = {"row_streams": {str(r): {"document": d} for r, d in enumerate([1, 2, 0, 4])}}
+    assert checkpoint.merged_data_state(per_process) == merged
+    assert checkpoint.merged_data_state([{"step": 3}, {"step": 3}]) == {"step": 3}
+    overlapping = [per_process[0], per_process[0] | {"x": 1}]
+    assert checkpoint.PER_PROCESS in checkpoint.merged_data_state(overlapping)
+    monkeypatch.setattr(checkpoint, "gather_data_states", lambda state: per_process)
+    monkeypatch.setattr(checkpoint, "_process_index_and_count", lambda: (0, 2))
+    ckpt = checkpoint.Checkpointer(tmp_path, async_save=False)
+    state = {"w": jax.numpy.arange(4.0)}
+    ckpt.save(1, state, per_process[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    saved = json.loads((tmp_path / "1" / checkpoint.DATA / "metadata").read_text())
+    assert saved == merged
+    for index, count in [(0, 1), (1, 2), (3, 4)]:
+        monkeypatch.setattr(checkpoint, "_process_index_and_count", lambda i=index, n=count: (i, n))
+        assert ckpt.restore(1, abstract)[1] == merged
+    ckpt.close()
+
+
 class _SigtermAfter(ToyMLMIterator):
     """Delivers SIGTERM to this process when batch ``at`` is fetched (a preemption notice)."""
 

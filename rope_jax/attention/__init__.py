@@ -2,7 +2,8 @@
 
 Every kernel: ``fn(q, k, v, *, mask=None, bias=None, <hyper-parameters>, q_positions=None,
 kv_positions=None, rope=None) -> [B, T, H, D]`` in q's dtype; ``get_attention_fn(name)``
-picks one by config name.
+picks one by config name, ``KERNELS[name]`` is its ``KernelSpec`` (traits, variables,
+decoding form, FLOPs; see ``registry``).
 """
 
 from rope_jax.attention import linear, performer
@@ -16,12 +17,13 @@ from rope_jax.attention.linear import (
 from rope_jax.attention.masks import causal_mask, combine_masks, padding_mask, segment_mask
 from rope_jax.attention.nystrom import iterative_pinv, nystrom_attention
 from rope_jax.attention.performer import performer_attention, performer_projection
-from rope_jax.attention.registry import ATTENTION_FNS, get_attention_fn
+from rope_jax.attention.registry import ATTENTION_FNS, KERNELS, get_attention_fn, get_spec
 from rope_jax.attention.softmax import (
     masked_softmax,
     softmax_attention,
     softmax_attention_heads_major,
 )
+from rope_jax.attention.spec import KernelSpec, KernelTraits
 from rope_jax.attention.synthesizer import random_synthesizer_attention
 
 # Recurrent (incremental decoding) forms of the causal linear-family kernels.
@@ -35,10 +37,14 @@ taylor_step = linear.taylor_step
 __all__ = [
     "ATTENTION_FNS",
     "FeatureState",
+    "KERNELS",
+    "KernelSpec",
+    "KernelTraits",
     "causal_mask",
     "combine_masks",
     "elu_features",
     "get_attention_fn",
+    "get_spec",
     "iterative_pinv",
     "linear_attention",
     "linear_init_state",

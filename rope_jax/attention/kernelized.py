@@ -69,6 +69,24 @@ def rotate_features(features_BLHM, positions, rope):
     return jnp.concatenate([rotated, features_BLHM[..., -1:]], axis=-1)
 
 
+def rope_before_features(q_BTHD, k_BSHD, q_positions, kv_positions, rope):
+    """q and k rotated when ``rope.recipe == "input"`` (RoPE before the feature map)."""
+    if rope is None or rope.recipe != "input":
+        return q_BTHD, k_BSHD
+    return _inputs.rotate(q_BTHD, q_positions, rope), _inputs.rotate(k_BSHD, kv_positions, rope)
+
+
+def numerator_features(query_features, key_features, q_positions, kv_positions, rope):
+    """The features of the numerator: rotated when ``rope.recipe == "feature"`` (RoFormer
+    eq. (19); the denominator keeps the unrotated ones), else the features themselves."""
+    if rope is None or rope.recipe != "feature":
+        return query_features, key_features
+    return (
+        rotate_features(query_features, q_positions, rope),
+        rotate_features(key_features, kv_positions, rope),
+    )
+
+
 def bidirectional(
     num_q_BTHM,
     num_k_BSHM,

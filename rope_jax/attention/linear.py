@@ -106,18 +106,16 @@ def _feature_attention(
     run_ids_BL, query_valid_BL, key_valid_BS = segments.self_attention_runs(
         name, segment_ids, key_valid_BS, batch, q_len, kv_len
     )
-    if rope is not None and rope.recipe == "input":
-        q_BTHD = _inputs.rotate(q_BTHD, q_positions, rope)
-        k_BSHD = _inputs.rotate(k_BSHD, kv_positions, rope)
+    q_BTHD, k_BSHD = kernelized.rope_before_features(
+        q_BTHD, k_BSHD, q_positions, kv_positions, rope
+    )
     query_features = feature_map(q_BTHD)
     key_features = feature_map(k_BSHD)
     if key_valid_BS is not None:
         key_features = jnp.where(key_valid_BS[:, :, None, None], key_features, 0.0)
-    if rope is not None and rope.recipe == "feature":
-        numerator_q = kernelized.rotate_features(query_features, q_positions, rope)
-        numerator_k = kernelized.rotate_features(key_features, kv_positions, rope)
-    else:
-        numerator_q, numerator_k = query_features, key_features
+    numerator_q, numerator_k = kernelized.numerator_features(
+        query_features, key_features, q_positions, kv_positions, rope
+    )
     if causal:
         out_BTHD = kernelized.causal(
             numerator_q,
@@ -149,18 +147,14 @@ def _feature_step(name, feature_map, state, q_t, k_t, v_t, mask, position, rope)
     batch = q_t.shape[0]
     key_valid_B1 = _inputs.key_valid_from_mask(name, mask, batch, 1, 1)
     positions_B1 = _inputs.step_positions(name, position, rope, batch)
-    if rope is not None and rope.recipe == "input":
-        q_t = _inputs.rotate(q_t, positions_B1, rope)
-        k_t = _inputs.rotate(k_t, positions_B1, rope)
+    q_t, k_t = kernelized.rope_before_features(q_t, k_t, positions_B1, positions_B1, rope)
     query_features = feature_map(q_t)
     key_features = feature_map(k_t)
     if key_valid_B1 is not None:
         key_features = jnp.where(key_valid_B1[:, :, None, None], key_features, 0.0)
-    if rope is not None and rope.recipe == "feature":
-        numerator_q = kernelized.rotate_features(query_features, positions_B1, rope)
-        numerator_k = kernelized.rotate_features(key_features, positions_B1, rope)
-    else:
-        numerator_q, numerator_k = query_features, key_features
+    numerator_q, numerator_k = kernelized.numerator_features(
+        query_features, key_features, positions_B1, positions_B1, rope
+    )
     state, out_BHD = kernelized.step(
         state,
         numerator_q[:, 0],
@@ -285,3 +279,17 @@ def taylor_step(state, q_t, k_t, v_t, *, mask=None, position=None, rope=None, sc
         position,
         rope,
     )
+
+
+def linear_forward_flops(cfg, q_len, kv_len, causal):
+    """``phi(K)^T V`` and ``phi(Q) (phi(K)^T V)`` with ``M = D`` features."""
+    del causal
+    return 2.0 * cfg.num_heads * cfg.head_dim * cfg.head_dim * (q_len + kv_len)
+
+
+def taylor_forward_flops(cfg, q_len, kv_len, causal):
+    """The outer products of the features, then the sums with ``M = 1 + D + D^2``."""
+    del causal
+    heads, head_dim = cfg.num_heads, cfg.head_dim
+    outer_products = 2.0 * heads * head_dim**2 * (q_len + kv_len)
+    return outer_products + 2.0 * heads * (1 + head_dim + head_dim**2) * head_dim * (q_len + kv_len)

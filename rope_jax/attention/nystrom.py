@@ -213,3 +213,29 @@ def nystrom_attention(
     if conv_weights is not None:
         out_BTHD += depthwise_conv_skip(v_BSHD, conv_weights, key_valid_BS)
     return out_BTHD.astype(out_dtype)
+
+
+def forward_flops(cfg, q_len, kv_len, causal):
+    """``softmax(Q K~^T)``, ``softmax(Q~ K^T)``, its product with V, the two products that
+    assemble the output, and 6 Newton-Schulz iterations of 4 ``m x m`` matmuls."""
+    del causal
+    m = min(cfg.num_landmarks, q_len, kv_len)
+    per_head = (
+        2.0 * q_len * m * cfg.head_dim
+        + 4.0 * m * kv_len * cfg.head_dim
+        + 2.0 * q_len * m * m
+        + 2.0 * q_len * m * cfg.head_dim
+        + 6 * 4 * 2.0 * m**3
+    )
+    return cfg.num_heads * per_head
+
+
+def landmarks_message(cfg, length):
+    """Why ``num_landmarks`` does not suit sequences of ``length`` ("" when it does)."""
+    if cfg.num_landmarks <= length:
+        return ""
+    return (
+        f"num_landmarks={cfg.num_landmarks} exceeds the length {length}, so some Nystrom "
+        f"landmarks would average no token; choose num_landmarks <= {length} (a divisor of "
+        f"it gives equal segments)"
+    )

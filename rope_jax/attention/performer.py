@@ -224,9 +224,9 @@ def performer_attention(
     run_ids_BL, query_valid_BL, key_valid_BS = segments.self_attention_runs(
         name, segment_ids, key_valid_BS, batch, q_len, kv_len
     )
-    if rope is not None and rope.recipe == "input":
-        q_BTHD = _inputs.rotate(q_BTHD, q_positions, rope)
-        k_BSHD = _inputs.rotate(k_BSHD, kv_positions, rope)
+    q_BTHD, k_BSHD = kernelized.rope_before_features(
+        q_BTHD, k_BSHD, q_positions, kv_positions, rope
+    )
 
     key_shift_BSH = None
     if kernel == "relu":
@@ -249,11 +249,9 @@ def performer_attention(
             shift_BSH = jnp.broadcast_to(global_max_B1H, row_max_BSH.shape)
         key_features = _key_features_given_shift(log_features_BSHM, shift_BSH, key_valid_BS)
 
-    if rope is not None and rope.recipe == "feature":
-        numerator_q = kernelized.rotate_features(query_features, q_positions, rope)
-        numerator_k = kernelized.rotate_features(key_features, kv_positions, rope)
-    else:
-        numerator_q, numerator_k = query_features, key_features
+    numerator_q, numerator_k = kernelized.numerator_features(
+        query_features, key_features, q_positions, kv_positions, rope
+    )
     if causal:
         out_BTHD = kernelized.causal(
             numerator_q,
@@ -279,10 +277,22 @@ def performer_attention(
     return out_BTHD.astype(q_BTHD.dtype)
 
 
-def init_state(batch, heads, head_dim, value_dim, *, num_features):
-    """Empty running sums for causal incremental decoding (``kernelized.FeatureState``)."""
+def init_state(batch, heads, head_dim, value_dim, *, num_features=None, projection=None):
+    """Empty running sums for causal incremental decoding (``kernelized.FeatureState``), in
+    feature space: ``num_features``, or the rows of the ``projection`` to be used."""
     del head_dim  # the state lives in feature space
+    if (num_features is None) == (projection is None):
+        raise ValueError("performer.init_state: give num_features or projection (one of them).")
+    if num_features is None:
+        num_features = projection.shape[0]
     return kernelized.init_feature_state(batch, heads, num_features, value_dim)
+
+
+def forward_flops(cfg, q_len, kv_len, causal):
+    """Feature projections of q and k, ``phi(K)^T V`` and ``phi(Q) (phi(K)^T V)``."""
+    del causal
+    heads, head_dim = cfg.num_heads, cfg.head_dim
+    return 2.0 * heads * cfg.num_features * head_dim * (2 * q_len + 2 * kv_len)
 
 
 def step(
@@ -310,9 +320,7 @@ def step(
     projection_MD = _check_projection(projection, head_dim)
     key_valid_B1 = _inputs.key_valid_from_mask(name, mask, batch, 1, 1)
     positions_B1 = _inputs.step_positions(name, position, rope, batch)
-    if rope is not None and rope.recipe == "input":
-        q_t = _inputs.rotate(q_t, positions_B1, rope)
-        k_t = _inputs.rotate(k_t, positions_B1, rope)
+    q_t, k_t = kernelized.rope_before_features(q_t, k_t, positions_B1, positions_B1, rope)
 
     new_shift_BH = None
     if kernel == "relu":
@@ -326,11 +334,9 @@ def step(
         key_features = _key_features_given_shift(
             log_features_B1HM, new_shift_BH[:, None, :], key_valid_B1
         )
-    if rope is not None and rope.recipe == "feature":
-        numerator_q = kernelized.rotate_features(query_features, positions_B1, rope)
-        numerator_k = kernelized.rotate_features(key_features, positions_B1, rope)
-    else:
-        numerator_q, numerator_k = query_features, key_features
+    numerator_q, numerator_k = kernelized.numerator_features(
+        query_features, key_features, positions_B1, positions_B1, rope
+    )
     state, out_BHD = kernelized.step(
         state,
         numerator_q[:, 0],

@@ -116,6 +116,13 @@ def softmax_attention(
     return out_BTHD.astype(q_BTHD.dtype)
 
 
+def forward_flops(cfg, q_len, kv_len, causal):
+    """``q k^T`` and ``weights v``: ``4 T S H D``; a causal kernel still forms all of
+    ``T x S`` (masked), so it is counted in full."""
+    del causal
+    return 4.0 * q_len * kv_len * cfg.num_heads * cfg.head_dim
+
+
 def softmax_attention_heads_major(q_BTHD, k_BHDS, v_BHSD, *, mask=None, bias=None, scale=None):
     """:func:`softmax_attention` (no dropout, no RoPE) with keys ``[B, H, D, S]`` and values
     ``[B, H, S, D]``.

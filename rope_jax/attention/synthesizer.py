@@ -8,6 +8,7 @@ accepted for the common kernel signature but not used.
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
 from rope_jax.attention import _inputs
 from rope_jax.attention.masks import causal_mask, combine_masks
@@ -57,3 +58,22 @@ def random_synthesizer_attention(
     weights_BHTS = masked_softmax(logits, mask)
     out_BTHD = jnp.einsum("BHTS,BSHD->BTHD", weights_BHTS.astype(v_BSHD.dtype), v_BSHD)
     return out_BTHD.astype(q_BTHD.dtype)
+
+
+def logits_for_call(table_HPP, cfg, q_offset, q_len, kv_len):
+    """The ``[H, T, S]`` block of a ``[H, max_length, max_length]`` logits table for queries
+    at slots ``q_offset ..`` and keys ``0 .. S-1``; a clear error past ``max_length``."""
+    if max(q_len, kv_len) > cfg.max_length:
+        raise ValueError(
+            f"random_synthesizer attention has logits for max_length={cfg.max_length} "
+            f"positions, got lengths {q_len} x {kv_len}; raise max_length."
+        )
+    offset = jnp.asarray(q_offset, jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+    return lax.dynamic_slice(table_HPP, (zero, offset, zero), (cfg.num_heads, q_len, kv_len))
+
+
+def forward_flops(cfg, q_len, kv_len, causal):
+    """Only the weights-times-values product: the logits are a parameter, not ``q k^T``."""
+    del causal
+    return 2.0 * q_len * kv_len * cfg.num_heads * cfg.head_dim

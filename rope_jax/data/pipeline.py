@@ -1,31 +1,30 @@
 """The input pipeline: documents -> objective -> packed rows -> fixed-shape numpy batches.
 
-Built on grain (the JAX ecosystem's checkpointable loader)::
+Built on grain's index datasets (the JAX ecosystem's checkpointable loader)::
 
   documents (DocumentIndex over files, or the embedded corpus; held-out split removed)
-    -> MapDataset.source -> [process_index::process_count]       (sharding by document)
-    -> .shuffle(seed).repeat(num_epochs)   (grain index shuffle, reshuffled every epoch)
-    -> .random_map(ExampleMaker)           (tokenize + objective; rng from (seed, index))
-    -> .to_iter_dataset()
-    -> [.mp_prefetch(num_workers)]         (optional: the above in worker processes)
-    -> PackIterDataset                     (RowPacker: examples -> rows, below)
-    -> .batch(batch_size // process_count)
-    -> DataIterator                        (get_state / set_state; eval: pads the last batch)
+    -> MapDataset.source
+    -> .shuffle(seed).repeat(num_epochs)   (training: index shuffle, reshuffled every epoch)
+    -> .random_map(ExampleMaker)           (tokenize + objective; rng from (seed, position))
+    = global position k -> examples        (a pure function of k, computed on demand)
+    -> RowStream r of batch_size           (packs positions r, r + B, ...: row r of each batch)
+    -> DataIterator                        (this process's streams; get_state / set_state)
 
-Why this resumes exactly: everything up to ``to_iter_dataset`` is a pure function of the
-element index (the shuffle is an index permutation, the objective's generator is seeded
-from (seed, index)), so grain's state there is just the next index. The packing stage adds
-a small state of its own: the parent state before the current document, how many of that
-document's examples were already packed, and the examples of the open row (lists of ints,
-at most one row's worth). ``get_state()`` is a JSON-serialisable dict; after
-``set_state(s)`` the iterator yields exactly the batches it would have yielded after the
-``get_state()`` that produced ``s``. No shuffle buffer is ever checkpointed.
+The global batch at step t is the same for any number of processes: process p makes rows
+``p B / P ... (p + 1) B / P - 1`` and reads only their documents (``row_streams.py``: the
+order, what each process reads, why). Why this resumes exactly: up to the packer
+everything is a function of the position, so a stream's state is its document number, how
+many of that document's examples are packed, and the examples of its open row (lists of
+ints, at most one row's worth). ``get_state()`` is a JSON-serialisable dict keyed by
+global row; after ``set_state(s)`` the iterator yields exactly the batches it would have
+yielded after the ``get_state()`` that produced ``s``, and a state merged from all
+processes (``training.checkpoint``) resumes on any number of them. No shuffle buffer is
+ever checkpointed.
 
-Worker processes (``num_workers > 0``) run everything before packing: grain gives worker
-``w`` of ``n`` the elements ``w, w + n, ...`` and reads the workers in turn, so the packer
-sees the documents in the same order as without workers, and the state before packing is
-still the next index (``_WorkerExamplesIterator`` maps it to and from grain's per-worker
-state). Batches and checkpoints are therefore the same for every ``num_workers``.
+Worker processes (``num_workers > 0``) or threads (``num_threads``) compute the examples
+of the next positions ahead; packing stays in this process. As a position's examples do
+not depend on where they are computed, batches and checkpoints are the same for every
+``num_workers``.
 
 Shapes are static: every batch has ``batch_size // process_count`` rows of
 ``inputs_length`` (and ``targets_length`` for the decoder side), int32.
@@ -41,10 +40,11 @@ import grain
 import numpy as np
 
 from rope_jax import config_fields, objectives
+from rope_jax.data import row_streams
 from rope_jax.data.corpora import CorpusStats, DocumentIndex
 from rope_jax.data.embedded import embedded_corpus
 from rope_jax.data.examples import OBJECTIVES, ExampleMaker, model_kind
-from rope_jax.data.packing import PackSpec, RowPacker
+from rope_jax.data.packing import PackSpec
 from rope_jax.data.tokenizers import TextTokenizer
 
 __all__ = [
@@ -72,7 +72,8 @@ class DataConfig:
       inputs_length: encoder row length (encoder-decoder), or the row length (mlm, LMs).
       targets_length: decoder row length for encoder-decoder objectives; ``None`` = T5's
         arithmetic for span corruption (512 -> 114), ``inputs_length // 2`` otherwise.
-      batch_size: global batch size (rows); each process gets ``batch_size // process_count``.
+      batch_size: global batch size (rows, = row streams); each process makes
+        ``batch_size // process_count`` of them.
       seed: shuffling and objective randomness.
       paths: comma-separated globs; empty = the embedded corpus (``data/embedded.py``).
       format / text_mode / text_field: see ``corpora.py``.
@@ -89,13 +90,13 @@ class DataConfig:
         each worker process when ``num_workers > 0``. Threads share the interpreter lock,
         which tokenizing and the objectives (Python and numpy) mostly hold, so they add
         little; ``num_workers`` is what scales.
-      num_workers: worker processes (grain ``mp_prefetch``, started with ``spawn``) that
-        read, tokenize and apply the objective; packing and batching stay in this process.
-        ``0`` (the default) does everything in this process. The batches, their order and
-        the ``get_state()`` format are the same for every value (documents are dealt to
-        the workers in turn and read back in turn), so a checkpoint written with one value
-        resumes exactly with another. Each worker imports the package and grain (about a
-        second of start-up), and each eval pass starts its own workers.
+      num_workers: worker processes (started with ``spawn``) that read, tokenize and apply
+        the objective to the next documents of this process's row streams; packing and
+        batching stay in this process. ``0`` (the default) does everything in this process.
+        The batches, their order and the ``get_state()`` format are the same for every
+        value (a document's examples depend on its position only), so a checkpoint written
+        with one value resumes exactly with another. Each worker imports the package and
+        grain (about a second of start-up), and each eval pass starts its own workers.
     """
 
     objective: str = "span_corruption"
@@ -216,116 +217,78 @@ class HeldOutSplit:
         return self.source[(index // (self.every - 1)) * self.every + index % (self.every - 1)]
 
 
-class _PackIterator(grain.DatasetIterator):
-    """Packs the example lists of its parent (one list per document) into rows."""
-
-    def __init__(self, parent: grain.DatasetIterator, spec: PackSpec, max_segments: int | None):
-        super().__init__(parent)
-        self._packer = RowPacker(spec, max_segments=max_segments)
-        self._doc_state = parent.get_state()  # parent state before the current document
-        self._pending: list[dict[str, np.ndarray]] = []
-        self._consumed = 0  # examples of the current document already packed
-        self._skip = 0  # after set_state: examples to skip when the document is re-read
-
-    @property
-    def num_truncated(self) -> int:
-        return self._packer.num_truncated
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        while True:
-            while self._consumed < len(self._pending):
-                example = self._pending[self._consumed]
-                self._consumed += 1
-                rows = self._packer.add(example)
-                if rows:
-                    return rows[0]
-            self._doc_state = self._parent.get_state()
-            try:
-                self._pending = next(self._parent)
-            except StopIteration:
-                self._pending, self._consumed = [], 0
-                row = self._packer.flush()
-                if row is None:
-                    raise
-                return row
-            self._consumed, self._skip = self._skip, 0
-
-    def get_state(self) -> dict[str, Any]:
-        # Before the document is re-read after set_state, the count waits in ``_skip``.
-        return {
-            "parent": self._doc_state,
-            "consumed": self._consumed + self._skip,
-            "open": self._packer.get_state(),
-        }
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["parent"])
-        self._doc_state = state["parent"]
-        self._pending, self._consumed = [], 0
-        self._skip = int(state["consumed"])
-        self._packer.set_state(state["open"])
-
-
-class _PackIterDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, spec: PackSpec, max_segments: int | None):
-        super().__init__(parent)
-        self._spec, self._max_segments = spec, max_segments
-
-    def __iter__(self) -> _PackIterator:
-        return _PackIterator(self._parent.__iter__(), self._spec, self._max_segments)
-
-    def __str__(self) -> str:
-        return "PackIterDataset"
-
-
-class DataIterator(grain.DatasetIterator):
-    """Batches as numpy dicts; ``get_state()``/``set_state()`` for exact resume.
+class DataIterator:
+    """This process's rows of every global batch, as numpy dicts; ``get_state()`` /
+    ``set_state()`` for exact resume, on any number of processes (``row_streams.py``).
 
     Attributes: ``stats`` (``CorpusStats`` of the document scan), ``spec`` (``PackSpec``),
-    ``batch_shapes`` (key -> shape), ``tokenizer``. With ``pad_to`` (eval), a short last
-    batch is padded with all-zero rows (segment ids 0, loss weights 0), and with
-    ``num_batches`` exactly that many batches are yielded (empty ones after the data runs
-    out), so every process runs the same number of eval steps.
+    ``batch_shapes`` (key -> shape), ``tokenizer``, ``streams`` (the global row numbers this
+    process makes). Training (``pad=False``) ends when one of its streams runs out (a
+    finite ``num_epochs``). With ``pad`` (eval), the rows of streams that ran out are
+    all-zero (segment ids 0, loss weights 0) until every stream has, and with
+    ``num_batches`` exactly that many batches are yielded, so every process runs the same
+    number of eval steps.
     """
 
-    def __init__(self, parent, *, stats, spec, batch_size, tokenizer, pad=False, num_batches=None):
-        super().__init__(parent)
+    def __init__(self, streams, source, *, stats, spec, tokenizer, pad=False, num_batches=None):
+        self._streams, self._source = list(streams), source
         self.stats, self.spec, self.tokenizer = stats, spec, tokenizer
-        self.batch_size, self.pad, self.num_batches = batch_size, pad, num_batches
+        self.batch_size, self.pad, self.num_batches = len(self._streams), pad, num_batches
+        self.streams = [stream.index for stream in self._streams]
         self.batch_shapes = {}
         for key in spec.output_keys():
             stream = spec.features.get(key)
             if stream is None:
                 stream = next(s for s, v in spec.streams.items() if key in v[1:])
-            self.batch_shapes[key] = (batch_size, spec.streams[stream][0])
+            self.batch_shapes[key] = (self.batch_size, spec.streams[stream][0])
         self._count = 0
+
+    @property
+    def num_truncated(self) -> int:
+        return sum(stream.num_truncated for stream in self._streams)
+
+    def __iter__(self) -> DataIterator:
+        return self
+
+    def _empty_row(self) -> dict[str, np.ndarray]:
+        return {key: np.zeros(shape[1:], np.int32) for key, shape in self.batch_shapes.items()}
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self.num_batches is not None and self._count >= self.num_batches:
             raise StopIteration
-        try:
-            batch = next(self._parent)
-        except StopIteration:
-            if self.num_batches is None:
-                raise
-            batch = {k: np.zeros((0, *s[1:]), np.int32) for k, s in self.batch_shapes.items()}
+        rows = [stream.next_row() for stream in self._streams]
+        if any(row is None for row in rows):
+            if not self.pad or (self.num_batches is None and all(r is None for r in rows)):
+                raise StopIteration
+            rows = [self._empty_row() if row is None else row for row in rows]
         self._count += 1
-        rows = next(iter(batch.values())).shape[0]
-        if rows < self.batch_size:
-            if not self.pad:
-                raise RuntimeError(f"short batch of {rows} rows in a training pipeline")
-            batch = {
-                k: np.concatenate([v, np.zeros((self.batch_size - rows, *v.shape[1:]), v.dtype)])
-                for k, v in batch.items()
-            }
-        return {k: np.asarray(v, np.int32) for k, v in batch.items()}
+        return {key: np.stack([row[key] for row in rows]).astype(np.int32) for key in rows[0]}
 
     def get_state(self) -> dict[str, Any]:
-        return {"parent": self._parent.get_state(), "count": self._count}
+        return {row_streams.STATE_KEY: row_streams.stream_states(self._streams)}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["parent"])
-        self._count = int(state["count"])
+        """Continues from ``state``: this process's entry of a state saved before (one
+        process's or the global merge of all of them, ``training.checkpoint``)."""
+        saved = state.get(row_streams.STATE_KEY) if isinstance(state, dict) else None
+        if saved is None:
+            found = sorted(state) if isinstance(state, dict) else state
+            raise ValueError(
+                "this input state was not written by the row-stream pipeline (a checkpoint "
+                f"of an earlier version?): {found!r}"
+            )
+        missing = row_streams.missing_streams(saved, self._streams)
+        if missing:
+            raise ValueError(
+                f"the saved input state has {len(saved)} row streams, this batch needs rows "
+                f"{missing[0]}..{missing[-1]}: it was saved with another batch_size"
+            )
+        for stream in self._streams:
+            stream.set_state(saved[str(stream.index)])
+
+    def close(self) -> None:
+        """Stops the worker processes or threads (if any)."""
+        self._source.close()
 
 
 def _documents(config: DataConfig):
@@ -361,136 +324,10 @@ def _check_sentinels(config: DataConfig, tokenizer: TextTokenizer) -> None:
         )
 
 
-_MIN_SHM_BYTES = 1 << 20  # example arrays below this size are pickled between processes
-_WORKER_BUFFER = 8  # documents each worker process prepares ahead
-
-
-class _WorkerExamplesIterator(grain.DatasetIterator):
-    """Examples from grain's worker processes, with the state of the in-process stage.
-
-    grain's ``mp_prefetch`` (0.2.18) hands worker ``w`` of ``n`` the elements ``w, w + n,
-    w + 2n, ...`` of the stage before it and reads the workers in turn, starting at worker
-    0. So the ``m``-th element out is element ``m`` of that stage, as with no workers, and
-    the state is kept as ``{"next_index": m}``, the state of the in-process stage. It maps
-    to grain's own state (worker ``w`` next reads its element ``ceil((m - w) / n)``), so a
-    checkpoint resumes under any number of workers, including none.
-    """
-
-    def __init__(self, parent: grain.DatasetIterator, num_workers: int):
-        super().__init__(parent)
-        self._num_workers = num_workers
-        self._next_index = 0
-        fresh = parent.get_state()
-        if fresh != self._grain_state(0):
-            raise RuntimeError(
-                "unexpected state of grain's multiprocessing prefetch (grain "
-                f"{grain.__version__}): {fresh}; exact resume with num_workers > 0 relies on "
-                "grain 0.2.18's format"
-            )
-
-    def _grain_state(self, next_index: int) -> dict[str, Any]:
-        n = self._num_workers
-        return {
-            "next_index_in_cycle": next_index % n,
-            "next_index_in_datasets": n,
-            "iterators_in_use_indices": list(range(n)),
-            "iterators_in_use_states": [
-                {"next_index": -(-(next_index - w) // n)} for w in range(n)
-            ],
-            "exhausted": [0] * n,
-            "future_states": {},
-        }
-
-    def __next__(self):
-        element = next(self._parent)
-        self._next_index += 1
-        return element
-
-    def get_state(self) -> dict[str, Any]:
-        return {"next_index": self._next_index}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._next_index = int(state["next_index"])
-        self._parent.set_state(self._grain_state(self._next_index))
-
-
-class _WorkerExamples(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, num_workers: int):
-        super().__init__(parent)
-        self._num_workers = num_workers
-
-    def __iter__(self) -> _WorkerExamplesIterator:
-        return _WorkerExamplesIterator(self._parent.__iter__(), self._num_workers)
-
-    def __str__(self) -> str:
-        return f"WorkerExamples(num_workers={self._num_workers})"
-
-
-def _allow_worker_processes() -> None:
-    """Let grain start worker processes in a program that never parsed absl flags.
-
-    grain 0.2.18 reads its ``--grain_enable_multiprocess_worker_profiling`` absl flag when
-    it starts a worker process; in a program that did not parse absl flags (a plain script,
-    pytest, a notebook; ``train.py`` parses them through ``absl.app``) that read raises
-    ``UnparsedFlagAccessError``. Marking the flags parsed keeps every flag at its default,
-    and a later ``absl.app.run`` still parses the command line.
-    """
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-
-
-def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
-    """Worker processes ignore SIGINT: Ctrl-C in a terminal reaches the whole process group,
-    and the main process, which owns the workers, decides how to stop (the trainer saves at
-    the next step boundary, with batches still coming from the workers)."""
-    del worker_index, worker_count
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _in_worker_processes(examples: grain.IterDataset, num_workers: int) -> grain.IterDataset:
-    """``examples`` made in ``num_workers`` processes, in the same order and with the same state."""
-    _allow_worker_processes()
-    # grain's default (min_shm_size=0) puts every example array in its own shared-memory
-    # block; pickling these few-kB arrays through the worker queues instead was about 5x
-    # faster (causal_lm, 128 tokens, 2 workers).
-    examples = grain.experimental.WithOptionsIterDataset(
-        examples, grain.experimental.DatasetOptions(min_shm_size=_MIN_SHM_BYTES)
-    )
-    examples = examples.mp_prefetch(
-        grain.MultiprocessingOptions(
-            num_workers=num_workers, per_worker_buffer_size=_WORKER_BUFFER
-        ),
-        worker_init_fn=_ignore_interrupts,
-    )
-    return _WorkerExamples(examples, num_workers)
-
-
-def _build(config, tokenizer, documents, *, process_index, process_count, train, num_batches):
-    if config.sampling != "documents":
-        raise ValueError(
-            f"sampling={config.sampling!r} rows come from rope_jax.data.windows "
-            "(make_window_inputs), not this document pipeline"
-        )
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if config.batch_size % process_count:
-        raise ValueError(
-            f"batch_size {config.batch_size} is not divisible by process_count {process_count}"
-        )
-    _check_sentinels(config, tokenizer)
-    documents = _documents(config) if documents is None else documents
-    stats = getattr(documents, "stats", CorpusStats())
-    split = HeldOutSplit(documents, config.eval_every, held_out=not train)
-    if len(split) < process_count:
-        raise ValueError(
-            f"{len(split)} {'training' if train else 'held-out'} documents for {process_count} "
-            f"processes ({stats.report()})"
-        )
-    ds = grain.MapDataset.source(split)[process_index::process_count]
+def _examples_dataset(config: DataConfig, tokenizer: TextTokenizer, split, *, train: bool):
+    """Global position -> the examples of its document (module docstring): an index
+    shuffle reshuffled every epoch (training), then the objective seeded by position."""
+    ds = grain.MapDataset.source(split)
     if train:
         ds = ds.shuffle(seed=config.seed).repeat(config.num_epochs)
     maker = ExampleMaker(
@@ -506,22 +343,45 @@ def _build(config, tokenizer, documents, *, process_index, process_count, train,
         summary_rate=config.summary_rate,
         summary_max_chars=config.summary_max_chars,
     )
-    ds = ds.random_map(maker, seed=config.seed)
-    read = grain.ReadOptions(
-        num_threads=config.num_threads, prefetch_buffer_size=4 * max(1, config.num_threads)
+    return ds.random_map(maker, seed=config.seed)
+
+
+def _build(config, tokenizer, documents, *, process_index, process_count, train, num_batches):
+    if config.sampling != "documents":
+        raise ValueError(
+            f"sampling={config.sampling!r} rows come from rope_jax.data.windows "
+            "(make_window_inputs), not this document pipeline"
+        )
+    mine = row_streams.streams_of_process(config.batch_size, process_index, process_count)
+    _check_sentinels(config, tokenizer)
+    documents = _documents(config) if documents is None else documents
+    stats = getattr(documents, "stats", CorpusStats())
+    split = HeldOutSplit(documents, config.eval_every, held_out=not train)
+    if len(split) < 1:
+        raise ValueError(f"no {'training' if train else 'held-out'} document ({stats.report()})")
+    source = row_streams.ExampleSource(
+        _examples_dataset(config, tokenizer, split, train=train),
+        num_threads=config.num_threads,
+        num_workers=config.num_workers,
     )
-    examples = ds.to_iter_dataset(read)
-    if config.num_workers > 0:
-        examples = _in_worker_processes(examples, config.num_workers)
     spec = pack_spec(config)
-    it_ds = _PackIterDataset(examples, spec, None if config.pack else 1)
-    per_process = config.batch_size // process_count
-    it_ds = it_ds.batch(per_process, drop_remainder=train)
+    lookahead = row_streams.lookahead_per_stream(source.parallelism, len(mine))
+    streams = [
+        row_streams.RowStream(
+            index,
+            config.batch_size,
+            source,
+            spec,
+            max_segments=None if config.pack else 1,
+            lookahead=lookahead,
+        )
+        for index in mine
+    ]
     return DataIterator(
-        it_ds.__iter__(),
+        streams,
+        source,
         stats=stats,
         spec=spec,
-        batch_size=per_process,
         tokenizer=tokenizer,
         pad=not train,
         num_batches=num_batches,

@@ -79,6 +79,17 @@ def padded_batches(arrays: dict[str, np.ndarray], size: int, *, weight_key: str)
     return out
 
 
+def host_value(array) -> np.ndarray:
+    """A (possibly multi-process) array's whole value on this host. With several processes
+    the model's outputs follow its parameters' shardings onto devices of other processes,
+    which ``np.asarray`` cannot read; every process predicts the same rows and needs them."""
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 class Predictor:
     """Jitted prediction functions of one task model, shared by all its evaluators
     (validation, test, diagnostics): batches have a fixed shape, so each compiles once.
@@ -112,7 +123,7 @@ class Predictor:
             variables=extra or None,
             use_cache=self.config.kv_cache,
         )
-        sequences = np.asarray(out.sequences)
+        sequences = host_value(out.sequences)
         if sequences.ndim == 3:  # beam search: best beam first
             sequences = sequences[:, 0]
         return sequences[:, 1:]
@@ -139,7 +150,7 @@ class Predictor:
                         predictions.append(formats.parse_text_prediction(task, text, record))
                         texts.append(text)
                     continue
-                scores = np.asarray(self._head_logits(variables, batch))[: len(rows)]
+                scores = host_value(self._head_logits(variables, batch))[: len(rows)]
                 for row, scores_KC in zip(rows, scores, strict=True):
                     example = examples[row]
                     if len(example.pairs) == 1 and scores_KC.shape[-1] > 1:

@@ -21,6 +21,8 @@ from typing import Any
 
 import ml_collections
 
+from rope_jax.attention.registry import KERNELS
+
 POSITION_VARIANTS: dict[str, dict[str, Any]] = {
     "none": {"position": "none"},
     "sinusoidal": {"position": "sinusoidal"},
@@ -156,13 +158,13 @@ def grid(config, track: str = "causal_lm") -> list[Cell]:
                 raise  # a mistyped key is the config's mistake, not the pair's
             except ValueError as err:
                 cell.skip_reason = str(err.__cause__ or err)
-            landmarks = cell.config.model.num_landmarks
-            if kernel == "nystrom" and not cell.skip_reason and landmarks > shortest:
-                raise ValueError(
-                    f"train.model.num_landmarks={landmarks} exceeds the shortest length trained "
-                    f"or evaluated ({shortest}), so some Nystrom landmarks would average no "
-                    f"token; choose num_landmarks <= {shortest} (a divisor of it gives equal "
-                    f"segments)."
-                )
+            spec = KERNELS.get(kernel)
+            if spec and spec.check_length and not cell.skip_reason:
+                reason = spec.check_length(cell.config.model, shortest)
+                if reason:
+                    raise ValueError(
+                        f"train.model.{reason}: {shortest} is the shortest length trained or "
+                        f"evaluated."
+                    )
             cells.append(cell)
     return cells

@@ -2,10 +2,14 @@
 
 Each step directory holds two items written in one commit: ``state`` (params, optimizer
 state, step, RNG key data, random features; sharded arrays, OCDBT) and ``data`` (the
-iterator state as JSON). Orbax writes a JSON item from the primary host only, while every
-process reads its own shard of the documents and is at its own position in it; a
-multi-process run therefore gathers all processes' iterator states into that one item, and
-each process restores its own entry.
+iterator state as JSON). Orbax writes a JSON item from the primary host only, so a
+multi-process run gathers every process's iterator state and merges them into one
+(``row_streams.merge_process_states``: the document pipeline's row streams are disjoint
+and keyed by global row, states that depend on the step alone are equal). That item is the
+same for any number of processes, and every process restores from it, so a run resumes its
+input exactly on another number of hosts. Inputs whose per-process states do not merge
+are kept as a list, one entry per process, which only the same number of processes can
+resume.
 
 Orbax writes into ``<step>.orbax-checkpoint-tmp-*`` and renames the directory only after a
 ``commit_success.txt`` marker is written, so a process killed during a save leaves a
@@ -146,18 +150,26 @@ def gather_data_states(data_state: Any) -> list:
     ]
 
 
+def merged_data_state(states: list) -> Any:
+    """The data item for the processes' iterator states (see the module docstring)."""
+    from rope_jax.data import row_streams
+
+    merged = row_streams.merge_process_states(states)
+    return {PER_PROCESS: states} if merged is None else merged
+
+
 def select_data_state(saved: Any, process_index: int, process_count: int) -> Any:
-    """This process's iterator state from a restored data item, or ``None`` (with a warning)
-    when the checkpoint was written by a different number of processes: each process then
-    reads a different shard of the documents, so no saved position applies."""
-    if isinstance(saved, dict) and PER_PROCESS in saved:
-        states = saved[PER_PROCESS]
-    else:
-        states = [saved]
+    """This process's iterator state from a restored data item: the merged state itself,
+    or its own entry of a per-process list; ``None`` (with a warning) when that list was
+    written by another number of processes, so no saved position applies."""
+    if not (isinstance(saved, dict) and PER_PROCESS in saved):
+        return saved
+    states = saved[PER_PROCESS]
     if len(states) != process_count:
         logging.warning(
-            "The checkpoint's input position was saved by %d process(es), this run has %d; "
-            "the model and optimizer resume, the input starts again from the beginning.",
+            "The checkpoint's input position was saved by %d process(es) as separate "
+            "positions, this run has %d; the model and optimizer resume, the input starts "
+            "again from the beginning.",
             len(states),
             process_count,
         )
@@ -248,7 +260,7 @@ class Checkpointer:
         if step in self._manager.all_steps():
             return False
         if _process_index_and_count()[1] > 1:
-            data_state = {PER_PROCESS: gather_data_states(data_state)}
+            data_state = merged_data_state(gather_data_states(data_state))
         return self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -260,8 +272,9 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
         """Restores ``step`` into the shapes, dtypes and shardings of ``abstract_state``.
 
-        Returns ``(state, data_state)``: this process's iterator state, or ``None`` when the
-        checkpoint was written by a different number of processes (see ``select_data_state``).
+        Returns ``(state, data_state)``: the iterator state for this process, or ``None``
+        when the checkpoint holds separate positions of another number of processes (see
+        ``select_data_state``).
 
         Raises ``CheckpointError`` naming the directory when the step is missing, incomplete
         or unreadable (shape/structure mismatch with the current config, damaged files).

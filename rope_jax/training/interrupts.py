@@ -89,3 +89,57 @@ class StopRequest:
             signal.signal(signum, handler)
         self._previous.clear()
         return False
+
+
+class StopAgreement:
+    """All processes of a multi-process run stop at the same step, on any one's signal.
+
+    A preemption notice reaches one host; if it saved alone, the others would wait for it
+    in their next collective. So every step each process votes its stop signal (0 for
+    none) into a maximum over the mesh, a few bytes of all-reduce dispatched after the
+    train step. The vote is read one step later, when the host waits for that step's
+    metrics anyway, so it adds no wait of its own: each process reads the same maximum
+    after the same step and they all save that step together (``loop.run_steps``). It
+    is the loop's own version of ``multihost_utils.reached_preemption_sync_point``, which
+    only sees the SIGTERM that the coordination service's handler catches (not Ctrl-C,
+    nor a signal handled in Python) and blocks on the coordination service every step.
+    """
+
+    def __init__(self, mesh):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        self._sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+        self._num_local = sum(
+            1 for d in mesh.devices.flat if d.process_index == jax.process_index()
+        )
+        self._size = mesh.size
+        self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+        self._np = np
+        self._pending = None
+
+    def _dispatch(self, signum: int | None):
+        import jax
+
+        votes = self._np.full(self._num_local, int(signum or 0), self._np.int32)
+        return self._max(
+            jax.make_array_from_process_local_data(self._sharding, votes, (self._size,))
+        )
+
+    def _read(self, vote) -> int | None:
+        value = int(self._np.asarray(vote.addressable_data(0)))
+        return value or None
+
+    def exchange(self, signum: int | None) -> int | None:
+        """Votes ``signum`` for this step; returns the agreed signal of the previous vote
+        (``None``: nobody asked to stop), the same on every process."""
+        previous, self._pending = self._pending, self._dispatch(signum)
+        return None if previous is None else self._read(previous)
+
+    def finish(self, signum: int | None) -> int | None:
+        """Last vote, read at once: the agreed signal of it and of the vote still pending."""
+        previous = self.exchange(signum)
+        last, self._pending = self._read(self._pending), None
+        return previous or last

@@ -4,12 +4,14 @@ Order of work per step (STYLE.md "Numerics and scale"): fetch the host batch, di
 N, and only then fetch step N-1's metrics to the host, so the device never waits for Python.
 After each step the loop runs the evaluations due at it (held-out loss, the evaluators,
 the best checkpoint), then checks for a stop request (``interrupts.StopRequest``: the first
-SIGINT/SIGTERM saves at that step boundary and returns with ``stop_signal`` set), then the
-checkpoint period; evaluating first means a stopped and resumed run evaluates the same steps
-as an uninterrupted one. A NaN or Inf loss raises ``NonFiniteLossError`` without saving.
-The first step's wall time (tracing, compilation and the step: what every start and restart
-waits for) is logged and written as ``compile_seconds`` into the first ``metrics.jsonl``
-record of each start. Setting up (restore or initialise) is ``runner.run``'s job.
+SIGINT/SIGTERM saves at that step boundary and returns with ``stop_signal`` set; with
+several processes a signal reaching any of them stops all at the same step, one step
+later, ``interrupts.StopAgreement``), then the checkpoint period; evaluating first means a
+stopped and resumed run evaluates the same steps as an uninterrupted one. A NaN or Inf
+loss raises ``NonFiniteLossError`` without saving. The first step's wall time (tracing,
+compilation and the step: what every start and restart waits for) is logged and written as
+``compile_seconds`` into the first ``metrics.jsonl`` record of each start. Setting up
+(restore or initialise) is ``runner.run``'s job.
 """
 
 from __future__ import annotations
@@ -272,6 +274,7 @@ def run_steps(
             timed_steps = 0
 
     host_batch = first_host_batch
+    agreement = interrupts.StopAgreement(mesh) if jax.process_count() > 1 else None
     with interrupts.StopRequest() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for step_number in range(start_step, num_steps):
             if step_number > start_step:
@@ -324,12 +327,21 @@ def run_steps(
                 if best is not None:
                     best.update(done, state, scalars)
                 window_start += time.perf_counter() - eval_start
-            if stop.requested:
+            # One process: its own signal. Several: the signal all of them agreed on.
+            agreed = stop.signum if agreement is None else agreement.exchange(stop.signum)
+            if agreed is not None:
+                if agreement is not None:
+                    logging.info(
+                        "process %d: %s reached the run; all processes save step %d and stop",
+                        jax.process_index(),
+                        interrupts.signal_name(agreed),
+                        done,
+                    )
                 if pending is not None:
                     consume(*pending)
                     pending = None
                 save(done, state, force=True)
-                stop_signal = stop.signum
+                stop_signal = agreed
                 break
             if config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0:
                 if pending is not None:
@@ -342,9 +354,10 @@ def run_steps(
         final_step = int(jax.device_get(state.step))
         if stop_signal is None and final_step > start_step:
             save(final_step, state, force=True)
-        # A signal during the last step or the final save: the save is done, report it.
-        if stop_signal is None and stop.requested:
-            stop_signal = stop.signum
+        # A signal during the last step or the final save: the save is done, report it
+        # (on every process, if any process had it).
+        if stop_signal is None:
+            stop_signal = stop.signum if agreement is None else agreement.finish(stop.signum)
     return TrainResult(
         state=state,
         history=history,

@@ -191,8 +191,16 @@ def run(
             abstract = checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings)
             state, data_state = checkpointer.restore(latest, abstract)
             if data_state is not None:
-                inputs.train.set_state(data_state)
-                first_host_batch = next(inputs.train)
+                try:
+                    inputs.train.set_state(data_state)
+                except ValueError as err:
+                    logging.warning(
+                        "The checkpoint's input position does not apply to this input (%s); "
+                        "the model and optimizer resume, the input starts from the beginning.",
+                        err,
+                    )
+                else:
+                    first_host_batch = next(inputs.train)
             # The run's key comes from the checkpoint (the seed is part of the experiment).
             base_key = jax.random.wrap_key_data(np.asarray(jax.device_get(state.rng)))
             logging.info(

@@ -39,6 +39,11 @@ DEFAULT_LOGICAL_AXIS_RULES = (
 )
 
 
+# jax.distributed's heartbeat timeout: a process silent this long counts as dead, and the
+# coordination service ends the others with an error (jax's default is 100 s).
+DEFAULT_DISTRIBUTED_TIMEOUT = 100
+
+
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     """Calls ``jax.distributed.initialize()`` for multi-process runs (one process per host).
 
@@ -61,7 +66,17 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     )
     if mode == "auto" and not multi_process_env:
         return
-    kwargs = {}
+    # CPU processes exchange collectives over TCP with gloo (jax 0.10's default; earlier
+    # versions had none, and a multi-process CPU step failed). GPUs and TPUs ignore it.
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in env:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    timeout = int(config.get("distributed_timeout_seconds", DEFAULT_DISTRIBUTED_TIMEOUT))
+    if timeout < 1:
+        raise ValueError(
+            f"distributed_timeout_seconds={timeout}; give the seconds after which a silent "
+            f"process counts as dead (default {DEFAULT_DISTRIBUTED_TIMEOUT})"
+        )
+    kwargs = {"heartbeat_timeout_seconds": timeout}
     if "JAX_NUM_PROCESSES" in env:
         kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
     if "JAX_PROCESS_ID" in env:

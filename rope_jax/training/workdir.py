@@ -57,6 +57,7 @@ RESTART_SAFE = (
     "measure_matmul_peak",
     "debug_nan_step",
     "distributed",
+    "distributed_timeout_seconds",
     # Device layout: a checkpoint restores into any mesh.
     "mesh",
     "logical_axis_rules",

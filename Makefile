@@ -42,6 +42,7 @@ bench: $(BIN)/.installed $(HF_VENV)/.installed
 	$(BIN)/python benchmarks/decoding.py
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/packing.py
+	$(BIN)/python benchmarks/startup.py
 
 # Every benchmark end to end on small shapes (minutes): checks the harness, not the figures.
 bench-quick: $(BIN)/.installed $(HF_VENV)/.installed
@@ -51,6 +52,7 @@ bench-quick: $(BIN)/.installed $(HF_VENV)/.installed
 	$(BIN)/python benchmarks/forward.py --quick
 	$(BIN)/python benchmarks/decoding.py --quick
 	$(BIN)/python benchmarks/data.py --quick
+	$(BIN)/python benchmarks/startup.py --quick --json benchmarks/results/startup_quick.json
 
 clean:
 	rm -rf $(VENV) $(HF_VENV) runs

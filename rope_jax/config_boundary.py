@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from rope_jax import config_fields
+from rope_jax import config_fields, scanning
 from rope_jax.data.pipeline import DataConfig
 from rope_jax.model_config import ModelConfig, model_config_from_dict
 from rope_jax.training.optim import OptimizerConfig
@@ -96,7 +96,9 @@ def sections(config) -> Sections:
 
 def upgrade_record(tree: dict[str, Any]) -> dict[str, Any]:
     """A recorded config with earlier versions' unset sentinels (``LEGACY_UNSET``, and an
-    evaluator period of 0 for "every eval_every_steps") as None."""
+    evaluator period of 0 for "every eval_every_steps") as None; a boolean ``model.remat``
+    as its policy name (True: full, False: none) and a missing ``model.scan_layers`` as False
+    (the layer loop every earlier run had)."""
     for dotted, legacy in LEGACY_UNSET.items():
         *parents, leaf = dotted.split(".")
         node = tree
@@ -104,6 +106,13 @@ def upgrade_record(tree: dict[str, Any]) -> dict[str, Any]:
             node = node.get(name) if isinstance(node, dict) else None
         if isinstance(node, dict) and leaf in node and _is(node[leaf], legacy):
             node[leaf] = None
+    model = tree.get("model")
+    if isinstance(model, dict) and "family" in model:
+        # remat was a boolean before the named policies (rope_jax.scanning), and layers were
+        # always a loop before scan_layers.
+        if isinstance(model.get("remat"), bool):
+            model["remat"] = scanning.remat_name(model["remat"])
+        model.setdefault("scan_layers", False)
     evaluators = tree.get("evaluators")
     if isinstance(evaluators, list):
         tree["evaluators"] = [

@@ -34,6 +34,7 @@ and EOS.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -46,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rope_jax import families
+from rope_jax import families, scanning
 from rope_jax import model_config as model_config_lib
 from rope_jax import models as models_lib
 from rope_jax.model_config import ModelConfig
@@ -595,8 +596,13 @@ def from_hf(
         overrides.setdefault("tie_embeddings", False)
     cfg = config_from_hf(hf_config, **overrides)
     model = models_lib.build_model(cfg)
-    flat = _params_from_tensors(architecture, cfg, tensors, param_shapes(model), strict=strict)
-    params = jax.tree_util.tree_map(jnp.asarray, unflatten_params(flat))
+    # The mapping names layers one by one (HF's block.{i}); a scanned model gets them stacked.
+    per_layer = models_lib.build_model(dataclasses.replace(cfg, scan_layers=False))
+    flat = _params_from_tensors(architecture, cfg, tensors, param_shapes(per_layer), strict=strict)
+    params = unflatten_params(flat)
+    if cfg.scan_layers:
+        params = scanning.stack_layers(params)
+    params = jax.tree_util.tree_map(jnp.asarray, params)
     return model, params
 
 
@@ -776,8 +782,9 @@ def hf_config_from_model_config(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
 
 
 def to_hf_tensors(architecture: str, cfg: ModelConfig, params) -> dict[str, np.ndarray]:
-    """This project's params as a Hugging Face state dict (float32 numpy)."""
-    flat = flatten_params(jax.device_get(nn.unbox(params)))
+    """This project's params as a Hugging Face state dict (float32 numpy); scanned layers
+    (``scan_layers``) are unstacked to HF's one block per layer."""
+    flat = flatten_params(scanning.unstack_layers(jax.device_get(nn.unbox(params))))
     tensors = {}
     for path, hf_names, kind in hf_mapping(architecture, cfg):
         name = hf_names if isinstance(hf_names, str) else hf_names[0]

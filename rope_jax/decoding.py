@@ -7,9 +7,11 @@ The search algorithms here know nothing about models. They drive a *step functio
 that feeds one token per row and returns float32 next-token logits. ``state`` is any pytree
 that is batch-major (leading axis = rows): a flax ``"cache"`` collection (key/value cache of
 softmax attention), the running sums of a causal linear kernel, encoder outputs, masks. Leaves
-with no axes (a flax ``cache_index``) are shared by all rows. Beam search repeats each row's
+with no axes (a flax ``cache_index``) are shared by all rows. Under a scanned stack's
+``layers`` entry (``ModelConfig.scan_layers``) every leaf has the layers first and the rows
+on axis 1, as T5X's ``cache_offset`` for scanned layers. Beam search repeats each row's
 state ``beam_size`` times and reorders it by the surviving beams after every step; it treats a
-leaf as per-row when its leading dimension equals the number of rows. A dict state's
+leaf as per-row when its row axis has as many entries as there are rows. A dict state's
 ``families.SHARED`` entry ("shared") is the exception: per-input constants (an
 encoder-decoder's encoder output and cross-attention keys/values) that every step reads and
 none writes; beam search neither repeats them per beam nor reorders them, and the step
@@ -40,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rope_jax import families
+from rope_jax import families, scanning
 
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 
@@ -256,18 +258,23 @@ def greedy(step_fn: StepFn, state: Any, prompt_BP: jax.Array, **kwargs) -> Decod
 
 
 def _map_rows(state: Any, rows: int, fn) -> Any:
-    """Applies ``fn`` to every leaf whose leading axis has ``rows`` entries, except under a
-    dict state's ``families.SHARED`` entry (per input row, shared by its beams)."""
+    """Applies ``fn(leaf, axis)`` to every leaf whose row axis has ``rows`` entries, except
+    under a dict state's ``families.SHARED`` entry (per input row, shared by its beams).
 
-    def leaf_fn(leaf):
-        if hasattr(leaf, "ndim") and leaf.ndim >= 1 and leaf.shape[0] == rows:
-            return fn(leaf)
+    The row axis is 0, or 1 under a scanned stack's ``layers`` entry
+    (``scanning.is_stacked_path``: the layers come first there)."""
+
+    def leaf_fn(path, leaf):
+        axis = 1 if scanning.is_stacked_path(path) else 0
+        if hasattr(leaf, "ndim") and leaf.ndim > axis and leaf.shape[axis] == rows:
+            return fn(leaf, axis)
         return leaf
 
     if isinstance(state, dict) and families.SHARED in state:
         rest = {key: value for key, value in state.items() if key != families.SHARED}
-        return {**jax.tree_util.tree_map(leaf_fn, rest), families.SHARED: state[families.SHARED]}
-    return jax.tree_util.tree_map(leaf_fn, state)
+        mapped = jax.tree_util.tree_map_with_path(leaf_fn, rest)
+        return {**mapped, families.SHARED: state[families.SHARED]}
+    return jax.tree_util.tree_map_with_path(leaf_fn, state)
 
 
 def beam_search(
@@ -304,7 +311,7 @@ def beam_search(
     batch = prompt_BL.shape[0]
     K = beam_size
     rows = batch * K
-    state = _map_rows(state, batch, lambda leaf: jnp.repeat(leaf, K, axis=0))
+    state = _map_rows(state, batch, lambda leaf, axis: jnp.repeat(leaf, K, axis=axis))
     max_penalty_B = length_penalty(max_length - prompt_lengths_B, alpha)
 
     def gather_BK(x_BK_, beam_ids_BJ):
@@ -359,7 +366,7 @@ def beam_search(
         alive_BKL = gather_BK(top_seqs_BJL, alive_js_BK)
         source_beams_BK = gather_BK(top_beams_BJ, alive_js_BK)
         source_rows_R = (jnp.arange(batch)[:, None] * K + source_beams_BK).reshape(rows)
-        state = _map_rows(state, rows, lambda leaf: leaf[source_rows_R])
+        state = _map_rows(state, rows, lambda leaf, axis: jnp.take(leaf, source_rows_R, axis=axis))
 
         # Finished: merge the new EOS hypotheses with the old ones, keep the best K.
         generated_length_B = next_position + 1 - prompt_lengths_B

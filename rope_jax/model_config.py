@@ -27,7 +27,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from rope_jax import config_fields, position_encodings
+from rope_jax import config_fields, position_encodings, scanning
 from rope_jax.attention import registry as kernel_registry
 from rope_jax.attention.registry import KERNELS
 from rope_jax.attention.spec import KernelTraits
@@ -93,11 +93,19 @@ class ModelFields:
     dropout_rate: float = 0.1
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    # Recomputation in the backward pass, by policy name (rope_jax.scanning): none, full,
+    # save_dots. A legacy boolean reads as full (True) or none (False).
+    remat: str = "none"
+    # Run each stack's layers with nn.scan over a stacked `layers` axis: one traced layer,
+    # so start-up does not grow with depth (parameters gain a leading layers axis).
+    scan_layers: bool = False
     # 0.0: T5-style init (fan-in variance scaling, embeddings N(0, 1)); > 0: BERT-style
     # N(0, initializer_range) everywhere.
     initializer_range: float = 0.0
     pad_id: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "remat", scanning.remat_name(self.remat))
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -144,6 +152,11 @@ def model_config_from_dict(d: Any) -> ModelConfig:
     An unknown key or a value of the wrong type is an error naming the key
     (``config_fields.from_mapping``).
     """
+    if hasattr(d, "to_dict"):
+        d = d.to_dict()
+    d = dict(d)
+    if "remat" in d:
+        d["remat"] = scanning.remat_name(d["remat"])
     cfg = config_fields.from_mapping(ModelConfig, d, "model")
     validate_model_config(cfg)
     return cfg
@@ -268,6 +281,8 @@ def validate_model_config(
     _choice(cfg, "norm_placement", NORM_PLACEMENTS)
     _choice(cfg, "dtype", DTYPES)
     _choice(cfg, "param_dtype", DTYPES)
+    if cfg.remat not in scanning.REMAT_POLICIES:
+        raise ValueError(scanning.remat_message(cfg.remat))
     for name in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}.")

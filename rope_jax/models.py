@@ -27,6 +27,11 @@ brackets; ``bias`` entries only with ``use_bias``)::
   pooler/{kernel,bias}, classifier/{kernel,bias}  [E, E], [E, C]   Encoder, num_labels > 0
 
 ``<stack>`` is ``encoder`` (Encoder, EncoderDecoder) or ``decoder`` (EncoderDecoder, Decoder).
+With ``scan_layers`` the layers are one ``<stack>/layers`` subtree whose every array has a
+leading ``[num_layers]`` axis (logical name ``layers``): ``<stack>/layers/attention/query/
+kernel`` is ``[L, E, H, D]`` (layers, embed, heads, kv); the same holds for the Performer
+projections, the decode cache and the cross-attention keys/values (``rope_jax.scanning``
+converts between the two forms).
 RMSNorm has only ``scale``. Non-trainable Performer projections live in the
 "random_features" collection at ``<stack>/layers_{i}/<attention>/projection`` ``[M, D]``;
 the decode cache in the "cache" collection (see ``init_cache``); the decoder's
@@ -51,6 +56,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rope_jax import scanning
 from rope_jax.attention import masks
 from rope_jax.dropout import Dropout
 from rope_jax.layers import (
@@ -96,6 +102,8 @@ class TransformerLayer(nn.Module):
     kernel_name: str
     causal: bool = False
     cross_kernel_name: str = ""
+    # Under nn.scan: return (x, None), the (carry, output) pair the scan wants.
+    scanned: bool = False
 
     @nn.compact
     def __call__(
@@ -167,7 +175,8 @@ class TransformerLayer(nn.Module):
             )
         mlp = MLP(cfg, name="mlp")
         x_BLE = sublayer(x_BLE, "mlp_norm", lambda h: mlp(h, deterministic=deterministic))
-        return constrain(x_BLE, ("batch", "length", "embed"))
+        x_BLE = constrain(x_BLE, ("batch", "length", "embed"))
+        return (x_BLE, None) if self.scanned else x_BLE
 
 
 class TransformerStack(nn.Module):
@@ -200,6 +209,41 @@ class TransformerStack(nn.Module):
             ).embedding
         table_PE = encoding.table(cfg, learned_PE, table_length)
         return jnp.take(table_PE, positions_BL, axis=0).astype(cfg.compute_dtype)
+
+    def _layers(self, x_BLE, *layer_args):
+        """The layers in order: a Python loop over ``layers_{i}``, or (``scan_layers``) one
+        ``nn.scan`` of a layer whose variables carry a leading ``layers`` axis; each layer
+        under ``nn.remat`` with the config's policy unless it is ``none``."""
+        cfg = self.config
+        layer_cls = TransformerLayer
+        if cfg.remat != "none":
+            # Positions count `self` as argument 0: deterministic and decode are static.
+            layer_cls = nn.remat(
+                TransformerLayer,
+                policy=scanning.REMAT_POLICIES[cfg.remat],
+                static_argnums=(10, 11),
+                prevent_cse=not cfg.scan_layers,
+            )
+        attributes = dict(
+            causal=self.causal, cross_kernel_name=self.cross_kernel_name, scanned=cfg.scan_layers
+        )
+        if not cfg.scan_layers:
+            for i in range(self.num_layers):
+                layer = layer_cls(cfg, self.kernel_name, **attributes, name=f"layers_{i}")
+                x_BLE = layer(x_BLE, *layer_args)
+            return x_BLE
+        stacked = ("params", "random_features", "cache", "cross_cache")
+        scanned_cls = nn.scan(
+            layer_cls,
+            variable_axes={collection: 0 for collection in stacked},
+            split_rngs={"params": True, "dropout": True, "random_features": True},
+            in_axes=(nn.broadcast,) * len(layer_args),
+            length=self.num_layers,
+            metadata_params={nn.PARTITION_NAME: scanning.LAYERS_AXIS},
+        )
+        layer = scanned_cls(cfg, self.kernel_name, **attributes, name=scanning.LAYERS)
+        x_BLE, _ = layer(x_BLE, *layer_args)
+        return x_BLE
 
     def _position_bias(self, positions_BL, kv_positions_BS):
         """The encoding's additive bias (``PositionSpec.bias``), or None; a learned one
@@ -330,32 +374,21 @@ class TransformerStack(nn.Module):
         if layer_segment_ids is not None and encoded_BSE is not None:
             layer_encoder_segment_ids = encoder_segment_ids_BS
 
-        layer_cls = TransformerLayer
-        if cfg.remat:
-            # Positions count `self` as argument 0: deterministic and decode are static.
-            layer_cls = nn.remat(TransformerLayer, static_argnums=(10, 11))
-        for i in range(self.num_layers):
-            x_BLE = layer_cls(
-                cfg,
-                self.kernel_name,
-                causal=self.causal,
-                cross_kernel_name=self.cross_kernel_name,
-                name=f"layers_{i}",
-            )(
-                x_BLE,
-                self_mask,
-                valid_BL,
-                self_bias,
-                positions_BL,
-                kv_positions_BS,
-                encoded_BSE,
-                cross_mask,
-                encoder_valid_BS,
-                deterministic,
-                decode,
-                layer_segment_ids,
-                layer_encoder_segment_ids,
-            )
+        x_BLE = self._layers(
+            x_BLE,
+            self_mask,
+            valid_BL,
+            self_bias,
+            positions_BL,
+            kv_positions_BS,
+            encoded_BSE,
+            cross_mask,
+            encoder_valid_BS,
+            deterministic,
+            decode,
+            layer_segment_ids,
+            layer_encoder_segment_ids,
+        )
         if cfg.norm_placement == "pre":
             x_BLE = make_norm(cfg, "final_norm")(x_BLE)
             x_BLE = Dropout(cfg.dropout_rate)(x_BLE, deterministic=deterministic)
@@ -383,6 +416,14 @@ def _lm_head(cfg: ModelConfig, name: str = "lm_head") -> DenseGeneral:
         float32_output=True,
         name=name,
     )
+
+
+def _constrain_logits(logits_BLV):
+    """Sharding hint on the float32 logits ``[B, L, V]``: the largest activation of a
+    large-vocabulary model (mT5: V = 250,112, 1 GB per 1,024 tokens), so the config's rules
+    (``vocab -> tensor`` by default) split it like the output layer instead of leaving the
+    compiler to gather it on one device."""
+    return constrain(logits_BLV, ("batch", "length", "vocab"))
 
 
 def _check_tokens(name, tokens):
@@ -517,7 +558,7 @@ class Encoder(nn.Module):
                     f"{hidden_BLE.shape[0]}."
                 )
             hidden_BLE = jnp.take_along_axis(hidden_BLE, masked_positions[..., None], axis=1)
-        return self.mlm_head(hidden_BLE, self.token_embedder)
+        return _constrain_logits(self.mlm_head(hidden_BLE, self.token_embedder))
 
 
 class MLMHead(nn.Module):
@@ -626,8 +667,8 @@ class EncoderDecoder(nn.Module):
         )
         if cfg.tie_embeddings:
             # T5 (original, tied) rescales before the shared-embedding projection.
-            return self.token_embedder.attend(hidden_BTE * cfg.d_model**-0.5)
-        return self.lm_head(hidden_BTE)
+            return _constrain_logits(self.token_embedder.attend(hidden_BTE * cfg.d_model**-0.5))
+        return _constrain_logits(self.lm_head(hidden_BTE))
 
     def __call__(
         self,
@@ -701,8 +742,8 @@ class Decoder(nn.Module):
             decode=decode,
         )
         if self.config.tie_embeddings:
-            return self.token_embedder.attend(hidden_BLE)
-        return self.lm_head(hidden_BLE)
+            return _constrain_logits(self.token_embedder.attend(hidden_BLE))
+        return _constrain_logits(self.lm_head(hidden_BLE))
 
 
 MODEL_CLASSES = {"encoder": Encoder, "encoder_decoder": EncoderDecoder, "decoder": Decoder}
@@ -745,7 +786,8 @@ def init_cache(
     tokens_BT, decode=True, mutable=["cache"], method="decode")`` with ``encoder_length``
     the encoder length here. Performer models also pass "random_features". Every cache array
     with ndim >= 1 has the batch on axis 0 (beam search can expand/reorder it); scalars are
-    write indices.
+    write indices. Under a scanned stack's ``layers`` entry every array has a leading layers
+    axis first (the batch on axis 1, the write indices ``[layers]``).
     """
     cfg = model.config
     tokens = jnp.ones((batch_size, max_decode_length), jnp.int32)

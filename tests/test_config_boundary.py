@@ -53,6 +53,8 @@ def test_unset_is_none_and_legacy_sentinels_read_as_none(tmp_path):
     legacy = json.loads(json.dumps(record))
     legacy["data"].update(targets_length=-1, num_epochs=0)
     legacy["model"]["num_decoder_layers"] = 0
+    legacy["model"]["remat"] = False  # a boolean before the named remat policies
+    del legacy["model"]["scan_layers"]  # layers were always a loop before the option
     legacy["optimizer"]["decay_steps"] = 0
     legacy.update(mlm_max_predictions=-1, debug_nan_step=-1)
     (tmp_path / "config.json").write_text(json.dumps(legacy))

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from rope_jax import convert  # noqa: E402
+from rope_jax import convert, scanning  # noqa: E402
 
 TOLERANCE = 1e-4
 VOCAB = 100
@@ -97,12 +97,14 @@ def _encoder_decoder_parity(hf_model, path):
             attention_mask=_torch(encoder_tokens != 0),
             decoder_input_ids=_torch(decoder_tokens),
         ).logits.numpy()
-    got = jax.jit(model.apply)(
-        {"params": params}, jnp.asarray(encoder_tokens), jnp.asarray(decoder_tokens)
-    )
-    assert got.dtype == jnp.float32 and got.shape == want.shape
-    np.testing.assert_allclose(np.asarray(got), want, atol=TOLERANCE, rtol=0)
-    return model, params
+    for scan in (False, True):
+        model, params = convert.from_hf(path, scan_layers=scan)
+        got = jax.jit(model.apply)(
+            {"params": params}, jnp.asarray(encoder_tokens), jnp.asarray(decoder_tokens)
+        )
+        assert got.dtype == jnp.float32 and got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), want, atol=TOLERANCE, rtol=0)
+    return convert.from_hf(path)
 
 
 def _encoder_parity(hf_model, path, *, pad_from=(11, 6)):
@@ -111,11 +113,14 @@ def _encoder_parity(hf_model, path, *, pad_from=(11, 6)):
     valid = tokens != 0
     with torch.no_grad():
         want = hf_model(input_ids=_torch(tokens), attention_mask=_torch(valid)).logits.numpy()
-    got = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(tokens)))
-    assert got.dtype == np.float32 and got.shape == want.shape
-    # Outputs at padded positions are not defined by either model; compare the real tokens.
-    np.testing.assert_allclose(got[valid], want[valid], atol=TOLERANCE, rtol=0)
-    return model, params
+    # Scanned layers (one stacked `layers` subtree) give the same logits.
+    for scan in (False, True):
+        model, params = convert.from_hf(path, scan_layers=scan)
+        got = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(tokens)))
+        assert got.dtype == np.float32 and got.shape == want.shape
+        # Outputs at padded positions are not defined by either model; compare the real tokens.
+        np.testing.assert_allclose(got[valid], want[valid], atol=TOLERANCE, rtol=0)
+    return convert.from_hf(path)
 
 
 def test_t5_v1_1_gated_gelu_matches_hf(tmp_path):
@@ -325,6 +330,15 @@ def test_t5_export_runs_in_hf_and_round_trips(tmp_path, tied):
     np.testing.assert_allclose(np.asarray(got), want, atol=TOLERANCE, rtol=0)
     reloaded_model, reloaded = convert.from_hf(tmp_path, strict=True)
     jax.tree_util.tree_map(np.testing.assert_array_equal, reloaded, params)
+    # Scanned: imported stacked, exported one block per layer, the same tensors.
+    scanned_model, stacked = convert.from_hf(tmp_path, strict=True, scan_layers=True)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, stacked, scanning.stack_layers(params))
+    architecture = "T5ForConditionalGeneration"
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal,
+        convert.to_hf_tensors(architecture, scanned_model.config, stacked),
+        convert.to_hf_tensors(architecture, model.config, params),
+    )
     assert reloaded_model.config.tie_embeddings == tied
     assert reloaded_model.config.mlp_activation == model.config.mlp_activation
 

@@ -1,5 +1,5 @@
 """Model shells: parameter tree, dtypes, every valid kernel x position combo, masking
-properties (causality by gradient, padding invariance, packed segments), remat, decode
+properties (causality by gradient, padding invariance, packed segments), decode
 cache. Tiny shapes, mostly eager (no jit) so no test pays a long compile."""
 
 import dataclasses
@@ -306,8 +306,8 @@ def test_config_from_dict_rejects_unknown_key_and_wrong_type():
     assert cfg.rope_base == 500.0 and isinstance(cfg.rope_base, float)
     with pytest.raises(ValueError, match="model.num_head is not a config key.*model.num_heads"):
         model_config_from_dict({"num_head": 4})
-    with pytest.raises(ValueError, match="model.remat must be bool, got int 1"):
-        model_config_from_dict({"remat": 1})
+    with pytest.raises(ValueError, match="model.scan_layers must be bool, got int 1"):
+        model_config_from_dict({"scan_layers": 1})
     # Unset is None, and only where the field allows it.
     assert model_config_from_dict({"num_decoder_layers": None}).decoder_layers == 8
     with pytest.raises(ValueError, match="model.num_layers must be int, got None"):
@@ -507,26 +507,8 @@ def test_tied_t5_rescales_decoder_output():
     np.testing.assert_allclose(logits, hidden["h"] @ table.T * 32**-0.5, rtol=1e-5, atol=1e-5)
 
 
-def test_remat_gives_same_gradients():
-    cfg = tiny(family="decoder", position="rope", num_layers=2, dropout_rate=0.1)
-    x = tokens(2, 8)
-    variables = init(build_model(cfg), x)
-
-    def grads(remat):
-        model = build_model(dataclasses.replace(cfg, remat=remat))
-
-        def loss(params):
-            logits = model.apply(
-                {"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(1)}
-            )
-            return jnp.mean(logits**2)
-
-        return jax.jit(jax.grad(loss))(variables["params"])
-
-    plain, rematted = grads(False), grads(True)
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), plain, rematted
-    )
+# Remat policies (none, full, save_dots) with and without scanned layers:
+# tests/test_scan_layers.py::test_remat_policies_give_the_same_gradients.
 
 
 def test_dropout_needs_rng_and_changes_output():
@@ -705,3 +687,24 @@ def test_training_mode_reaches_every_attention_layer(family):
         {"attention", "cross_attention"} if family == "encoder_decoder" else {"attention"}
     )
     assert all(flag is False for _, flag in seen), seen
+
+
+@pytest.mark.parametrize("family", ["encoder", "decoder"])
+def test_logits_are_sharded_by_the_vocab_rule(family):
+    """The logits [B, L, V] carry (batch, length, vocab): on 8 simulated devices with the
+    default rules their vocabulary is split over `tensor` and their rows over `data`, though
+    every weight is replicated (without the constraint they come out replicated)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from rope_jax.training import sharding
+
+    overrides = dict(BERT) if family == "encoder" else dict(family="decoder", position="rope")
+    model = build_model(tiny(**overrides))
+    x = tokens(2, 4)
+    variables = init(model, x)
+    mesh = sharding.make_mesh({"data": 2, "tensor": 4}, jax.devices()[:8])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_LOGICAL_AXIS_RULES):
+        logits = jax.jit(model.apply)(variables, x)
+    want = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, "tensor"))
+    assert logits.shape == (2, 4, 40)
+    assert logits.sharding.is_equivalent_to(want, logits.ndim), logits.sharding

@@ -28,12 +28,13 @@ SHRINK = (
 # Held-out evaluation compiles a third program; two families (one per model call) cover it.
 WITH_EVAL = ("roformer", "mt5")
 # Gap sentences and pseudo-summaries default to targets of half the input length.
-# The decoder run also covers mixed precision (bfloat16 compute, float32 params), remat and
-# the MFU column (against the matmul rate measured at start-up).
+# The decoder run also covers mixed precision (bfloat16 compute, float32 params), scanned
+# layers with a named remat policy and the MFU column (against the matmul rate measured at
+# start-up).
 EXTRA = {
     "pegasus": "targets_length=8",
     "t5_pegasus": "targets_length=8",
-    "decoder": "dtype=bfloat16,remat=True,measure_matmul_peak=True",
+    "decoder": "dtype=bfloat16,remat=save_dots,scan_layers=True,measure_matmul_peak=True",
 }
 
 
@@ -140,6 +141,9 @@ def test_two_steps_on_the_embedded_corpus(family, tmp_path, tokenizer_dir):
     assert all(np.isfinite(m["loss"]) and m["loss"] > 0 for m in result.history.values())
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert {r["step"] for r in records} == {1, 2}
+    # The time to the first step (tracing and compilation included) is in the first record.
+    assert records[0]["step"] == 1 and records[0]["compile_seconds"] > 0
+    assert not any("compile_seconds" in r for r in records[1:])
     if "measure_matmul_peak=True" in arg:
         # Step 1 compiles: its window has no timing, so no throughput (not a bogus one).
         step_1, step_2 = sorted((r for r in records if "loss" in r), key=lambda r: r["step"])
@@ -175,7 +179,11 @@ def test_config_errors_come_before_the_corpus_is_read(tmp_path, override, messag
 
 
 def test_performer_features_are_redrawn(tmp_path, tokenizer_dir):
-    arg = "tiny,attention=performer,pack=False,num_features=16,redraw_features_every=1,eval_steps=0"
+    # Scanned layers: the features are one stacked [layers, M, D] array per stack.
+    arg = (
+        "tiny,attention=performer,pack=False,num_features=16,redraw_features_every=1,"
+        "eval_steps=0,scan_layers=True"
+    )
     result = _run("roformer", arg + ",checkpoint_every_steps=1", tmp_path, tokenizer_dir)
     assert jax.tree.leaves(result.state.random_features), "performer keeps random features"
     # Checkpoint 1 holds the initial draw (no redraw before the first update); the second
@@ -192,7 +200,7 @@ def test_performer_features_are_redrawn(tmp_path, tokenizer_dir):
         jax.tree.leaves(second.random_features),
         strict=True,
     ):
-        assert before.shape == (16, 32)
+        assert before.shape == (1, 16, 32)
         assert not np.allclose(np.asarray(before), np.asarray(after))
 
 

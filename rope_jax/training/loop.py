@@ -8,8 +8,10 @@ SIGINT/SIGTERM saves at that step boundary and returns with ``stop_signal`` set;
 several processes a signal reaching any of them stops all at the same step, one step
 later, ``interrupts.StopAgreement``), then the checkpoint period; evaluating first means a
 stopped and resumed run evaluates the same steps as an uninterrupted one. A NaN or Inf
-loss raises ``NonFiniteLossError`` without saving. Setting up (restore or initialise) is
-``runner.run``'s job.
+loss raises ``NonFiniteLossError`` without saving. The first step's wall time (tracing,
+compilation and the step: what every start and restart waits for) is logged and written as
+``compile_seconds`` into the first ``metrics.jsonl`` record of each start. Setting up
+(restore or initialise) is ``runner.run``'s job.
 """
 
 from __future__ import annotations
@@ -209,13 +211,29 @@ def run_steps(
     window_start = time.perf_counter()
     timed_steps = 0  # steps in the window that count for throughput (not the compiling one)
     pending: tuple[int, Any] | None = None
+    first_dispatch = time.perf_counter()
     num_steps = config.num_train_steps
     stop_signal: int | None = None
+
+    # compile_seconds joins the first record this start writes, whichever step it is at.
+    startup: dict[str, float] = {}
+
+    def write(step_number: int, scalars: dict[str, float]) -> None:
+        writer.write_scalars(step_number, {**scalars, **startup})
+        startup.clear()
 
     def consume(step_number: int, device_metrics) -> None:
         """Host side of a finished step: NaN guard, logging."""
         nonlocal window_start, timed_steps
         host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        if step_number == start_step + 1:
+            # Tracing, compiling and running the first step: what a (re)start waits for.
+            startup["compile_seconds"] = time.perf_counter() - first_dispatch
+            if jax.process_index() == 0:
+                logging.info(
+                    "first step after %.1f s (tracing and compilation included)",
+                    startup["compile_seconds"],
+                )
         history[step_number] = host
         if host["finite"] < 1.0:
             checkpointer.wait()
@@ -246,7 +264,7 @@ def run_steps(
                 scalars["tokens_per_sec"] = tokens_per_step / max(seconds_per_step, 1e-9)
                 if peak > 0 and flops_per_step > 0:
                     scalars["mfu"] = flops_per_step / max(seconds_per_step, 1e-9) / peak
-            writer.write_scalars(step_number, scalars)
+            write(step_number, scalars)
             if jax.process_index() == 0:
                 logging.info(
                     metrics.progress_line(step_number, num_steps, scalars, seconds_per_step)
@@ -263,6 +281,8 @@ def run_steps(
                 host_batch = next(inputs.train)
             batch = sharding.host_local_to_global(host_batch, batch_sharding)
             rng = jax.random.fold_in(base_key, step_number)
+            if step_number == start_step:
+                first_dispatch = time.perf_counter()
             state, device_metrics = jit_train_step(state, batch, rng)
             if pending is not None:
                 consume(*pending)
@@ -281,7 +301,7 @@ def run_steps(
                 eval_history.setdefault(done, {}).update(held_out)
                 # Evaluation time does not count against training throughput.
                 window_start += time.perf_counter() - eval_start
-                writer.write_scalars(done, held_out, prefix="eval_")
+                write(done, {f"eval_{k}": v for k, v in held_out.items()})
                 logging.info("eval at step %d: loss %.4f", done, held_out["loss"])
             due = [
                 ev
@@ -298,7 +318,7 @@ def run_steps(
                     found = evaluator.run(state)
                     scalars.update({f"{evaluator.name}/{k}": v for k, v in found.items()})
                 eval_history.setdefault(done, {}).update(scalars)
-                writer.write_scalars(done, scalars)
+                write(done, scalars)
                 logging.info(
                     "eval at step %d: %s",
                     done,

@@ -29,7 +29,7 @@ import ml_collections
 import optax
 from jax import lax
 
-from rope_jax import config_fields
+from rope_jax import config_fields, scanning
 
 SCHEDULES = ("constant", "cosine", "linear", "rsqrt")
 OPTIMIZERS = ("adamw", "adafactor")
@@ -75,7 +75,8 @@ def learning_rate_schedule(
 
 def decay_mask(params, no_decay_pattern: str = r"(bias|scale|norm)") -> object:
     """True for parameters that get weight decay: matrices (ndim >= 2) whose path matches
-    nothing in ``no_decay_pattern`` (case-insensitive; the path is joined with '/').
+    nothing in ``no_decay_pattern`` (case-insensitive; the path is joined with '/'). A scanned
+    stack's arrays are seen one layer at a time (``per_layer``).
 
     Norm scales and biases are vectors and are excluded by both rules; the pattern also keeps
     e.g. a ``layer_norm/...`` subtree out if someone gives it a matrix.
@@ -150,7 +151,45 @@ def make_optimizer(
             weight_decay_mask=mask_fn,
             factored=config.factored,
         )
-    return tx, schedule
+    return per_layer(tx), schedule
+
+
+def per_layer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` with each layer of a scanned stack (``rope_jax.scanning``) updated on its own.
+
+    The weight-decay mask tells matrices from vectors by their number of axes, which a
+    stacked ``[L, ...]`` array has one more of; and Adafactor's statistics are per array:
+    factored row/column moments over its two largest axes, the update clipped by its block
+    RMS, the step scaled by its parameter RMS. A stacked array would mix its layers in all
+    three (and could factor over the layers axis), so the stacked leaves go through
+    ``jax.vmap(tx)`` over that axis (T5X's Adafactor treats a ``layers`` axis as a batch
+    dimension likewise) and the scanned model trains as its unscanned twin does. Params
+    without stacked layers get ``tx`` unchanged (the same state as before).
+    """
+    stacked_tx = optax.GradientTransformation(jax.vmap(tx.init), jax.vmap(tx.update))
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "layers" if scanning.is_stacked_path(path) else "rest", params
+        )
+
+    def split(params):
+        return any(
+            scanning.is_stacked_path(path)
+            for path, _ in jax.tree_util.tree_leaves_with_path(params)
+        )
+
+    both = optax.multi_transform({"layers": stacked_tx, "rest": tx}, labels)
+
+    def init_fn(params):
+        return both.init(params) if split(params) else tx.init(params)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("per_layer needs params (Adafactor scales by them).")
+        return (both if split(params) else tx).update(updates, state, params)
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _mean_over_axis(x, axis: int):

@@ -2,6 +2,7 @@
 
     python benchmarks/startup.py            # 2, 8, 24 layers per stack, T5-shaped, d_model 128
     python benchmarks/startup.py --quick    # 1 and 2 layers, checks the harness
+    python benchmarks/startup.py --depths 8 --optimizer sgd   # the step without Adafactor
 
 A narrow T5 v1.1 (RMSNorm, gated GELU, relative bias, d_model 128, 4 heads of 32, d_ff 512,
 vocabulary 32,128) with ``L`` encoder and ``L`` decoder layers, trained as ``train.py`` trains
@@ -76,6 +77,12 @@ def _worker(args) -> dict:
     tx, schedule = optim.make_optimizer(
         optim.OptimizerConfig(name="adafactor", learning_rate=0.01, schedule="constant"), 100
     )
+    if args.optimizer == "sgd":
+        # Diagnostic: plain SGD, not the library's per-layer optimizer, so the step is the
+        # model's forward and backward and little else.
+        import optax
+
+        tx = optax.sgd(0.01)
     row = {"layers": args.layers}
     steps = {}
     for form, scan in (("loop", False), ("scan", True)):
@@ -137,6 +144,9 @@ def main():
     parser.add_argument("--vocab", type=int, default=32128)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--remat", default="none")
+    parser.add_argument(
+        "--optimizer", default="adafactor", choices=("adafactor", "sgd"), help="sgd: diagnostic"
+    )
     parser.add_argument("--json", default=RESULTS)
     parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -159,6 +169,7 @@ def main():
             f"--vocab={args.vocab}",
             f"--repeats={args.repeats}",
             f"--remat={args.remat}",
+            f"--optimizer={args.optimizer}",
         ]
         done = subprocess.run(command, check=True, capture_output=True, text=True)
         sys.stderr.write(done.stderr[-2000:] if "Traceback" in done.stderr else "")
@@ -169,7 +180,7 @@ def main():
     base = rows[0]
     print(
         f"\nT5-shaped, d_model 128, batch {args.batch} x {args.inputs_length} inputs / "
-        f"{max(args.inputs_length // 4, 2)} targets, vocab {args.vocab}, Adafactor, "
+        f"{max(args.inputs_length // 4, 2)} targets, vocab {args.vocab}, {args.optimizer}, "
         f"remat={args.remat}; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs; load {load_before} -> {load_after}"
     )

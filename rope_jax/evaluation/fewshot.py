@@ -41,7 +41,6 @@ from rope_jax.evaluation import inputs as inputs_lib
 from rope_jax.evaluation import pretrained as pretrained_lib
 from rope_jax.evaluation.finetune import (
     BEST_METRIC,
-    _abstract,
     _labelled,
     _last_train_loss,
     check_dropout_rate,
@@ -49,7 +48,7 @@ from rope_jax.evaluation.finetune import (
 from rope_jax.evaluation.predictor import padded_batches
 from rope_jax.training import best as best_lib
 from rope_jax.training import evaluators as loop_evaluators
-from rope_jax.training import interrupts, optim, preflight, runner, sharding
+from rope_jax.training import optim, preflight, runner, sharding
 from rope_jax.training import workdir as workdir_lib
 
 GENERATIVE_TASKS = ("WSC",)
@@ -383,12 +382,7 @@ def run_task(task: str, config, workdir: str, *, source, task_splits, devices=No
         evaluators=loop_evals,
         best=best,
     )
-    if result.stop_signal is not None:
-        raise interrupts.StoppedBySignal(result.stop_signal)
-    params, random_features = result.state.params, result.state.random_features
-    if best is not None:
-        params, random_features = best.restore(_abstract(params), _abstract(random_features))
-        best.close()
+    params, random_features = runner.final_params(result, best)
     variables = families.variables_of(params, random_features)
     results: dict[str, dict[str, float]] = {}
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -54,7 +54,7 @@ from rope_jax.evaluation import pretrained as pretrained_lib
 from rope_jax.evaluation.predictor import Predictor, TaskModel, padded_batches, task_arrays
 from rope_jax.training import best as best_lib
 from rope_jax.training import evaluators as loop_evaluators
-from rope_jax.training import interrupts, preflight, runner, sharding
+from rope_jax.training import preflight, runner, sharding
 from rope_jax.training import workdir as workdir_lib
 
 # The validation scalar the best checkpoint is chosen by (see the module docstring).
@@ -180,13 +180,7 @@ def run_task(
         evaluators=loop_evals,
         best=best,
     )
-    if result.stop_signal is not None:
-        raise interrupts.StoppedBySignal(result.stop_signal)
-
-    params, random_features = result.state.params, result.state.random_features
-    if best is not None:
-        params, random_features = best.restore(_abstract(params), _abstract(random_features))
-        best.close()
+    params, random_features = runner.final_params(result, best)
     # The predictor is the one the loop used (it takes the variables it is given), so its
     # compiled functions are reused.
     variables = families.variables_of(params, random_features)
@@ -212,10 +206,6 @@ def _labelled(val) -> bool:
     if val.data.task == "ReCoRD":
         return all(r["answers"] for r in records)
     return all(r["label"] is not None for r in records)
-
-
-def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def check_dropout_rate(rate) -> None:

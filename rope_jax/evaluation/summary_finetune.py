@@ -64,7 +64,7 @@ from rope_jax.evaluation.predictor import TaskModel, padded_batches
 from rope_jax.evaluation.summary_metrics import METRICS, summarization_metrics
 from rope_jax.training import best as best_lib
 from rope_jax.training import evaluators as loop_evaluators
-from rope_jax.training import interrupts, optim, preflight, runner, sharding
+from rope_jax.training import optim, preflight, runner, sharding
 from rope_jax.training import workdir as workdir_lib
 
 EVALUATOR = "summarization"
@@ -268,10 +268,6 @@ def split_name(config) -> str:
     return os.path.splitext(os.path.basename(config.eval_path))[0]
 
 
-def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
 def finetune_and_evaluate(config, workdir: str, *, devices: list | None = None) -> dict:
     """Fine-tunes on ``train_path`` and evaluates on ``eval_path`` (module docstring); returns
     and writes the metrics. ``devices`` (default: all) restricts the mesh."""
@@ -327,13 +323,7 @@ def finetune_and_evaluate(config, workdir: str, *, devices: list | None = None) 
         evaluators=loop_evals,
         best=best,
     )
-    if result.stop_signal is not None:
-        raise interrupts.StoppedBySignal(result.stop_signal)
-
-    params, random_features = result.state.params, result.state.random_features
-    if best is not None:
-        params, random_features = best.restore(_abstract(params), _abstract(random_features))
-        best.close()
+    params, random_features = runner.final_params(result, best)
     variables = families.variables_of(params, random_features)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         predictions = predictor(variables, eval_arrays["encoder_input_tokens"])

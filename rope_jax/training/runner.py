@@ -28,7 +28,7 @@ from absl import logging
 
 from rope_jax import config_boundary
 from rope_jax.training import checkpoint as checkpoint_lib
-from rope_jax.training import loop, metrics, optim, preflight, sharding
+from rope_jax.training import interrupts, loop, metrics, optim, preflight, sharding
 from rope_jax.training import step as step_lib
 from rope_jax.training import workdir as workdir_lib
 
@@ -246,3 +246,22 @@ def run(
     if jax.process_index() == 0:
         loop.log_summary(result, checkpointer, writer)
     return result
+
+
+def final_params(result: loop.TrainResult, best) -> tuple[Any, Any]:
+    """``(params, random_features)`` a fine-tune reports on after :func:`run`: the best
+    checkpoint's when ``best`` (a ``training.best.BestCheckpoint``) kept one, restored with
+    the trained state's shardings (and ``best`` closed), else the last step's. A run a
+    signal stopped raises ``interrupts.StoppedBySignal`` instead: its checkpoint is saved,
+    and the caller exits with 128 + the signal."""
+    if result.stop_signal is not None:
+        raise interrupts.StoppedBySignal(result.stop_signal)
+    params, random_features = result.state.params, result.state.random_features
+    if best is not None:
+        params, random_features = best.restore(_abstract(params), _abstract(random_features))
+        best.close()
+    return params, random_features
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

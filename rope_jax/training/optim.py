@@ -219,7 +219,10 @@ def scale_by_factored_rms(
 
     Same state (``optax.FactoredState``, from optax's own ``init``), same decay schedule
     ``1 - (t + 1)^-decay_rate`` and the same arithmetic; the row and column means of the
-    squared gradient are ``_mean_over_axis`` products instead of reduces.
+    squared gradient are ``_mean_over_axis`` products instead of reduces, and ``v ** -0.5``
+    is ``lax.rsqrt(v)`` (XLA's CPU backend lowers a float power to exp/log: 142 against 38 ms
+    for the full-size statistics of T5-small's 72 unfactored ``[512, 6, 64]`` attention
+    kernels; the two agree to 1 ulp).
     """
     reference = optax.scale_by_factored_rms(
         factored=factored,
@@ -248,7 +251,7 @@ def scale_by_factored_rms(
             dims = factored_dims(param.shape)
             if dims is None:
                 new_v = (decay * v + (1.0 - decay) * grad_sqr).astype(dtype)
-                return grad * new_v**-0.5, v_row, v_col, new_v
+                return grad * lax.rsqrt(new_v), v_row, v_col, new_v
             d1, d0 = dims
             new_v_row = (decay * v_row + (1.0 - decay) * _mean_over_axis(grad_sqr, d0)).astype(
                 dtype
@@ -258,8 +261,8 @@ def scale_by_factored_rms(
             )
             reduced_d1 = d1 - 1 if d1 > d0 else d1
             row_col_mean = jnp.mean(new_v_row, axis=reduced_d1, keepdims=True)
-            row_factor = (new_v_row / row_col_mean) ** -0.5
-            col_factor = new_v_col**-0.5
+            row_factor = lax.rsqrt(new_v_row / row_col_mean)
+            col_factor = lax.rsqrt(new_v_col)
             update = grad * jnp.expand_dims(row_factor, d0) * jnp.expand_dims(col_factor, d1)
             return update, new_v_row, new_v_col, v
 

@@ -291,7 +291,10 @@ class TransformerStack(nn.Module):
             )
         if segment_ids_BL is not None:
             valid_BL = segment_ids_BL != 0
-        if positions_BL is None and segment_ids_BL is not None and not decode:
+        # Positions the stack derives itself (not given, not decoding): a shift-invariant
+        # bias is then the same for every row (PositionSpec.shift_invariant).
+        own_positions = positions_BL is None and not decode
+        if own_positions and segment_ids_BL is not None:
             positions_BL = positions_from_segments(segment_ids_BL)
 
         # Decode bookkeeping at stack level: where the next tokens go and the positions (and
@@ -358,7 +361,11 @@ class TransformerStack(nn.Module):
         x_BLE = Dropout(cfg.dropout_rate)(x_BLE, deterministic=deterministic)
         x_BLE = constrain(x_BLE.astype(cfg.compute_dtype), ("batch", "length", "embed"))
 
-        self_bias = self._position_bias(positions_BL, kv_positions_BS)
+        if own_positions and POSITION_ENCODINGS[cfg.position].shift_invariant:
+            index_1L = jnp.arange(length, dtype=jnp.int32)[None, :]
+            self_bias = self._position_bias(index_1L, index_1L)
+        else:
+            self_bias = self._position_bias(positions_BL, kv_positions_BS)
 
         cross_mask = None
         if encoded_BSE is not None and encoder_valid_BS is not None:

@@ -31,6 +31,12 @@ class PositionSpec:
       of every self-attention layer (``table`` is the stack's "relpos_bias" parameter of
       shape ``bias_table(cfg)`` with logical ``bias_table_axes``, when given). "rotary": the
       attention layer rotates q and k (``rope_jax.attention_layer.rope_spec``).
+    shift_invariant: the bias is a function of ``kv_position - q_position`` alone. Then the
+      stack computes it once for all rows, ``[1, H, T, S]`` from the row index, whenever the
+      positions are its own (the row index, or the index restarting at each packed segment:
+      within a segment both give the same differences, and pairs across segments are masked),
+      instead of ``[B, H, T, S]`` from per-row positions (8x less memory and gradient work
+      for T5-small's 8 rows).
     summary: one line for the docs table.
     beyond_training: how it extends beyond the training length (docs and ablation notes).
     config_fields: the model-config fields it owns (``ModelConfig`` gathers them).
@@ -49,6 +55,7 @@ class PositionSpec:
     bias: Callable | None = None
     bias_table: Callable[[Any], tuple] | None = None
     bias_table_axes: tuple = ()
+    shift_invariant: bool = False
     max_length: Callable[[Any], int | None] = lambda cfg: None
     beyond_support: Callable[[Any, int], str] | None = None
     check: Callable[[Any], None] | None = None
@@ -212,6 +219,7 @@ POSITION_ENCODINGS: dict[str, PositionSpec] = {
             bias=_t5_bias,
             bias_table=lambda cfg: (cfg.relpos_num_buckets, cfg.num_heads),
             bias_table_axes=("relpos_buckets", "heads"),
+            shift_invariant=True,
         ),
         PositionSpec(
             name="alibi",
@@ -219,6 +227,7 @@ POSITION_ENCODINGS: dict[str, PositionSpec] = {
             summary="linear distance penalty per head (ALiBi, Press et al. 2022)",
             beyond_training="the penalty grows linearly with distance, for any length",
             bias=_alibi_bias,
+            shift_invariant=True,
         ),
     )
 }

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from rope_jax import positions as pe
+from rope_jax.model_config import ModelConfig
+from rope_jax.position_encodings import POSITION_ENCODINGS
 
 
 def _rope_reference_f64(x_BLHD, positions_BL, base, layout, scale):
@@ -352,3 +354,22 @@ def test_check_length_names_the_encoding_and_limit():
     pe.check_length(512, 512, "learned absolute position embedding")
     with pytest.raises(ValueError, match="learned absolute position embedding holds 512"):
         pe.check_length(513, 512, "learned absolute position embedding")
+
+
+@pytest.mark.parametrize("name", [n for n, s in POSITION_ENCODINGS.items() if s.kind == "bias"])
+def test_shift_invariant_flag_is_true_of_the_bias(name):
+    """A bias declared shift-invariant is computed once for all rows from the row index
+    (models.TransformerStack); that is right only if shifting every position leaves it
+    unchanged, per row, for queries and keys at different offsets."""
+    spec = POSITION_ENCODINGS[name]
+    cfg = ModelConfig(num_heads=3, position=name, relpos_num_buckets=8, relpos_max_distance=20)
+    rng = np.random.default_rng(0)
+    table = None
+    if spec.bias_table is not None:
+        table = jnp.asarray(rng.normal(size=spec.bias_table(cfg)), jnp.float32)
+    q = jnp.asarray([[0, 1, 2, 3, 4, 5], [3, 4, 5, 0, 1, 2]], jnp.int32)
+    kv = jnp.asarray([[0, 1, 2, 3, 4, 5, 6, 7], [9, 8, 2, 30, 0, 1, 2, 3]], jnp.int32)
+    for causal in (False, True):
+        base = spec.bias(cfg, table, q, kv, causal)
+        shifted = spec.bias(cfg, table, q + 17, kv + 17, causal)
+        assert spec.shift_invariant == bool(np.array_equal(base, shifted)), (name, causal)

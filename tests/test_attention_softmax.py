@@ -213,6 +213,39 @@ def test_dropout_matches_float64_reference_with_documented_keep_mask():
         assert np.abs(np.asarray(out) - wrong).max() > 0.1
 
 
+def test_dropout_gradients_match_plain_autodiff_with_documented_keep_mask():
+    """The dropped-weights product has its own gradient (the mask is kept, the dropped
+    weights are recomputed); it must equal plain autodiff of the written-out formula."""
+    q, k, v = random_qkv(14, length=6)
+    mask, bias = _padded_causal_mask_and_bias(6)
+    rate, key = 0.4, jax.random.key(5)
+    words = jax.random.bits(key, (2 * 2 * 6 * 6 // 2,), jnp.uint32)
+    threshold = round(rate * 65536)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(2, 2, 6, 6)
+    keep = halves >= threshold
+    cotangent = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), jnp.float32)
+
+    def plain(q, k, v, bias):
+        logits = jnp.einsum("bthd,bshd->bhts", q, k) * q.shape[-1] ** -0.5 + bias
+        logits = jnp.where(mask, logits, -1e30)
+        weights = jax.nn.softmax(logits, axis=-1) * jnp.any(mask, -1, keepdims=True)
+        dropped = jnp.where(keep, weights / (1.0 - threshold / 65536), 0.0)
+        return jnp.sum(jnp.einsum("bhts,bshd->bthd", dropped, v) * cotangent)
+
+    def kernel(q, k, v, bias):
+        out = eager_softmax_attention(
+            q, k, v, mask=mask, bias=bias, dropout_rate=rate, dropout_rng=key
+        )
+        return jnp.sum(out * cotangent)
+
+    args = (q, k, v, jnp.asarray(bias))
+    got = jax.jit(jax.grad(kernel, argnums=(0, 1, 2, 3)))(*args)
+    want = jax.jit(jax.grad(plain, argnums=(0, 1, 2, 3)))(*args)
+    for name, g, w in zip("qkv", got[:3], want[:3], strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got[3], want[3], rtol=1e-4, atol=1e-5, err_msg="bias")
+
+
 def test_dropout_mean_over_keys_approaches_plain_attention():
     # Inverted dropout keeps the expectation: E[keep / (1 - rate)] = 1.
     q, k, v = random_qkv(14, batch=1, length=4)

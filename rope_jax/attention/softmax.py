@@ -3,6 +3,8 @@ on the attention weights as in T5 and BERT."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -109,11 +111,55 @@ def softmax_attention(
     if bias is not None:
         logits_BHTS = logits_BHTS + jnp.asarray(bias).astype(jnp.float32)
     weights_BHTS = masked_softmax(logits_BHTS, mask)
-    if dropout_rng is not None and dropout_rate > 0.0:
+    if dropout_rng is not None and dropout_lib.drop_threshold(dropout_rate) > 0:
         # Masked weights are exactly 0 and stay 0 whether kept or dropped.
-        weights_BHTS = dropout_lib.dropout(weights_BHTS, dropout_rate, dropout_rng)
-    out_BTHD = jnp.einsum("BHTS,BSHD->BTHD", weights_BHTS.astype(v_BSHD.dtype), v_BSHD)
+        keep_BHTS = dropout_lib.keep_mask(dropout_rng, dropout_rate, weights_BHTS.shape)
+        scale = 1.0 / dropout_lib.keep_probability(dropout_rate)
+        out_BTHD = _dropped_weighted_sum(weights_BHTS, keep_BHTS, v_BSHD, scale)
+    else:
+        out_BTHD = jnp.einsum("BHTS,BSHD->BTHD", weights_BHTS.astype(v_BSHD.dtype), v_BSHD)
     return out_BTHD.astype(q_BTHD.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dropped_weighted_sum(weights_BHTS, keep_BHTS, v_BSHD, scale):
+    """``dropout(weights) @ v`` with the keep mask given: ``where(keep, w * scale, 0) v``.
+
+    Its gradient keeps the boolean mask (1 byte per weight) and recomputes the dropped
+    weights from the softmax weights, which the softmax's own gradient keeps anyway, instead
+    of keeping the dropped float32 weights (4 bytes per weight) as plain autodiff of the
+    two steps does: for T5-small's encoder, 8 x 48 MiB less live memory in the backward
+    pass. Same values and gradients.
+    """
+    return _weighted_sum(_drop(weights_BHTS, keep_BHTS, scale), v_BSHD)
+
+
+def _drop(weights_BHTS, keep_BHTS, scale):
+    dropped = weights_BHTS * jnp.asarray(scale, weights_BHTS.dtype)
+    return jnp.where(keep_BHTS, dropped, jnp.zeros((), weights_BHTS.dtype))
+
+
+def _weighted_sum(weights_BHTS, v_BSHD):
+    return jnp.einsum("BHTS,BSHD->BTHD", weights_BHTS.astype(v_BSHD.dtype), v_BSHD)
+
+
+def _dropped_weighted_sum_fwd(weights_BHTS, keep_BHTS, v_BSHD, scale):
+    out = _dropped_weighted_sum(weights_BHTS, keep_BHTS, v_BSHD, scale)
+    return out, (weights_BHTS, keep_BHTS, v_BSHD)
+
+
+def _dropped_weighted_sum_bwd(scale, residuals, dout_BTHD):
+    weights_BHTS, keep_BHTS, v_BSHD = residuals
+    dropped_BHTS = _drop(weights_BHTS, keep_BHTS, scale).astype(v_BSHD.dtype)
+    dv_BSHD = jnp.einsum("BHTS,BTHD->BSHD", dropped_BHTS, dout_BTHD.astype(v_BSHD.dtype))
+    ddropped_BHTS = jnp.einsum(
+        "BTHD,BSHD->BHTS", dout_BTHD, v_BSHD, preferred_element_type=jnp.float32
+    )
+    dweights_BHTS = _drop(ddropped_BHTS, keep_BHTS, scale).astype(weights_BHTS.dtype)
+    return dweights_BHTS, None, dv_BSHD.astype(v_BSHD.dtype)
+
+
+_dropped_weighted_sum.defvjp(_dropped_weighted_sum_fwd, _dropped_weighted_sum_bwd)
 
 
 def forward_flops(cfg, q_len, kv_len, causal):

@@ -1,16 +1,18 @@
 """Start-up time (model init + train-step compile) and step time by depth, scanned or not.
 
-    python benchmarks/startup.py            # 2, 8, 24 layers per stack, T5-shaped, d_model 128
+    python benchmarks/startup.py            # 2, 8, 24 layers per stack, d_model 128
     python benchmarks/startup.py --quick    # 1 and 2 layers, checks the harness
     python benchmarks/startup.py --depths 8 --optimizer sgd   # the step without Adafactor
+    python benchmarks/startup.py --widths narrow,small         # also at T5-small width
 
-A narrow T5 v1.1 (RMSNorm, gated GELU, relative bias, d_model 128, 4 heads of 32, d_ff 512,
-vocabulary 32,128) with ``L`` encoder and ``L`` decoder layers, trained as ``train.py`` trains
-it: Adafactor (T5's settings), the jitted state init of ``training.step.plan_state`` and the
-train step of ``training.step.make_train_step`` on ``batch x inputs_length`` span-corruption
-shaped batches (targets a quarter of the inputs). Each depth runs in its own process (a cold
-jax, no persistent compilation cache) which measures, for the layer loop and then for
-``scan_layers=True``:
+A T5 v1.1 (RMSNorm, gated GELU, relative bias, vocabulary 32,128) of one of the ``WIDTHS``,
+``narrow`` (d_model 128, 4 heads of 32, d_ff 512) or ``small`` (T5 v1.1 small's d_model 512,
+6 heads of 64, d_ff 1024), with ``L`` encoder and ``L`` decoder layers, trained as
+``train.py`` trains it: Adafactor (T5's settings), the jitted state init of
+``training.step.plan_state`` and the train step of ``training.step.make_train_step`` on
+``batch x inputs_length`` span-corruption shaped batches (targets a quarter of the inputs).
+Each width and depth runs in its own process (a cold jax, no persistent compilation cache)
+which measures, for the layer loop and then for ``scan_layers=True``:
 
 * ``init_s``: building the model, ``plan_state`` (shapes and shardings) and the jitted init
   (tracing, compiling and running it);
@@ -20,7 +22,8 @@ jax, no persistent compilation cache) which measures, for the layer loop and the
 then runs the two compiled steps alternately (loop, scan, loop, ...) ``--repeats`` times on
 the same batch and reports each one's median step time. Prints a table and writes
 ``benchmarks/results/startup.json``. Timings on a shared machine are noise unless taken
-alone (``flock /work/wt/.heavy.lock ...``): the load average is printed with the table.
+alone (``flock /work/wt/.heavy.lock ...``): the load average is printed with the table and
+after each row.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import sys
 import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "startup.json")
+# d_model, heads, head_dim, d_ff
+WIDTHS = {"narrow": (128, 4, 32, 512), "small": (512, 6, 64, 1024)}
 
 
 def _loadavg() -> str:
@@ -83,7 +88,8 @@ def _worker(args) -> dict:
         import optax
 
         tx = optax.sgd(0.01)
-    row = {"layers": args.layers}
+    d_model, num_heads, head_dim, d_ff = WIDTHS[args.width]
+    row = {"width": args.width, "d_model": d_model, "layers": args.layers}
     steps = {}
     for form, scan in (("loop", False), ("scan", True)):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -91,10 +97,10 @@ def _worker(args) -> dict:
             cfg = ModelConfig(
                 family="encoder_decoder",
                 vocab_size=args.vocab,
-                d_model=128,
-                num_heads=4,
-                head_dim=32,
-                d_ff=512,
+                d_model=d_model,
+                num_heads=num_heads,
+                head_dim=head_dim,
+                d_ff=d_ff,
                 num_layers=args.layers,
                 dropout_rate=0.0,
                 scan_layers=scan,
@@ -139,6 +145,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 and 2 layers, few repeats")
     parser.add_argument("--depths", default="2,8,24", help="layers per stack")
+    parser.add_argument(
+        "--widths", default="narrow", help=f"comma-separated, of {', '.join(WIDTHS)}"
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--inputs_length", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=32128)
@@ -149,6 +158,7 @@ def main():
     )
     parser.add_argument("--json", default=RESULTS)
     parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--width", default="narrow", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.layers = args.worker
@@ -157,50 +167,59 @@ def main():
     if args.quick:
         args.depths, args.batch, args.inputs_length, args.vocab, args.repeats = "1,2", 2, 32, 512, 2
 
+    widths = args.widths.split(",")
+    for width in widths:
+        if width not in WIDTHS:
+            parser.error(f"--widths: unknown width {width!r}; choose from {', '.join(WIDTHS)}")
     load_before = _loadavg()
     rows = []
-    for depth in (int(d) for d in args.depths.split(",")):
-        command = [
-            sys.executable,
-            os.path.abspath(__file__),
-            f"--worker={depth}",
-            f"--batch={args.batch}",
-            f"--inputs_length={args.inputs_length}",
-            f"--vocab={args.vocab}",
-            f"--repeats={args.repeats}",
-            f"--remat={args.remat}",
-            f"--optimizer={args.optimizer}",
-        ]
-        done = subprocess.run(command, check=True, capture_output=True, text=True)
-        sys.stderr.write(done.stderr[-2000:] if "Traceback" in done.stderr else "")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"  done {depth}+{depth} layers (load {_loadavg()})", flush=True)
+    for width in widths:
+        for depth in (int(d) for d in args.depths.split(",")):
+            command = [
+                sys.executable,
+                os.path.abspath(__file__),
+                f"--worker={depth}",
+                f"--width={width}",
+                f"--batch={args.batch}",
+                f"--inputs_length={args.inputs_length}",
+                f"--vocab={args.vocab}",
+                f"--repeats={args.repeats}",
+                f"--remat={args.remat}",
+                f"--optimizer={args.optimizer}",
+            ]
+            done = subprocess.run(command, check=True, capture_output=True, text=True)
+            sys.stderr.write(done.stderr[-2000:] if "Traceback" in done.stderr else "")
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row["load"] = _loadavg()
+            rows.append(row)
+            print(f"  done {width} {depth}+{depth} layers (load {row['load']})", flush=True)
     load_after = _loadavg()
 
-    base = rows[0]
     print(
-        f"\nT5-shaped, d_model 128, batch {args.batch} x {args.inputs_length} inputs / "
+        f"\nT5 v1.1-shaped, batch {args.batch} x {args.inputs_length} inputs / "
         f"{max(args.inputs_length // 4, 2)} targets, vocab {args.vocab}, {args.optimizer}, "
         f"remat={args.remat}; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs; load {load_before} -> {load_after}"
     )
     print(
-        "| layers (enc+dec) | startup loop s (init + compile) | startup scan s (init + compile)"
-        " | scan / loop startup | startup vs first row (loop, scan) | step loop s | step scan s"
-        " | scan / loop step |"
+        "| d_model | layers (enc+dec) | startup loop s (init + compile)"
+        " | startup scan s (init + compile) | scan / loop startup"
+        " | startup vs the width's first row (loop, scan) | step loop s | step scan s"
+        " | scan / loop step | load after |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for row in rows:
+        base = next(r for r in rows if r["width"] == row["width"])
         loop, scan = row["loop"], row["scan"]
         print(
-            f"| {row['layers']}+{row['layers']} "
+            f"| {row['d_model']} | {row['layers']}+{row['layers']} "
             f"| {loop['startup_s']:.1f} ({loop['init_s']:.1f} + {loop['compile_s']:.1f}) "
             f"| {scan['startup_s']:.1f} ({scan['init_s']:.1f} + {scan['compile_s']:.1f}) "
             f"| {scan['startup_s'] / loop['startup_s']:.2f}x "
             f"| {loop['startup_s'] / base['loop']['startup_s']:.2f}x, "
             f"{scan['startup_s'] / base['scan']['startup_s']:.2f}x "
             f"| {loop['step_s']:.3f} | {scan['step_s']:.3f} "
-            f"| {scan['step_s'] / loop['step_s']:.3f}x |"
+            f"| {scan['step_s'] / loop['step_s']:.3f}x | {row['load']} |"
         )
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:

@@ -213,14 +213,16 @@ class TransformerStack(nn.Module):
     def _layers(self, x_BLE, *layer_args):
         """The layers in order: a Python loop over ``layers_{i}``, or (``scan_layers``) one
         ``nn.scan`` of a layer whose variables carry a leading ``layers`` axis; each layer
-        under ``nn.remat`` with the config's policy unless it is ``none``."""
+        under ``nn.remat`` with the config's policy unless it is ``none`` (a scanned stack
+        runs ``none`` as ``scanning.SCANNED_NONE``: ``scanning.layer_policy``)."""
         cfg = self.config
         layer_cls = TransformerLayer
-        if cfg.remat != "none":
+        policy = scanning.layer_policy(cfg.remat, cfg.scan_layers)
+        if policy is not None:
             # Positions count `self` as argument 0: deterministic and decode are static.
             layer_cls = nn.remat(
                 TransformerLayer,
-                policy=scanning.REMAT_POLICIES[cfg.remat],
+                policy=policy,
                 static_argnums=(10, 11),
                 prevent_cse=not cfg.scan_layers,
             )

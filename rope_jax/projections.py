@@ -24,6 +24,10 @@ gradient. The parameters stay separate (``query/kernel``, ``key/kernel``, ...), 
 checkpoints, Hugging Face conversion and sharding annotations are unchanged; stacking a
 few MB of weights per layer costs little next to the activations. Flaxformer and MaxText
 fuse q/k/v the same way (``fused_qkv``), there with a fused parameter.
+
+Every projection's output is named ``scanning.PROJECTION`` (``checkpoint_name``, the identity
+outside remat): remat's dots policies cannot see a ``dot_general`` inside a ``custom_vjp``,
+so they save the projections by this name (``rope_jax.scanning``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+from rope_jax.scanning import PROJECTION
 
 Initializer = Callable[..., jax.Array]
 
@@ -171,7 +178,7 @@ class DenseGeneral(nn.Module):
                 self.param_dtype,
             )
             out = add_bias(out.astype(out_dtype), bias)
-        return out.astype(out_dtype)
+        return checkpoint_name(out.astype(out_dtype), PROJECTION)
 
 
 class Projection(nn.Module):
@@ -250,6 +257,7 @@ def fused_projections(x, projections: Sequence[Projection]) -> list[jax.Array]:
     if first.use_bias:
         biases = [p.bias for p in projections]
         out = add_bias(out, biases[0] if len(projections) == 1 else jnp.stack(biases))
+    out = checkpoint_name(out, PROJECTION)
     if len(projections) == 1:
         return [out]
     axis = x.ndim - 1

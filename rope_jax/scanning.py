@@ -15,9 +15,28 @@ Remat (gradient checkpointing) is chosen by name, after ``jax.checkpoint_policie
 * ``full``: keep only each layer's input and recompute the layer in the backward pass
   (``nothing_saveable``);
 * ``save_dots``: keep the outputs of the matrix products with the weights (projections and
-  MLP, ``dots_with_no_batch_dims_saveable``) and recompute the rest (norms, activations,
-  the attention scores, whose batched products are the large ``[B, H, T, S]`` ones), as
-  MaxText's ``minimal`` policy does.
+  MLP: ``dots_with_no_batch_dims_saveable`` and every output named :data:`PROJECTION`) and
+  recompute the rest (norms, activations, the attention scores, whose batched products are
+  the large ``[B, H, T, S]`` ones), as MaxText's ``minimal`` policy does.
+
+The weight products run through ``projections.dense_contract``, a ``custom_vjp`` whose
+``dot_general`` the dots policies do not see (they saved none of them, and ``save_dots``
+recomputed every projection); each projection's output is therefore named
+:data:`PROJECTION` (``jax.ad_checkpoint.checkpoint_name``) and the policies save the name.
+
+A scanned stack cannot leave the residuals to XLA. In the loop, XLA sees the forward and the
+backward of every layer at once and fuses the elementwise work of the backward into its
+consumers, keeping little more than the matmul outputs. Under ``nn.scan`` every residual that
+autodiff names crosses the loop boundary: it is written, layer by layer, into a stacked
+``[L, ...]`` buffer that the scan first fills with zeros and copies (``jax.lax.scan`` creates
+its outputs with ``lax.empty2`` + ``broadcast``, then one ``dynamic-update-slice`` per layer),
+and read back by the backward loop: for a T5 layer (gated GELU) about twenty ``[B, T, F]`` and
+``[B, T, E]`` buffers and the ``[B, H, T, S]`` attention weights per layer. So
+:func:`layer_policy` runs a scanned layer with ``remat='none'`` under :data:`SCANNED_NONE`,
+which saves every matmul's output (the projections by name, the attention scores as
+``dot_general`` outputs) and nothing else: no product is recomputed, as in the loop, and the
+backward pass recomputes only the elementwise work, the norms and the softmax from those
+outputs, as XLA's fusions do in the loop (``benchmarks/startup.py``; figures in the README).
 
 Configs recorded before the names existed hold a boolean: ``True`` reads as ``full``,
 ``False`` as ``none`` (:func:`remat_name`).
@@ -38,11 +57,25 @@ LAYERS = "layers"
 # The logical axis name of the stacked axis (nn.scan's metadata); sharding rules map it.
 LAYERS_AXIS = "layers"
 
+# The checkpoint name of every projection's output (``rope_jax.projections``), which the
+# policies save by name (module docstring).
+PROJECTION = "projection"
+
+_policies = jax.checkpoint_policies
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _policies.nothing_saveable,
+    "save_dots": _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable,
+        _policies.save_only_these_names(PROJECTION),
+    ),
 }
+# What a scanned layer keeps under remat "none": every matmul's output, the attention scores
+# included, so that no product is recomputed; the elementwise work in between is (module
+# docstring).
+SCANNED_NONE = _policies.save_from_both_policies(
+    _policies.dots_saveable, _policies.save_only_these_names(PROJECTION)
+)
 
 _LEGACY_REMAT = {True: "full", False: "none", "true": "full", "false": "none"}
 _LAYER_KEY = re.compile(r"layers_(\d+)")
@@ -56,6 +89,15 @@ def remat_name(value: Any) -> Any:
     if isinstance(value, str) and value.lower() in _LEGACY_REMAT:
         return _LEGACY_REMAT[value.lower()]
     return value
+
+
+def layer_policy(remat: str, scan_layers: bool):
+    """The ``jax.checkpoint`` policy a stack's layer runs under, or None for no remat: the
+    named policy, except that a scanned stack runs ``none`` as :data:`SCANNED_NONE` (module
+    docstring)."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(remat_message(remat))
+    return SCANNED_NONE if scan_layers and remat == "none" else REMAT_POLICIES[remat]
 
 
 def remat_message(value: Any) -> str:

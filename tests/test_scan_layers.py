@@ -4,6 +4,7 @@ recurrent states, beam search) and the parameter tree; named remat policies. Two
 models, jitted."""
 
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from rope_jax import decoding, scanning
 from rope_jax.model_config import ModelConfig, model_config_from_dict
@@ -192,6 +194,84 @@ def test_remat_policies_give_the_same_gradients(scan):
             plain,
             grads(policy),
         )
+
+
+def _residual_shapes(model, params, args, capsys, kind):
+    """Shapes of the residuals the model's backward pass reads, of one ``kind`` ("output of
+    scan": the stacked ``[L, ...]`` buffers a scanned stack writes; "named 'projection'"),
+    as ``jax.ad_checkpoint.print_saved_residuals`` lists them."""
+    capsys.readouterr()
+    print_saved_residuals(lambda p: jnp.sum(model.apply({"params": p}, *args) ** 2), params)
+    shapes = []
+    for line in capsys.readouterr().out.splitlines():
+        match = re.match(r"\w+\[([\d,]*)\] (.*)", line)
+        if match and match.group(2).startswith(kind):
+            shapes.append(tuple(int(d) for d in match.group(1).split(",")))
+    return sorted(shapes)
+
+
+def test_a_scanned_layer_keeps_only_its_input_and_its_matmul_outputs(capsys):
+    """Under nn.scan every residual is a stacked buffer the scan zero-fills, copies and writes
+    layer by layer (scanning's docstring): with remat 'none' a scanned T5 layer keeps its
+    input, its projections' outputs and the attention products, not the ~20 elementwise
+    intermediates autodiff names (the norms' statistics, the gated GELU's pieces)."""
+    L, B, T, S = 3, 2, 5, 6
+    cfg = tiny(num_layers=L, num_decoder_layers=L, scan_layers=True)
+    E, H, D, F = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.d_ff
+    model = build_model(cfg)
+    args = (tokens(B, S), tokens(B, T, seed=1))
+    params = init(model, *args)["params"]
+    got = [
+        shape
+        for shape in _residual_shapes(model, params, args, capsys, "output of scan")
+        if shape[0] == L
+    ]
+
+    def attention(q_len, kv_len):  # the scores and the weighted values
+        return [(L, B, H, q_len, kv_len), (L, B, H, D, q_len)]
+
+    encoder = [
+        (L, B, S, E),  # the layer's input
+        (L, B, S, 3, H, D),  # fused q/k/v
+        (L, B, S, E),  # the attention's output projection
+        (L, B, S, 2, F),  # fused wi_0/wi_1
+        *attention(S, S),
+    ]
+    decoder = [
+        (L, B, T, E),
+        (L, B, T, 3, H, D),
+        (L, B, T, E),
+        (L, B, T, H, D),  # cross-attention query
+        (L, B, S, 2, H, D),  # cross-attention key/value of the encoder output
+        (L, B, T, E),
+        (L, B, T, 2, F),
+        *attention(T, T),
+        *attention(T, S),
+    ]
+    assert got == sorted(encoder + decoder)
+
+
+def test_save_dots_keeps_the_projections(capsys):
+    """``save_dots`` saves every projection's output (a custom_vjp that the dots policies do
+    not see; they are saved by name): per layer the fused q/k/v and wi_0/wi_1 products."""
+    L, B, T = 2, 2, 6
+    cfg = tiny(family="decoder", position="rope", num_layers=L, remat="save_dots")
+    model = build_model(cfg)
+    args = (tokens(B, T),)
+    params = init(model, *args)["params"]
+    got = _residual_shapes(model, params, args, capsys, "named 'projection'")
+    qkv, wi = (B, T, 3, cfg.num_heads, cfg.head_dim), (B, T, 2, cfg.d_ff)
+    assert got.count(qkv) == L and got.count(wi) == L
+
+
+def test_layer_policy():
+    assert scanning.layer_policy("none", False) is None
+    assert scanning.layer_policy("none", True) is scanning.SCANNED_NONE
+    for name in ("full", "save_dots"):
+        for scan in (False, True):
+            assert scanning.layer_policy(name, scan) is scanning.REMAT_POLICIES[name]
+    with pytest.raises(ValueError, match="not a remat policy"):
+        scanning.layer_policy("dots", True)
 
 
 def test_remat_names_and_legacy_booleans():

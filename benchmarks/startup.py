@@ -22,7 +22,7 @@ which measures, for the layer loop and then for ``scan_layers=True``:
 then runs the two compiled steps alternately (loop, scan, loop, ...) ``--repeats`` times on
 the same batch and reports each one's median step time. Prints a table and writes
 ``benchmarks/results/startup.json``. Timings on a shared machine are noise unless taken
-alone (``flock /work/wt/.heavy.lock ...``): the load average is printed with the table and
+alone on the machine: the load average is printed with the table.and
 after each row.
 """
 

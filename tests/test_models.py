@@ -329,7 +329,7 @@ def embedding_grad_rows(model, variables, x, t, **kwargs):
         return jnp.sum(logits[:, t] ** 2)
 
     table = nn.unbox(variables["params"])["token_embedder"]["embedding"]
-    grad = jax.grad(f)(table)
+    grad = jax.jit(jax.grad(f))(table)  # jitted: op by op it takes seconds
     return np.asarray(jnp.abs(grad[x[0]]).sum(-1))
 
 

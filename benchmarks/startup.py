@@ -36,17 +36,13 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import peers  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "startup.json")
 # d_model, heads, head_dim, d_ff
 WIDTHS = {"narrow": (128, 4, 32, 512), "small": (512, 6, 64, 1024)}
-
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def _worker(args) -> dict:
@@ -171,7 +167,7 @@ def main():
     for width in widths:
         if width not in WIDTHS:
             parser.error(f"--widths: unknown width {width!r}; choose from {', '.join(WIDTHS)}")
-    load_before = _loadavg()
+    load_before = peers.load_average()
     rows = []
     for width in widths:
         for depth in (int(d) for d in args.depths.split(",")):
@@ -190,10 +186,10 @@ def main():
             done = subprocess.run(command, check=True, capture_output=True, text=True)
             sys.stderr.write(done.stderr[-2000:] if "Traceback" in done.stderr else "")
             row = json.loads(done.stdout.strip().splitlines()[-1])
-            row["load"] = _loadavg()
+            row["load"] = peers.load_average()
             rows.append(row)
             print(f"  done {width} {depth}+{depth} layers (load {row['load']})", flush=True)
-    load_after = _loadavg()
+    load_after = peers.load_average()
 
     print(
         f"\nT5 v1.1-shaped, batch {args.batch} x {args.inputs_length} inputs / "

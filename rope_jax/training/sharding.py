@@ -133,6 +133,9 @@ def make_mesh(
         # Topology-aware order on TPU/GPU: the last axis (tensor) gets the fastest links.
         device_grid = mesh_utils.create_device_mesh(shape, devices=devices)
     except (AssertionError, NotImplementedError, ValueError):
+        # No topology-aware layout for these devices (CPU devices, a device kind or count
+        # mesh_utils has no rule for: it raises one of these three): any order is as good,
+        # so the devices fill the mesh in their listed order.
         device_grid = np.asarray(devices).reshape(shape)
     return Mesh(device_grid, MESH_AXES)
 

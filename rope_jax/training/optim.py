@@ -183,26 +183,39 @@ def per_layer(
     stacked_update = jax.vmap(tx.update) if stacked is None else stacked.update
     stacked_tx = optax.GradientTransformation(jax.vmap(tx.init), stacked_update)
 
-    def labels(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: "layers" if scanning.is_stacked_path(path) else "rest", params
-        )
+    def stack_label(size, sizes):
+        # Stacks of different depths (a 6-layer encoder, a 2-layer decoder) are vmapped
+        # apart; the one-depth case keeps the label "layers" (checkpoints of it load).
+        return "layers" if len(sizes) == 1 else f"layers@{size}"
 
-    def split(params):
-        return any(
-            scanning.is_stacked_path(path)
-            for path, _ in jax.tree_util.tree_leaves_with_path(params)
+    def labeled(params):
+        """The multi_transform for ``params``, or None without stacked leaves."""
+        stacked_paths = [
+            leaf.shape[0]
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+            if scanning.is_stacked_path(path)
+        ]
+        if not stacked_paths:
+            return None
+        sizes = sorted(set(stacked_paths))
+        labels = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: (
+                stack_label(leaf.shape[0], sizes) if scanning.is_stacked_path(path) else "rest"
+            ),
+            params,
         )
-
-    both = optax.multi_transform({"layers": stacked_tx, "rest": tx}, labels)
+        transforms = {stack_label(size, sizes): stacked_tx for size in sizes}
+        return optax.multi_transform({**transforms, "rest": tx}, labels)
 
     def init_fn(params):
-        return both.init(params) if split(params) else tx.init(params)
+        both = labeled(params)
+        return tx.init(params) if both is None else both.init(params)
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("per_layer needs params (Adafactor scales by them).")
-        return (both if split(params) else tx).update(updates, state, params)
+        both = labeled(params)
+        return (tx if both is None else both).update(updates, state, params)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -242,7 +242,6 @@ class TransformerStack(nn.Module):
             in_axes=(nn.broadcast,) * len(layer_args),
             length=self.num_layers,
             metadata_params={nn.PARTITION_NAME: scanning.LAYERS_AXIS},
-            unroll=max(1, min(scanning.UNROLL, self.num_layers)),
         )
         layer = scanned_cls(cfg, self.kernel_name, **attributes, name=scanning.LAYERS)
         x_BLE, _ = layer(x_BLE, *layer_args)

@@ -37,7 +37,6 @@ which saves every matmul's output (the projections by name, the attention scores
 ``dot_general`` outputs) and nothing else: no product is recomputed, as in the loop, and the
 backward pass recomputes only the elementwise work, the norms and the softmax from those
 outputs, as XLA's fusions do in the loop (``benchmarks/startup.py``; figures in the README).
-The loop body runs :data:`UNROLL` layers per iteration.
 
 Configs recorded before the names existed hold a boolean: ``True`` reads as ``full``,
 ``False`` as ``none`` (:func:`remat_name`).
@@ -57,13 +56,6 @@ import jax.numpy as jnp
 LAYERS = "layers"
 # The logical axis name of the stacked axis (nn.scan's metadata); sharding rules map it.
 LAYERS_AXIS = "layers"
-
-# Layers per iteration of the scan's loop (``lax.scan``'s ``unroll``; the same operations,
-# traced once whatever the depth, compiled as a loop body of two layers). Measured with
-# ``benchmarks/startup.py``'s harness at 8 + 8 layers, d_model 512, on 2 CPU cores, loop and
-# scan alternating: scan / loop step 1.056x with one layer per iteration, 1.016x with two
-# (compile 6.8 -> 9.3 s); 1.069x -> 1.064x at 24 + 24, d_model 128.
-UNROLL = 2
 
 # The checkpoint name of every projection's output (``rope_jax.projections``), which the
 # policies save by name (module docstring).

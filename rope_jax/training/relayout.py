@@ -192,8 +192,8 @@ def restore(checkpointer, step: int, abstract_state, tx) -> tuple[Any, Any]:
     if have is None or want is None or have == want:
         return checkpointer.restore(step, abstract_state)
     settings = (
-        f"{step_dir} holds {have} layers (model.scan_layers={have == STACKED}) and this "
-        f"config has model.scan_layers={want == STACKED}"
+        f"{step_dir} was written with model.scan_layers={have == STACKED} ({have} "
+        f"parameters) and this config has model.scan_layers={want == STACKED}"
     )
     try:
 

@@ -298,7 +298,8 @@ def test_scanned_variables_carry_the_layers_axis_in_their_partitioning():
 def test_optimizers_update_each_scanned_layer_as_its_own_array(name):
     """The optimizer on stacked layers equals it on the unstacked ones over two steps:
     Adafactor's factored moments, block-RMS clipping and parameter scale per layer, and
-    AdamW's weight decay for the layer's matrices only (a stacked vector is 2-D)."""
+    AdamW's weight decay for the layer's matrices only (a stacked vector is 2-D); an encoder
+    and a decoder of different depths."""
     from rope_jax.training import optim
 
     rng = np.random.default_rng(0)
@@ -310,6 +311,10 @@ def test_optimizers_update_each_scanned_layer_as_its_own_array(name):
                 "gate": rng.standard_normal(130) + 1.0,
             }
             for i in range(2)
+        },
+        # Another depth: stacks of 3 and 2 layers are vmapped apart.
+        "encoder": {
+            f"layers_{i}": {"wo": (3.0**i) * rng.standard_normal((140, 130))} for i in range(3)
         },
         "lm_head": {"kernel": rng.standard_normal((130, 150))},
     }

@@ -1,5 +1,6 @@
 """Optimizer pieces against hand formulas: schedules, clipping, decay mask, AdamW's decoupled
-decay, gradient accumulation equal to the big-batch gradient, and the MFU denominator."""
+decay, Adafactor against optax's and its stacked form against ``jax.vmap`` of it, gradient
+accumulation equal to the big-batch gradient, and the MFU denominator."""
 
 import math
 import types
@@ -13,7 +14,7 @@ import pytest
 from training_toys import ToyEncoder, ToyMLMIterator
 
 from configs import common
-from rope_jax.training import losses, metrics, optim, sharding, step
+from rope_jax.training import adafactor, losses, metrics, optim, sharding, step
 
 
 def _schedule(name, **kw):
@@ -223,7 +224,7 @@ def test_adafactor_matches_optax_adafactor(momentum, weight_decay):
         weight_decay_rate=weight_decay,
         weight_decay_mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p),
     )
-    ours, reference = optim.adafactor(**kwargs), optax.adafactor(**kwargs)
+    ours, reference = adafactor.adafactor(**kwargs), optax.adafactor(**kwargs)
     state, ref_state = ours.init(params), reference.init(params)
     assert jax.tree.structure(state) == jax.tree.structure(ref_state)
     ours_params, ref_params = params, params
@@ -242,3 +243,71 @@ def test_adafactor_matches_optax_adafactor(momentum, weight_decay):
         ref_params = optax.apply_updates(ref_params, ref_updates)
     for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("momentum,weight_decay", [(None, None), (0.9, 0.01)])
+def test_stacked_adafactor_is_vmap_of_adafactor(momentum, weight_decay):
+    """``adafactor(stacked=True)`` on ``[L, ...]`` leaves, from ``jax.vmap(init)``'s state,
+    gives ``jax.vmap(update)``'s updates and state: every statistic per layer (layers of
+    different scales, so a statistic over all layers would differ), factored over each
+    layer's own two largest axes (never the layers axis, the largest of ``tall``), the
+    weight-decay mask and the schedule per layer."""
+    rng = np.random.default_rng(0)
+    layers = 3
+    shapes = {
+        "matrix": (130, 200),  # factored over both of a layer's axes
+        "heads": (140, 3, 150),  # factored over a layer's axes 0 and 2
+        # min_dim_size_to_factor=3: a layer's [2, 129] has a full second moment; with the
+        # layers axis (3) counted, the stacked [3, 2, 129] would be factored.
+        "tall": (2, 129),
+        "small": (50, 10),  # factored (10 >= 3)
+        "vector": (20,),  # a stacked vector: [3, 20], no weight decay
+    }
+    scale = (10.0 ** np.arange(layers)).reshape(-1, 1)
+    params = {
+        k: jnp.asarray(rng.normal(size=(layers, *s)) * scale.reshape((-1,) + (1,) * len(s)))
+        for k, s in shapes.items()
+    }
+    params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+
+    def build(stacked):
+        return adafactor.adafactor(
+            learning_rate=optim.learning_rate_schedule(
+                learning_rate=0.01, schedule="linear", warmup_steps=2, decay_steps=10
+            ),
+            min_dim_size_to_factor=3,
+            momentum=momentum,
+            weight_decay_rate=weight_decay,
+            weight_decay_mask=lambda p: optim.decay_mask(p, stacked=stacked),
+            stacked=stacked,
+        )
+
+    per_layer_tx, stacked_tx = build(False), build(True)
+    state = jax.vmap(per_layer_tx.init)(params)
+    ours_state, ours_params, ref_params = state, params, params
+    ours_update, ref_update = jax.jit(stacked_tx.update), jax.jit(jax.vmap(per_layer_tx.update))
+    for index in range(3):
+        grads = {
+            k: jnp.asarray(rng.normal(size=v.shape) * (index + 1), jnp.float32)
+            for k, v in params.items()
+        }
+        updates, ours_state = ours_update(grads, ours_state, ours_params)
+        ref_updates, state = ref_update(grads, state, ref_params)
+        assert jax.tree.structure(ours_state) == jax.tree.structure(state)
+        for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(ref_updates), strict=True):
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6 * np.abs(want).max())
+        ours_params = optax.apply_updates(ours_params, updates)
+        ref_params = optax.apply_updates(ref_params, ref_updates)
+    for got, want in zip(jax.tree.leaves(ours_state), jax.tree.leaves(state), strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_stacked_decay_mask_does_not_count_the_layers_axis():
+    params = {"w": jnp.ones((3, 4, 5)), "v": jnp.ones((3, 4)), "norm": jnp.ones((3, 4, 5))}
+    assert optim.decay_mask(params, stacked=True) == {"w": True, "v": False, "norm": False}
+    assert optim.decay_mask(params) == {"w": True, "v": True, "norm": False}
+
+
+def test_stacked_mean_refuses_the_layers_axis():
+    with pytest.raises(ValueError, match="layer's own axes"):
+        adafactor.mean_over_axis(jnp.ones((2, 3)), 0, stacked=True)

@@ -249,6 +249,7 @@ def test_every_key_has_a_documented_class():
     classes = {key: workdir.classify(key) for key in flat}
     assert classes["model.position"] == classes["data.paths"] == "experiment"
     assert classes["model.remat"] == classes["mesh.data"] == "restart_safe"
+    assert classes["model.scan_layers"] == "restart_safe"  # converted on restore (relayout)
     assert classes["optimizer.learning_rate"] == classes["batch_size"] == "hyperparameter"
     assert classes["optimizer.grad_accum_steps"] == "restart_safe"
     docs = open(os.path.join(os.path.dirname(__file__), "..", "docs", "training.md")).read()

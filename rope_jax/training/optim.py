@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax import lax
 
 from rope_jax import config_fields, scanning
+from rope_jax.training import adafactor as adafactor_lib
 
 SCHEDULES = ("constant", "cosine", "linear", "rsqrt")
 OPTIMIZERS = ("adamw", "adafactor")
@@ -73,19 +73,24 @@ def learning_rate_schedule(
     return schedule_fn
 
 
-def decay_mask(params, no_decay_pattern: str = r"(bias|scale|norm)") -> object:
+def decay_mask(
+    params, no_decay_pattern: str = r"(bias|scale|norm)", *, stacked: bool = False
+) -> object:
     """True for parameters that get weight decay: matrices (ndim >= 2) whose path matches
-    nothing in ``no_decay_pattern`` (case-insensitive; the path is joined with '/'). A scanned
-    stack's arrays are seen one layer at a time (``per_layer``).
+    nothing in ``no_decay_pattern`` (case-insensitive; the path is joined with '/').
+    ``stacked``: every leaf holds a scanned stack's layers on a leading axis, which does not
+    count (a stacked vector is a vector); the unstacked ``per_layer`` form sees one layer at
+    a time instead.
 
     Norm scales and biases are vectors and are excluded by both rules; the pattern also keeps
     e.g. a ``layer_norm/...`` subtree out if someone gives it a matrix.
     """
     pattern = re.compile(no_decay_pattern, re.IGNORECASE) if no_decay_pattern else None
+    layer_axes = 1 if stacked else 0
 
     def wants_decay(path, leaf):
         name = param_path_name(path)
-        if getattr(leaf, "ndim", 0) < 2:
+        if getattr(leaf, "ndim", 0) - layer_axes < 2:
             return False
         return not (pattern and pattern.search(name))
 
@@ -127,8 +132,8 @@ def make_optimizer(
         rsqrt_timescale=config.rsqrt_timescale,
     )
 
-    def mask_fn(params):
-        return decay_mask(params, config.no_decay_pattern)
+    def mask_fn(params, stacked=False):
+        return decay_mask(params, config.no_decay_pattern, stacked=stacked)
 
     if config.name == "adamw":
         tx = optax.adamw(
@@ -139,8 +144,10 @@ def make_optimizer(
             weight_decay=config.weight_decay,
             mask=mask_fn,
         )
-    else:
-        tx = adafactor(
+        return per_layer(tx), schedule
+
+    def build_adafactor(stacked):
+        return adafactor_lib.adafactor(
             learning_rate=schedule,
             min_dim_size_to_factor=config.min_dim_size_to_factor,
             decay_rate=config.decay_rate,
@@ -148,201 +155,69 @@ def make_optimizer(
             clipping_threshold=config.clipping_threshold or None,
             momentum=config.momentum or None,
             weight_decay_rate=config.weight_decay or None,
-            weight_decay_mask=mask_fn,
+            weight_decay_mask=lambda params: mask_fn(params, stacked),
             factored=config.factored,
+            stacked=stacked,
         )
-    return per_layer(tx), schedule
+
+    return per_layer(build_adafactor(False), stacked=build_adafactor(True)), schedule
 
 
-def per_layer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+def per_layer(
+    tx: optax.GradientTransformation, *, stacked: optax.GradientTransformation | None = None
+) -> optax.GradientTransformation:
     """``tx`` with each layer of a scanned stack (``rope_jax.scanning``) updated on its own.
 
     The weight-decay mask tells matrices from vectors by their number of axes, which a
     stacked ``[L, ...]`` array has one more of; and Adafactor's statistics are per array:
     factored row/column moments over its two largest axes, the update clipped by its block
     RMS, the step scaled by its parameter RMS. A stacked array would mix its layers in all
-    three (and could factor over the layers axis), so the stacked leaves go through
-    ``jax.vmap(tx)`` over that axis (T5X's Adafactor treats a ``layers`` axis as a batch
-    dimension likewise) and the scanned model trains as its unscanned twin does. Params
-    without stacked layers get ``tx`` unchanged (the same state as before).
+    three (and could factor over the layers axis), so the stacked leaves are updated as
+    ``jax.vmap(tx)`` over that axis would (T5X's Adafactor treats a ``layers`` axis as a
+    batch dimension likewise) and the scanned model trains as its unscanned twin does. Their
+    state is always ``jax.vmap(tx.init)``'s, the per-layer states stacked; ``stacked``, when
+    given, is ``tx`` written for stacked leaves (``adafactor.adafactor(stacked=True)``): the
+    same update from that state, without ``vmap``'s batched reductions. Params without
+    stacked layers get ``tx`` unchanged (the same state as before).
     """
-    stacked_tx = optax.GradientTransformation(jax.vmap(tx.init), jax.vmap(tx.update))
+    stacked_update = jax.vmap(tx.update) if stacked is None else stacked.update
+    stacked_tx = optax.GradientTransformation(jax.vmap(tx.init), stacked_update)
 
-    def labels(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: "layers" if scanning.is_stacked_path(path) else "rest", params
+    def stack_label(size, sizes):
+        # Stacks of different depths (a 6-layer encoder, a 2-layer decoder) are vmapped
+        # apart; the one-depth case keeps the label "layers" (checkpoints of it load).
+        return "layers" if len(sizes) == 1 else f"layers@{size}"
+
+    def labeled(params):
+        """The multi_transform for ``params``, or None without stacked leaves."""
+        stacked_paths = [
+            leaf.shape[0]
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+            if scanning.is_stacked_path(path)
+        ]
+        if not stacked_paths:
+            return None
+        sizes = sorted(set(stacked_paths))
+        labels = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: (
+                stack_label(leaf.shape[0], sizes) if scanning.is_stacked_path(path) else "rest"
+            ),
+            params,
         )
-
-    def split(params):
-        return any(
-            scanning.is_stacked_path(path)
-            for path, _ in jax.tree_util.tree_leaves_with_path(params)
-        )
-
-    both = optax.multi_transform({"layers": stacked_tx, "rest": tx}, labels)
+        transforms = {stack_label(size, sizes): stacked_tx for size in sizes}
+        return optax.multi_transform({**transforms, "rest": tx}, labels)
 
     def init_fn(params):
-        return both.init(params) if split(params) else tx.init(params)
+        both = labeled(params)
+        return tx.init(params) if both is None else both.init(params)
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("per_layer needs params (Adafactor scales by them).")
-        return (both if split(params) else tx).update(updates, state, params)
+        both = labeled(params)
+        return (tx if both is None else both).update(updates, state, params)
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _mean_over_axis(x, axis: int):
-    """``jnp.mean(x, axis)`` as a product with a ones vector (float32 accumulation).
-
-    jaxlib 0.10's CPU backend runs a reduce over a leading axis of a large array as a slow
-    unvectorised loop (Adafactor's column statistics of the ``[512, 32128]`` output layer
-    took longer than its gradient); a matrix-vector product runs at memory speed everywhere.
-    """
-    ones = jnp.ones((x.shape[axis],), x.dtype)
-    total = lax.dot_general(
-        x, ones, (((axis,), (0,)), ((), ())), preferred_element_type=jnp.float32
-    )
-    return (total / x.shape[axis]).astype(x.dtype)
-
-
-def _root_mean_square(x):
-    """``sqrt(mean(x**2))`` of a whole array, as a dot product (see ``_mean_over_axis``)."""
-    flat = x.reshape(-1)
-    return jnp.sqrt(jnp.dot(flat, flat, preferred_element_type=jnp.float32) / max(flat.size, 1))
-
-
-def scale_by_factored_rms(
-    *, decay_rate: float, min_dim_size_to_factor: int, factored: bool, epsilon: float = 1e-30
-) -> optax.GradientTransformation:
-    """``optax.scale_by_factored_rms`` (Shazeer & Stern 2018) with its means as products.
-
-    Same state (``optax.FactoredState``, from optax's own ``init``), same decay schedule
-    ``1 - (t + 1)^-decay_rate`` and the same arithmetic; the row and column means of the
-    squared gradient are ``_mean_over_axis`` products instead of reduces, and ``v ** -0.5``
-    is ``lax.rsqrt(v)`` (XLA's CPU backend lowers a float power to exp/log: 142 against 38 ms
-    for the full-size statistics of T5-small's 72 unfactored ``[512, 6, 64]`` attention
-    kernels; the two agree to 1 ulp).
-    """
-    reference = optax.scale_by_factored_rms(
-        factored=factored,
-        decay_rate=decay_rate,
-        min_dim_size_to_factor=min_dim_size_to_factor,
-        epsilon=epsilon,
-    )
-
-    def factored_dims(shape):
-        if not factored or len(shape) < 2:
-            return None
-        order = sorted(range(len(shape)), key=lambda axis: shape[axis])
-        if shape[order[-2]] < min_dim_size_to_factor:
-            return None
-        return order[-2], order[-1]
-
-    def update_fn(grads, state, params):
-        if params is None:
-            raise ValueError("scale_by_factored_rms needs params.")
-        step = jnp.asarray(state.count + 1, jnp.float32)
-        decay = 1.0 - step ** (-decay_rate)
-
-        def update_leaf(grad, v_row, v_col, v, param):
-            dtype = param.dtype
-            grad_sqr = jnp.square(grad) + epsilon
-            dims = factored_dims(param.shape)
-            if dims is None:
-                new_v = (decay * v + (1.0 - decay) * grad_sqr).astype(dtype)
-                return grad * lax.rsqrt(new_v), v_row, v_col, new_v
-            d1, d0 = dims
-            new_v_row = (decay * v_row + (1.0 - decay) * _mean_over_axis(grad_sqr, d0)).astype(
-                dtype
-            )
-            new_v_col = (decay * v_col + (1.0 - decay) * _mean_over_axis(grad_sqr, d1)).astype(
-                dtype
-            )
-            reduced_d1 = d1 - 1 if d1 > d0 else d1
-            row_col_mean = jnp.mean(new_v_row, axis=reduced_d1, keepdims=True)
-            row_factor = lax.rsqrt(new_v_row / row_col_mean)
-            col_factor = lax.rsqrt(new_v_col)
-            update = grad * jnp.expand_dims(row_factor, d0) * jnp.expand_dims(col_factor, d1)
-            return update, new_v_row, new_v_col, v
-
-        leaves, treedef = jax.tree.flatten(grads)
-        rows = treedef.flatten_up_to(state.v_row)
-        cols = treedef.flatten_up_to(state.v_col)
-        vs = treedef.flatten_up_to(state.v)
-        ps = treedef.flatten_up_to(params)
-        results = [update_leaf(*args) for args in zip(leaves, rows, cols, vs, ps, strict=True)]
-        updates, new_rows, new_cols, new_vs = (
-            treedef.unflatten([r[i] for r in results]) for i in range(4)
-        )
-        new_state = optax.FactoredState(
-            count=optax.safe_increment(state.count), v_row=new_rows, v_col=new_cols, v=new_vs
-        )
-        return updates, new_state
-
-    return optax.GradientTransformation(reference.init, update_fn)
-
-
-def clip_by_block_rms(threshold: float) -> optax.GradientTransformation:
-    """``optax.clip_by_block_rms`` with the RMS as a dot product."""
-
-    def update_fn(updates, state, params=None):
-        del params
-        return jax.tree.map(
-            lambda u: u / jnp.maximum(1.0, _root_mean_square(u) / threshold), updates
-        ), state
-
-    return optax.GradientTransformation(optax.init_empty_state, update_fn)
-
-
-def scale_by_param_block_rms(min_scale: float = 1e-3) -> optax.GradientTransformation:
-    """``optax.scale_by_param_block_rms`` with the RMS as a dot product."""
-
-    def update_fn(updates, state, params):
-        if params is None:
-            raise ValueError("scale_by_param_block_rms needs params.")
-        return jax.tree.map(
-            lambda u, p: u * jnp.maximum(_root_mean_square(p), min_scale), updates, params
-        ), state
-
-    return optax.GradientTransformation(optax.init_empty_state, update_fn)
-
-
-def adafactor(
-    learning_rate,
-    *,
-    min_dim_size_to_factor: int = 128,
-    decay_rate: float = 0.8,
-    multiply_by_parameter_scale: bool = True,
-    clipping_threshold: float | None = 1.0,
-    momentum: float | None = None,
-    weight_decay_rate: float | None = None,
-    weight_decay_mask=None,
-    factored: bool = True,
-) -> optax.GradientTransformation:
-    """``optax.adafactor`` rebuilt from the same steps, with products for its statistics.
-
-    The chain and every state are those of ``optax.adafactor`` (checkpoints of either load
-    in the other, and the updates agree to float rounding: tests compare them); the row and
-    column means and the block RMS values are matrix-vector / dot products
-    (``_mean_over_axis``), which jaxlib 0.10's CPU backend runs far faster than reduces.
-    """
-    chain = [
-        scale_by_factored_rms(
-            decay_rate=decay_rate, min_dim_size_to_factor=min_dim_size_to_factor, factored=factored
-        )
-    ]
-    if clipping_threshold is not None:
-        chain.append(clip_by_block_rms(clipping_threshold))
-    chain.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
-    if multiply_by_parameter_scale:
-        chain.append(scale_by_param_block_rms())
-    if momentum is not None:
-        chain.append(optax.ema(momentum, debias=False, accumulator_dtype=jnp.float32))
-    if weight_decay_rate is not None:
-        chain.append(optax.add_decayed_weights(weight_decay_rate, mask=weight_decay_mask))
-    chain.append(optax.scale(-1))
-    return optax.chain(*chain)
 
 
 def clip_by_global_norm(grads, max_norm: float):

@@ -28,7 +28,7 @@ from absl import logging
 
 from rope_jax import config_boundary
 from rope_jax.training import checkpoint as checkpoint_lib
-from rope_jax.training import interrupts, loop, metrics, optim, preflight, sharding
+from rope_jax.training import interrupts, loop, metrics, optim, preflight, relayout, sharding
 from rope_jax.training import step as step_lib
 from rope_jax.training import workdir as workdir_lib
 
@@ -189,7 +189,8 @@ def run(
                 state = _initial_state(init_state, base_key, initial_params, state_shardings, tx)
         else:
             abstract = checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings)
-            state, data_state = checkpointer.restore(latest, abstract)
+            # The checkpoint may hold the other scan_layers form: converted (relayout).
+            state, data_state = relayout.restore(checkpointer, latest, abstract, tx)
             if data_state is not None:
                 try:
                     inputs.train.set_state(data_state)

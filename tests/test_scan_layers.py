@@ -164,7 +164,9 @@ def test_scanned_cache_has_a_leading_layers_axis():
     _, scanned = _pair(FAMILIES["t5"])
     cache = init_cache(scanned, 3, 5, encoder_length=6)
     layers = cache["decoder"]["layers"]["attention"]
-    assert layers["cached_key"].shape == (2, 3, 5, 2, 16)
+    # layers, rows, then the heads-major cache of softmax attention: keys [H, D, S]
+    assert layers["cached_key"].shape == (2, 3, 2, 16, 5)
+    assert layers["cached_value"].shape == (2, 3, 2, 5, 16)
     assert layers["cache_index"].shape == (2,)
     assert cache["decoder"]["key_positions"].shape == (3, 5)
 

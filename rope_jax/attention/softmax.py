@@ -117,7 +117,7 @@ def softmax_attention(
         scale = 1.0 / dropout_lib.keep_probability(dropout_rate)
         out_BTHD = _dropped_weighted_sum(weights_BHTS, keep_BHTS, v_BSHD, scale)
     else:
-        out_BTHD = jnp.einsum("BHTS,BSHD->BTHD", weights_BHTS.astype(v_BSHD.dtype), v_BSHD)
+        out_BTHD = _weighted_sum(weights_BHTS, v_BSHD)
     return out_BTHD.astype(q_BTHD.dtype)
 
 
@@ -140,7 +140,14 @@ def _drop(weights_BHTS, keep_BHTS, scale):
 
 
 def _weighted_sum(weights_BHTS, v_BSHD):
-    return jnp.einsum("BHTS,BSHD->BTHD", weights_BHTS.astype(v_BSHD.dtype), v_BSHD)
+    """``weights v`` as a heads-major batched product: the values are transposed to
+    ``[B, H, S, D]`` (``S x D`` per head, a copy of ``v``, T/D times smaller than the
+    weights) and the ``[B, H, T, D]`` result back. Written directly as
+    ``BHTS,BSHD->BTHD`` the product ran 1.5x slower on CPU (T5-small's encoder,
+    ``[8, 6, 512, 512]`` weights: 25 vs 17 ms, alternating in one process)."""
+    v_BHSD = jnp.einsum("BSHD->BHSD", v_BSHD)
+    out_BHTD = jnp.einsum("BHTS,BHSD->BHTD", weights_BHTS.astype(v_BSHD.dtype), v_BHSD)
+    return jnp.einsum("BHTD->BTHD", out_BHTD)
 
 
 def _dropped_weighted_sum_fwd(weights_BHTS, keep_BHTS, v_BSHD, scale):

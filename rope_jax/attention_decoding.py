@@ -68,9 +68,7 @@ def cached_decode(layer, q_BTHD, k_BTHD, v_BTHD, mask, kv_valid_BT, bias):
     else:
         new_key, key_starts = k_BTHD, slot_starts(index, 4)
         new_value, value_starts = v_BTHD, slot_starts(index, 4)
-    cached_key.value = lax.dynamic_update_slice(
-        cached_key.value, new_key.astype(dtype), key_starts
-    )
+    cached_key.value = lax.dynamic_update_slice(cached_key.value, new_key.astype(dtype), key_starts)
     cached_value.value = lax.dynamic_update_slice(
         cached_value.value, new_value.astype(dtype), value_starts
     )

@@ -230,7 +230,7 @@ def test_a_scanned_layer_keeps_only_its_input_and_its_matmul_outputs(capsys):
     ]
 
     def attention(q_len, kv_len):  # the scores and the weighted values
-        return [(L, B, H, q_len, kv_len), (L, B, H, D, q_len)]
+        return [(L, B, H, q_len, kv_len), (L, B, H, q_len, D)]
 
     encoder = [
         (L, B, S, E),  # the layer's input

@@ -69,9 +69,10 @@ def complete_steps_on_disk(directory: str | os.PathLike) -> list[int]:
     )
 
 
-def _path_name(path) -> str:
-    """'params/decoder/layers_0/mlp/kernel' for a pytree key path (attribute, dict key or
-    index), the same for a train state and Orbax's metadata tree of it."""
+def path_tokens(path) -> tuple[str, ...]:
+    """``("params", "decoder", "layers_0", "mlp", "kernel")`` for a pytree key path
+    (attribute, dict key or index), the same for a train state and Orbax's metadata tree
+    of it."""
     parts = []
     for entry in path:
         for field in ("key", "name", "idx"):
@@ -80,7 +81,12 @@ def _path_name(path) -> str:
                 break
         else:
             parts.append(str(entry))
-    return "/".join(parts)
+    return tuple(parts)
+
+
+def _path_name(path) -> str:
+    """'params/decoder/layers_0/mlp/kernel' (:func:`path_tokens` joined by '/')."""
+    return "/".join(path_tokens(path))
 
 
 def saved_shapes(step_dir: epath.Path) -> dict[str, tuple[int, ...]] | None:

@@ -32,24 +32,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rope_jax import scanning
 from rope_jax.training import checkpoint as checkpoint_lib
+from rope_jax.training.checkpoint import path_tokens
 
 STACKED = "stacked"
 PER_LAYER = "per-layer"
 _LAYER_TOKEN = re.compile(r"layers_(\d+)")
 # optax.multi_transform's state: .inner_states[label].inner_state (optim.per_layer).
 _INNER_STATES, _INNER_STATE = "inner_states", "inner_state"
-
-
-def _tokens(path) -> tuple[str, ...]:
-    out = []
-    for entry in path:
-        for field in ("key", "name", "idx"):
-            if hasattr(entry, field):
-                out.append(str(getattr(entry, field)))
-                break
-        else:
-            out.append(str(entry))
-    return tuple(out)
 
 
 def _core(tokens: tuple[str, ...]) -> tuple[str, ...]:
@@ -76,7 +65,7 @@ def layout_of_names(names) -> str | None:
 
 def layout_of(tree) -> str | None:
     paths = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return layout_of_names("/".join(_tokens(path)) for path, _ in paths)
+    return layout_of_names("/".join(path_tokens(path)) for path, _ in paths)
 
 
 def _with_spec(leaf, shape, spec_fn):
@@ -118,7 +107,7 @@ def convert(source: Any, target_like: Any, ops=_ArrayOps) -> Any:
     ``ValueError`` naming the first target leaf that has no source."""
     found: dict[tuple[str, ...], list] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(source)[0]:
-        found.setdefault(_core(_tokens(path)), []).append(leaf)
+        found.setdefault(_core(path_tokens(path)), []).append(leaf)
 
     def same_shape(core, shape):
         for leaf in found.get(core, ()):
@@ -127,7 +116,7 @@ def convert(source: Any, target_like: Any, ops=_ArrayOps) -> Any:
         return None
 
     def leaf_for(path, like):
-        core = _core(_tokens(path))
+        core = _core(path_tokens(path))
         shape = tuple(like.shape)
         if (leaf := same_shape(core, shape)) is not None and not any(
             _LAYER_TOKEN.fullmatch(t) or t == scanning.LAYERS for t in core
@@ -157,7 +146,7 @@ def convert(source: Any, target_like: Any, ops=_ArrayOps) -> Any:
         leaf = leaf_for(path, like)
         if leaf is None:
             raise ValueError(
-                f"nothing in the checkpoint converts to {'/'.join(_tokens(path))} "
+                f"nothing in the checkpoint converts to {'/'.join(path_tokens(path))} "
                 f"{tuple(like.shape)}"
             )
         leaves.append(leaf)
@@ -172,7 +161,7 @@ def _check_saved(source_abstract, saved: dict[str, tuple[int, ...]]) -> None:
     """Raises ``ValueError`` naming the first array the converted form expects and the
     checkpoint does not hold (or holds in another shape): a model of other sizes."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(source_abstract)[0]:
-        name = "/".join(_tokens(path))
+        name = "/".join(path_tokens(path))
         if name not in saved:
             raise ValueError(f"the checkpoint has no {name}")
         if tuple(saved[name]) != tuple(leaf.shape):

@@ -57,7 +57,10 @@ def _finetune(workdir, data, family, devices, mesh=None):
     # A pretrained model as a restore gives it: every array committed to device 0.
     cfg = pretrained._model_config(config.model)
     task = families.for_model(build_model(cfg))
-    params = nn.unbox(jax.jit(lambda: task.init(task.init_rngs(jax.random.key(7))))())["params"]
+    # An explicit key implementation: run_task sets the default one (config.prng_impl), so a
+    # default key here would draw other weights for whichever call comes second.
+    key = jax.random.key(7, impl="threefry2x32")
+    params = nn.unbox(jax.jit(lambda: task.init(task.init_rngs(key)))())["params"]
     params = jax.device_put(params, jax.devices()[0])
     source = pretrained.Source(cfg, params, {}, ByteCodec(), "pretrained")
     results = finetune.run_task(

@@ -9,9 +9,15 @@ WORKDIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: demo test lint bench bench-quick hf-venv clean
 
-$(BIN)/.installed: pyproject.toml
+# The main job needs only the package; tests and benchmarks add the `test` extra (torch,
+# transformers, pytest, ruff, the summarization scorers) on top of the same venv.
+$(BIN)/.installed-main: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e .
+	touch $@
+
+$(BIN)/.installed: $(BIN)/.installed-main
 	$(BIN)/pip install -e '.[test]'
 	touch $@
 
@@ -23,7 +29,7 @@ $(HF_VENV)/.installed: benchmarks/requirements-hf.txt
 
 hf-venv: $(HF_VENV)/.installed
 
-demo: $(BIN)/.installed
+demo: $(BIN)/.installed-main
 	$(BIN)/python train.py --config=configs/decoder.py:tiny --workdir=$(WORKDIR)
 
 lint: $(BIN)/.installed

@@ -180,7 +180,8 @@ def tensorboard_command(logdir: str) -> str:
     """A command that shows ``logdir`` in TensorBoard from this Python environment: the
     ``tensorboard`` script next to this interpreter (works without activating the venv),
     preceded by its installation when the package is missing (it is not a dependency of
-    the main install; ``pip install -e '.[test]'`` and ``make demo`` bring it)."""
+    the main install, which ``make demo`` uses; ``pip install -e '.[tensorboard]'`` or the
+    test install bring it)."""
     import importlib.util
     import shlex
     import sys

@@ -86,7 +86,11 @@ def _resume_in_the_other_form(tmp_path, monkeypatch, saved_form, resumed_form):
 
     abstract = checkpoint.abstract_with_shardings(resumed_form.abstract, resumed_form.shardings)
     messages = []
-    monkeypatch.setattr(relayout.logging, "info", lambda msg, *args: messages.append(str(msg)))
+    monkeypatch.setattr(
+        relayout.logging,
+        "info",
+        lambda msg, *args: messages.append(str(msg) % args if args else str(msg)),
+    )
     with resumed_form.context():
         restored, _ = relayout.restore(ckpt, 2, abstract, resumed_form.tx)
     ckpt.close()

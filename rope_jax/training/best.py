@@ -7,7 +7,9 @@ the latest-N policy of the run's checkpoints never deletes it.
 best of an uninterrupted run would) it saves the params and random features of that step
 (synchronously, one Orbax step kept) and then writes ``best.json`` (step, value, every
 scalar of that evaluation). A resumed run reads ``best.json`` back, so an interrupted and
-resumed fine-tune keeps the same best step as an uninterrupted one.
+resumed fine-tune keeps the same best step as an uninterrupted one. A fine-tune resumed
+with the other ``scan_layers`` restores a best step saved in the first form converted to
+the second (``training.relayout``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax
 from absl import logging
 
 from rope_jax.training import checkpoint as checkpoint_lib
+from rope_jax.training import relayout
 
 RECORD = "best.json"
 
@@ -99,7 +102,8 @@ class BestCheckpoint:
                 f"no best checkpoint in {self.directory}: no evaluation has run"
             )
         target = {"params": abstract_params, "random_features": abstract_features}
-        restored, _ = self._manager().restore(self.step, target)
+        # Saved in the other scan_layers form by an earlier start: converted (relayout).
+        restored, _ = relayout.restore(self._manager(), self.step, target, setting="scan_layers")
         return restored["params"], restored["random_features"]
 
     def describe(self) -> str | None:

@@ -17,7 +17,11 @@ holds the same numbers.
 
 :func:`restore` restores the saved form (its shapes and shardings derived from the wanted
 form's) and converts it on device; a state that cannot be converted raises
-``CheckpointError`` naming both settings and the fix.
+``CheckpointError`` naming both settings and the fix. It reads a fine-tune's best checkpoint
+(``training.best``: params and random features, no optimizer) the same way. A tree already
+in memory (the pretrained params a fine-tune or an evaluation starts from:
+``evaluation.pretrained``) is put in the form of the model it loads into with
+:func:`to_layout_of`.
 """
 
 from __future__ import annotations
@@ -154,7 +158,20 @@ def convert(source: Any, target_like: Any, ops=_ArrayOps) -> Any:
 
 
 def _flipped(tree, layout):
+    """``tree`` (in ``layout``) in the other form."""
     return scanning.unstack_layers(tree) if layout == STACKED else scanning.stack_layers(tree)
+
+
+def to_layout_of(tree: Any, like: Any) -> tuple[Any, str | None]:
+    """``(tree in the form of like, the form it was converted from or None)``: params or
+    random features (nested dicts of arrays) stacked or unstacked to the layers of ``like``
+    (the model they load into; a tree of the same names, it may hold more or fewer of them,
+    e.g. a new head). Unchanged, with None, when both have the same form or either has no
+    layers."""
+    have, want = layout_of(tree), layout_of(like)
+    if have is None or want is None or have == want:
+        return tree, None
+    return _flipped(tree, have), have
 
 
 def _check_saved(source_abstract, saved: dict[str, tuple[int, ...]]) -> None:
@@ -170,23 +187,32 @@ def _check_saved(source_abstract, saved: dict[str, tuple[int, ...]]) -> None:
             )
 
 
-def restore(checkpointer, step: int, abstract_state, tx) -> tuple[Any, Any]:
-    """``checkpointer.restore(step, abstract_state)`` (a ``step.TrainState`` of
-    ``ShapeDtypeStruct``s with shardings), converting the state when the checkpoint holds
-    the other ``scan_layers`` form (module docstring); ``tx`` is the run's optimizer."""
+def restore(
+    checkpointer, step: int, abstract_state, tx=None, *, setting: str = "model.scan_layers"
+) -> tuple[Any, Any]:
+    """``checkpointer.restore(step, abstract_state)``, converting the state when the
+    checkpoint holds the other ``scan_layers`` form (module docstring).
+
+    ``abstract_state``: a ``step.TrainState`` of ``ShapeDtypeStruct``s with shardings and
+    ``tx`` the run's optimizer; or, with ``tx`` None, a tree of parameter-like collections
+    (the best checkpoint's ``{"params", "random_features"}``), converted leaf for leaf.
+    ``setting``: the config key that chooses the form, named in the log and the error
+    (``scan_layers`` in a fine-tune's config)."""
     step_dir = checkpointer.directory / str(step)
     saved = checkpoint_lib.saved_shapes(step_dir) if step_dir.exists() else None
     have = layout_of_names(saved) if saved else None
-    want = layout_of(abstract_state.params)
+    want = layout_of(abstract_state if tx is None else abstract_state.params)
     if have is None or want is None or have == want:
         return checkpointer.restore(step, abstract_state)
     settings = (
-        f"{step_dir} was written with model.scan_layers={have == STACKED} ({have} "
-        f"parameters) and this config has model.scan_layers={want == STACKED}"
+        f"{step_dir} was written with {setting}={have == STACKED} ({have} "
+        f"parameters) and this config has {setting}={want == STACKED}"
     )
     try:
 
         def saved_form(state):
+            if tx is None:
+                return _flipped(state, want)
             params = _flipped(state.params, want)
             return state.replace(
                 params=params,
@@ -200,17 +226,20 @@ def restore(checkpointer, step: int, abstract_state, tx) -> tuple[Any, Any]:
     except ValueError as err:
         raise checkpoint_lib.CheckpointError(
             f"{settings}, and its state cannot be converted ({err}). Resume with "
-            f"--config.model.scan_layers={have == STACKED}, the setting it was written with."
+            f"--config.{setting}={have == STACKED}, the setting it was written with."
         ) from err
     state, data_state = checkpointer.restore(step, source_abstract)
     shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
     state = jax.jit(lambda source: convert(source, abstract_state), out_shardings=shardings)(state)
     logging.info(
-        "Converted the train state of %s from %s to %s layers (parameters, random features "
-        "and optimizer state): the checkpoint was written with model.scan_layers=%s.",
+        "Converted the %s of %s from %s to %s layers: the checkpoint was written with %s=%s.",
+        "train state (parameters, random features and optimizer state)"
+        if tx is not None
+        else "parameters and random features",
         step_dir,
         have,
         want,
+        setting,
         have == STACKED,
     )
     return state, data_state

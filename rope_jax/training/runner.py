@@ -189,8 +189,12 @@ def run(
                 state = _initial_state(init_state, base_key, initial_params, state_shardings, tx)
         else:
             abstract = checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings)
-            # The checkpoint may hold the other scan_layers form: converted (relayout).
-            state, data_state = relayout.restore(checkpointer, latest, abstract, tx)
+            # The checkpoint may hold the other scan_layers form: converted (relayout). A
+            # fine-tune's config chooses the form with its own scan_layers key.
+            setting = "scan_layers" if "scan_layers" in config else "model.scan_layers"
+            state, data_state = relayout.restore(
+                checkpointer, latest, abstract, tx, setting=setting
+            )
             if data_state is not None:
                 try:
                     inputs.train.set_state(data_state)

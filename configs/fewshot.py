@@ -76,6 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Fine-tuning dropout (None = keep the checkpoint's): a float field that may be None.
     config.dropout_rate = ml_collections.config_dict.placeholder(float)
     config.dropout_rate = 0.1
+    # The layers as a loop or one nn.scan (rope_jax/scanning.py), None = as the checkpoint was
+    # written; the pretrained weights are converted to the other form on load.
+    config.scan_layers = ml_collections.config_dict.placeholder(bool)
     # PET / P-tuning few-shot: AdamW, lr 1e-5 for the LM (P-tuning), linear decay.
     config.optimizer = optim.default_optimizer_config()
     config.optimizer.learning_rate = 1e-5

@@ -85,6 +85,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # released model's is 0.1.
     config.dropout_rate = ml_collections.config_dict.placeholder(float)
     config.dropout_rate = 0.1
+    # The layers as a loop or one nn.scan (rope_jax/scanning.py), None = as the checkpoint was
+    # written; the pretrained weights are converted to the other form on load.
+    config.scan_layers = ml_collections.config_dict.placeholder(bool)
     config.optimizer = optim.default_optimizer_config()
     config.optimizer.update(
         learning_rate=2e-4,

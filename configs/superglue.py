@@ -62,6 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Fine-tuning dropout (None = keep the checkpoint's): a float field that may be None.
     config.dropout_rate = config_dict.placeholder(float)
     config.dropout_rate = 0.1
+    # The layers as a loop or one nn.scan (rope_jax/scanning.py), None = as the checkpoint was
+    # written; the pretrained weights are converted to the other form on load.
+    config.scan_layers = config_dict.placeholder(bool)
     # Text-to-text decoding: "greedy" or "beam" (beam_size, length penalty alpha of Wu et al.).
     config.decode_method = "greedy"
     config.beam_size = 4

@@ -119,8 +119,7 @@ def build_task(task: str, config, source) -> tuple[cloze.ClozeTask, dict, dict]:
     cfg = source.cfg
     if cfg.family == "encoder" and cfg.num_labels:
         raise ValueError("PET scores with the MLM head; this encoder has a classification head")
-    if config.dropout_rate is not None:
-        cfg = _replace(cfg, dropout_rate=config.dropout_rate)
+    cfg = pretrained_lib.task_model_config(cfg, config)
     inner = families.for_model(build_model(cfg))
     pattern_id = pattern_of(config, task)
     num_prompts = 0
@@ -144,12 +143,16 @@ def build_task(task: str, config, source) -> tuple[cloze.ClozeTask, dict, dict]:
     random_features = variables.get(families.RANDOM_FEATURES, {})
     if source.params is not None:
         prompt_params = params.pop(cloze.PROMPT_PARAMS, None)
-        params = dict(pretrained_lib.merge_params(params, source.params, new_prefixes=()))
+        params = dict(
+            pretrained_lib.merge_pretrained(
+                params, source.params, source.description, new_prefixes=()
+            )
+        )
         if prompt_params is not None:
             params[cloze.PROMPT_PARAMS] = prompt_params
         if source.random_features:
-            random_features = pretrained_lib.merge_params(
-                random_features, source.random_features, new_prefixes=()
+            random_features = pretrained_lib.merge_pretrained(
+                random_features, source.random_features, source.description, new_prefixes=()
             )
     return task_obj, params, random_features
 
@@ -169,12 +172,6 @@ def _scores(task_obj: cloze.ClozeTask, variables, batch):
 @functools.partial(jax.jit, static_argnums=0)
 def _generate(task_obj: cloze.ClozeTask, variables, batch):
     return task_obj.generate(variables, batch)
-
-
-def _replace(cfg, **changes):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)
 
 
 _SAMPLE = {

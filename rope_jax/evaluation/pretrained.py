@@ -19,6 +19,16 @@ The tokenizer is ``config.tokenizer`` (a SentencePiece ``.model``, or a BERT ``v
 for the jieba_bert tokenizer) when set. For an encoder
 the classification head is new: its parameters are initialised and every other parameter
 is taken from the checkpoint; a parameter missing from the checkpoint is an error.
+
+The fine-tuned model is the checkpoint's with ``config.dropout_rate`` and
+``config.scan_layers`` when they are set (None keeps the checkpoint's):
+:func:`task_model_config`. Its layers may therefore be in the other form than the
+checkpoint's (per-layer ``layers_<i>`` or one stacked ``layers`` entry, ``rope_jax.scanning``;
+a Hugging Face folder is per-layer, and a train.py run restarted with the other
+``model.scan_layers`` records that setting before its next checkpoint holds it), so
+:func:`merge_pretrained` converts the checkpoint's parameters and random features to the
+model's form (``training.relayout.to_layout_of``) and logs it; the two forms compute the
+same function of the same weights.
 """
 
 from __future__ import annotations
@@ -31,12 +41,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import traverse_util
 
 from rope_jax import families
 from rope_jax.evaluation import formats
 from rope_jax.evaluation import inputs as inputs_lib
 from rope_jax.evaluation.predictor import TaskModel
+from rope_jax.training import relayout
 
 RANDOM_FEATURES = families.RANDOM_FEATURES
 HEAD_PARAMS = ("pooler", "classifier")
@@ -252,6 +264,46 @@ def merge_params(fresh, pretrained, *, new_prefixes=HEAD_PARAMS) -> Any:
     return traverse_util.unflatten_dict(merged, sep="/")
 
 
+def merge_pretrained(fresh, pretrained, where: str, *, new_prefixes=HEAD_PARAMS) -> Any:
+    """:func:`merge_params` of ``pretrained`` (read from ``where``) put in the form of
+    ``fresh``'s layers first (per-layer or stacked: ``relayout.to_layout_of``), with a log
+    line when it was converted; an error after a conversion names both forms."""
+    have, want = relayout.layout_of(pretrained), relayout.layout_of(fresh)
+    if have is None or want is None or have == want:
+        return merge_params(fresh, pretrained, new_prefixes=new_prefixes)
+    forms = (
+        f"{where} holds {have} layers (written with scan_layers={have == relayout.STACKED}) "
+        f"and this model has scan_layers={want == relayout.STACKED}"
+    )
+    try:
+        converted, _ = relayout.to_layout_of(pretrained, fresh)
+        merged = merge_params(fresh, converted, new_prefixes=new_prefixes)
+    except (KeyError, ValueError) as err:
+        raise ValueError(
+            f"{forms}; converted to {want} layers, the checkpoint still does not fit: "
+            f"{err.args[0] if err.args else err}. Set --config.scan_layers="
+            f"{have == relayout.STACKED} (or None: the checkpoint's) to load it as written."
+        ) from err
+    logging.info(
+        "Converted the pretrained weights: %s, so they were %s.",
+        forms,
+        "stacked" if want == relayout.STACKED else "unstacked",
+    )
+    return merged
+
+
+def task_model_config(cfg, config):
+    """The model config a fine-tune runs: the checkpoint's ``cfg`` with
+    ``config.dropout_rate`` and ``config.scan_layers`` where they are not None."""
+    changes = {}
+    if config.dropout_rate is not None:
+        changes["dropout_rate"] = config.dropout_rate
+    scan_layers = config.get("scan_layers")
+    if scan_layers is not None:
+        changes["scan_layers"] = bool(scan_layers)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def load_for_task(task: str, config, *, source: Source | None = None):
     """The :class:`predictor.TaskModel` of ``task`` from a loaded source."""
     import flax.linen as nn
@@ -267,8 +319,7 @@ def load_for_task(task: str, config, *, source: Source | None = None):
             f"SuperGLUE fine-tuning needs an encoder or an encoder_decoder, not a {cfg.family} "
             "model (casts exist for these two families only)"
         )
-    if config.dropout_rate is not None:
-        cfg = dataclasses.replace(cfg, dropout_rate=config.dropout_rate)
+    cfg = task_model_config(cfg, config)
     model = build_model(cfg)
     # Jitted: an eager init runs op by op and costs seconds even for a tiny model.
     task = families.for_model(model)
@@ -277,7 +328,9 @@ def load_for_task(task: str, config, *, source: Source | None = None):
     params = variables["params"]
     random_features = variables.get(RANDOM_FEATURES, {})
     if source.params is not None:
-        params = merge_params(params, source.params)
+        params = merge_pretrained(params, source.params, source.description)
         if source.random_features:
-            random_features = merge_params(random_features, source.random_features)
+            random_features = merge_pretrained(
+                random_features, source.random_features, source.description
+            )
     return TaskModel(model, cfg, params, random_features, source.codec)

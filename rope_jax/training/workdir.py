@@ -71,6 +71,8 @@ RESTART_SAFE = (
     # Layers as a loop or one scan: the same function of the same weights; the checkpoint's
     # state is converted to the other form on restore (rope_jax.training.relayout).
     "model.scan_layers",
+    # The same in a fine-tune's config (its model is the checkpoint's).
+    "scan_layers",
     # Microbatches: the loss and gradient are token-weighted over the whole batch however
     # it is split (only dropout masks are drawn per microbatch).
     "optimizer.grad_accum_steps",

@@ -49,6 +49,9 @@ def get_config(arg: str | None = None):
     variant, overrides = common.split_arg(arg, VARIANTS)
     config = common.base_config()
     config.model = common.model_config(**DECODER, **SIZES[variant], max_length=1024)
+    # Scanned at base size: start-up well below the layer loop's at the same step time
+    # (README "Start-up by depth"); tiny and small keep the loop.
+    config.model.scan_layers = variant == "base"
     config.data = common.data_config(objective="causal_lm", inputs_length=1024)
     config.optimizer.update(
         name="adamw",

@@ -50,6 +50,9 @@ def get_config(arg: str | None = None):
     variant, overrides = common.split_arg(arg, VARIANTS)
     config = common.base_config()
     config.model = common.model_config(**ROFORMER, **SIZES[variant], max_length=512)
+    # Scanned at base size: start-up well below the layer loop's at the same step time
+    # (README "Start-up by depth"); tiny and small keep the loop.
+    config.model.scan_layers = variant == "base"
     config.data = common.data_config(objective="mlm", inputs_length=512, mlm_rate=0.15)
     config.optimizer.update(
         name="adamw",

@@ -73,6 +73,18 @@ def test_config_has_driver_keys_and_variants(family):
     assert f"--config=configs/{family}.py:tiny" in module.__doc__
 
 
+def test_base_presets_scan_where_it_measured_better():
+    """README "Start-up by depth": scanned at the base size of RoFormer and the decoder-only
+    LM (start-up below the loop's, step within 5 %); elsewhere the loop, which still reads
+    as an override."""
+    scanned = {("roformer", "base"), ("decoder", "base")}
+    for family in ("mt5", "t5_pegasus", "roformer", "decoder", "pegasus"):
+        for variant in ("tiny", "small", "base"):
+            want = (family, variant) in scanned
+            assert load(family, variant).model.scan_layers is want, (family, variant)
+    assert load("roformer", "base,scan_layers=False").model.scan_layers is False
+
+
 def test_overrides_resolve_and_errors_name_the_key():
     config = load("mt5", "tiny,attention=performer,pack=False,optimizer.learning_rate=3e-3")
     assert config.model.attention == "performer" and config.data.pack is False

@@ -5,13 +5,11 @@ import os
 import shutil
 import tempfile
 
+from subprocess_env import COMPILE_FLAGS
+
 # Must be set before JAX initialises its backends; tests that need a mesh use these 8 devices.
-# The test programs are tiny, so compiling is nearly all of their time: LLVM's backend
-# optimisation level 0 compiles about a fifth faster here and changes no operation's meaning
-# (the library's own runs and the benchmarks keep XLA's default).
-os.environ.setdefault(
-    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-)
+# The compiler flags that shorten compiling are described in subprocess_env.py.
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {COMPILE_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Compiling is most of this suite's time on CPU, and many tests compile the same tiny programs

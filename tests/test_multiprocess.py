@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import pytest
+from subprocess_env import COMPILE_FLAGS
 from test_entry_points import ROOT, TINY, _rows
 from test_superglue_finetune import _fixture_data
 
@@ -30,8 +31,8 @@ from rope_jax.training import checkpoint
 pytestmark = pytest.mark.multiprocess
 
 # One CPU device per process; the 1-process reference gets two, so all meshes have 2.
-ONE_DEVICE = "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
-TWO_DEVICES = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
+ONE_DEVICE = f"--xla_force_host_platform_device_count=1 {COMPILE_FLAGS}"
+TWO_DEVICES = f"--xla_force_host_platform_device_count=2 {COMPILE_FLAGS}"
 ENDLESS = f"{TINY},num_train_steps=100000"
 
 

@@ -6,10 +6,13 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
+import subprocess_env
 from training_toys import (
     ToyMLMIterator,
     enable_compilation_cache,
@@ -394,3 +397,29 @@ def test_a_resume_in_the_same_second_keeps_the_earlier_tensorboard_events(tmp_pa
     resumed.close()
     shown = _tensorboard_scalars(tmp_path / "tensorboard", "loss")
     assert shown == [(1, 9.0), (2, 8.0), (3, 17.0), (4, 16.0)]
+
+
+WRITER_SCRIPT = """
+import importlib.util, sys
+from rope_jax.training import metrics
+writer = metrics.MetricWriter(sys.argv[1], enabled=True)
+writer.write_scalars(1, {"loss": 2.5})
+writer.close()
+print("torch" in sys.modules, importlib.util.find_spec("torch") is not None)
+"""
+
+
+def test_the_metric_writer_does_not_import_torch(tmp_path):
+    """tensorboardX imports torch for type hints when it can (2 s of every run's start-up
+    where torch is installed: the test extra installs it); the writer loads it without,
+    and torch stays importable."""
+    done = subprocess.run(
+        [sys.executable, "-c", WRITER_SCRIPT, str(tmp_path)],
+        env=subprocess_env.one_device(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False", "True"], done.stdout
+    assert _tensorboard_scalars(tmp_path / "tensorboard", "loss") == [(1, 2.5)]

@@ -11,6 +11,7 @@ import json
 import logging as std_logging
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 
@@ -103,6 +104,31 @@ def _event_file_suffix(logdir: str) -> str:
     return f".{existing:04d}"
 
 
+def _summary_writer_class():
+    """tensorboardX's ``SummaryWriter``, imported without importing torch.
+
+    tensorboardX's writer module imports torch whenever it is installed (tensorboardX 2.6.5,
+    ``writer.py``: ``try: import torch``), only to name ``torch.Tensor`` in type hints; the
+    scalars written here never touch it. Where torch is installed (the test extra puts it in
+    the same venv) that import cost every ``train.py`` and ``eval.py`` process about 2 s of
+    start-up. While tensorboardX loads, ``sys.modules["torch"] = None`` makes ``import torch``
+    raise ImportError, tensorboardX's own fallback for a machine without torch; the entry is
+    removed afterwards, so torch stays importable. A process that already imported torch
+    (or tensorboardX) is left as it is.
+    """
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if sys.modules.get("torch", False) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     """Writes scalars to TensorBoard event files and one JSON object per line.
 
@@ -128,7 +154,7 @@ class MetricWriter:
         self._jsonl = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            from tensorboardX import SummaryWriter
+            summary_writer = _summary_writer_class()
 
             purge_step = None
             if resume_step is not None:
@@ -142,7 +168,7 @@ class MetricWriter:
                     )
                 if os.path.isdir(self.tensorboard_dir) and os.listdir(self.tensorboard_dir):
                     purge_step = resume_step + 1
-            self._tb = SummaryWriter(
+            self._tb = summary_writer(
                 self.tensorboard_dir,
                 purge_step=purge_step,
                 filename_suffix=_event_file_suffix(self.tensorboard_dir),

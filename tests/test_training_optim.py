@@ -227,22 +227,34 @@ def test_adafactor_matches_optax_adafactor(momentum, weight_decay):
     ours, reference = adafactor.adafactor(**kwargs), optax.adafactor(**kwargs)
     state, ref_state = ours.init(params), reference.init(params)
     assert jax.tree.structure(state) == jax.tree.structure(ref_state)
-    ours_params, ref_params = params, params
     # Jitted: op by op, the two optimizers' many small updates take seconds on a CPU.
-    ours_update, reference_update = jax.jit(ours.update), jax.jit(reference.update)
+    _assert_same_steps(
+        jax.jit(ours.update), jax.jit(reference.update), state, ref_state, params, rng
+    )
+
+
+def _assert_same_steps(ours_update, ref_update, ours_state, ref_state, params, rng):
+    """Three steps of both updates on the same random gradients (growing scale), each from
+    its own params: equal updates at every step and equal state at the end, up to float
+    rounding of the sums in another order, relative to each leaf's scale."""
+
+    def assert_close(ours, reference):
+        for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6 * np.abs(want).max())
+
+    ours_params, ref_params = params, params
     for index in range(3):
         grads = {
-            k: jnp.asarray(rng.normal(size=s) * (index + 1), jnp.float32) for k, s in shapes.items()
+            k: jnp.asarray(rng.normal(size=v.shape) * (index + 1), jnp.float32)
+            for k, v in params.items()
         }
-        updates, state = ours_update(grads, state, ours_params)
-        ref_updates, ref_state = reference_update(grads, ref_state, ref_params)
-        for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(ref_updates), strict=True):
-            # Float rounding of the sums in another order, relative to the update's scale.
-            np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6 * np.abs(want).max())
+        updates, ours_state = ours_update(grads, ours_state, ours_params)
+        ref_updates, ref_state = ref_update(grads, ref_state, ref_params)
+        assert jax.tree.structure(ours_state) == jax.tree.structure(ref_state)
+        assert_close(updates, ref_updates)
         ours_params = optax.apply_updates(ours_params, updates)
         ref_params = optax.apply_updates(ref_params, ref_updates)
-    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6 * np.abs(want).max())
+    assert_close(ours_state, ref_state)
 
 
 @pytest.mark.parametrize("momentum,weight_decay", [(None, None), (0.9, 0.01)])
@@ -284,22 +296,14 @@ def test_stacked_adafactor_is_vmap_of_adafactor(momentum, weight_decay):
 
     per_layer_tx, stacked_tx = build(False), build(True)
     state = jax.vmap(per_layer_tx.init)(params)
-    ours_state, ours_params, ref_params = state, params, params
-    ours_update, ref_update = jax.jit(stacked_tx.update), jax.jit(jax.vmap(per_layer_tx.update))
-    for index in range(3):
-        grads = {
-            k: jnp.asarray(rng.normal(size=v.shape) * (index + 1), jnp.float32)
-            for k, v in params.items()
-        }
-        updates, ours_state = ours_update(grads, ours_state, ours_params)
-        ref_updates, state = ref_update(grads, state, ref_params)
-        assert jax.tree.structure(ours_state) == jax.tree.structure(state)
-        for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(ref_updates), strict=True):
-            np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6 * np.abs(want).max())
-        ours_params = optax.apply_updates(ours_params, updates)
-        ref_params = optax.apply_updates(ref_params, ref_updates)
-    for got, want in zip(jax.tree.leaves(ours_state), jax.tree.leaves(state), strict=True):
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6 * np.abs(want).max())
+    _assert_same_steps(
+        jax.jit(stacked_tx.update),
+        jax.jit(jax.vmap(per_layer_tx.update)),
+        state,
+        state,
+        params,
+        rng,
+    )
 
 
 def test_stacked_decay_mask_does_not_count_the_layers_axis():

@@ -184,6 +184,28 @@ def test_mesh_shape_fills_and_checks():
         sharding.mesh_shape({"data": 2, "fsdp": 2, "tensor": 1}, 8)
     with pytest.raises(ValueError, match="not divisible"):
         sharding.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
+
+
+@pytest.mark.parametrize("platform,warns", [("cpu", False), ("gpu", True)])
+def test_mesh_without_a_topology_rule_uses_the_listed_order(monkeypatch, platform, warns):
+    """Where mesh_utils has no topology rule for the devices, the mesh takes them in listed
+    order; on accelerators (where the order decides which links the tensor axis uses) the
+    run logs a warning naming the mesh and the fix."""
+
+    def no_rule(shape, devices):
+        raise NotImplementedError("no rule for this topology")
+
+    warnings = []
+    monkeypatch.setattr(sharding.mesh_utils, "create_device_mesh", no_rule)
+    monkeypatch.setattr(sharding, "Mesh", lambda grid, axes: (grid, axes))
+    monkeypatch.setattr(sharding.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    devices = [types.SimpleNamespace(id=i, platform=platform, device_kind="kind") for i in range(8)]
+    grid, axes = sharding.make_mesh({"data": -1, "fsdp": 2, "tensor": 2}, devices)
+    assert axes == sharding.MESH_AXES
+    assert [d.id for d in grid.reshape(-1)] == list(range(8)) and grid.shape == (2, 2, 2)
+    assert len(warnings) == int(warns)
+    if warns:
+        assert "no rule for this topology" in warnings[0] and "config.mesh" in warnings[0]
     with pytest.raises(ValueError, match="unknown axes"):
         sharding.mesh_shape({"data": -1, "model": 2}, 8)
 

@@ -132,10 +132,21 @@ def make_mesh(
     try:
         # Topology-aware order on TPU/GPU: the last axis (tensor) gets the fastest links.
         device_grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except (AssertionError, NotImplementedError, ValueError):
+    except (AssertionError, NotImplementedError, ValueError) as err:
         # No topology-aware layout for these devices (CPU devices, a device kind or count
-        # mesh_utils has no rule for: it raises one of these three): any order is as good,
-        # so the devices fill the mesh in their listed order.
+        # mesh_utils has no rule for: it raises one of these three): the devices fill the
+        # mesh in their listed order. On CPU any order is as good; on accelerators the
+        # listed order may put the tensor axis on slow links, so the run says so.
+        if devices[0].platform != "cpu":
+            logging.warning(
+                "No topology-aware device order for mesh %s on %d %s devices (%s); using "
+                "the listed order, which may put the tensor axis on slower links. A mesh "
+                "shape that matches the slice (config.mesh) avoids this.",
+                dict(zip(MESH_AXES, shape, strict=True)),
+                len(devices),
+                devices[0].device_kind,
+                err,
+            )
         device_grid = np.asarray(devices).reshape(shape)
     return Mesh(device_grid, MESH_AXES)
 

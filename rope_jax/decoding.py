@@ -93,6 +93,22 @@ jax.tree_util.register_dataclass(
 # ----------------------------------------------------------------------------- filters
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, axis=-1)`` (int32): the first index of the row maximum, or of the first
+    NaN in a row that has one.
+
+    Computed as a maximum and then the smallest index holding it, two single-output
+    reductions. ``jnp.argmax`` lowers to one reduction over (value, index) pairs, which XLA's
+    CPU backend emits as a scalar loop: over T5's ``[8, 32128]`` logits 0.60 ms against 0.28
+    ms here, at every greedy decoding step.
+    """
+    max_x = jnp.max(x, axis=-1, keepdims=True)
+    # A NaN makes max_x NaN, which equals nothing: the NaNs themselves are the hits then.
+    hit = (x == max_x) | jnp.isnan(x)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
+
+
 def top_k_filter(logits_BV: jax.Array, k: int, *, keep_id: int | None = None) -> jax.Array:
     """Sets every logit outside the ``k`` largest of each row to -inf (``k <= 0``: no-op).
 
@@ -207,7 +223,7 @@ def sample(
 
     def choose(logits_BV, step_rng):
         if greedy:
-            return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+            return first_argmax(logits_BV)
         scaled_BV = logits_BV / temperature
         scaled_BV = top_k_filter(scaled_BV, top_k, keep_id=keep_id)
         scaled_BV = top_p_filter(scaled_BV, top_p, keep_id=keep_id)

@@ -584,3 +584,19 @@ def test_cached_decoding_under_x64_equals_the_default_precision():
     assert got.sequences.dtype == want.sequences.dtype == jnp.int32
     np.testing.assert_array_equal(got.sequences, want.sequences)
     np.testing.assert_array_equal(got.log_probs, want.log_probs)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_first_argmax_is_argmax_with_ties_infinities_and_nans(dtype):
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, size=(7, 50)).astype(np.float32)  # small integers: many ties
+    x[1, [5, 40]] = np.nan  # the first NaN wins, as in numpy
+    x[2, 9] = np.inf
+    x[3] = -np.inf  # all equal: index 0
+    x[4, :] = 2.0
+    x[4, 33] = 3.0
+    x[5, [0, 49]] = np.nan
+    got = np.asarray(decoding.first_argmax(jnp.asarray(x, dtype)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x, dtype), axis=-1)))

@@ -39,7 +39,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rope_jax import host_memory  # noqa: E402
 from rope_jax.attention import (  # noqa: E402
     linear_attention,
     nystrom_attention,
@@ -236,7 +235,6 @@ def main(argv=None):
         help="where to write the JSON results",
     )
     args = parser.parse_args(argv)
-    host_memory.configure()  # as train.py / eval.py do, before the first computation
     if args.lengths:
         lengths = args.lengths
     elif args.quick:

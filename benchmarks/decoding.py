@@ -29,14 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rope_jax import convert, decoding, host_memory, model_config, models
+from rope_jax import convert, decoding, model_config, models
 
 SHAPES = {
     "quick": dict(
@@ -123,8 +122,12 @@ def run(mode: str) -> list[dict]:
     return rows
 
 
-def run_vs_hf(quick: bool, repeats: int, allocators: dict) -> list[dict]:
+def run_vs_hf(quick: bool, repeats: int) -> list[dict]:
     """Cached greedy and beam decoding of rope_jax and HF's ``generate``, alternated."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import peer_shapes
     import peers
 
@@ -133,8 +136,7 @@ def run_vs_hf(quick: bool, repeats: int, allocators: dict) -> list[dict]:
         shape = peer_shapes.quick_shape(shape)
     print(peers.machine_line(), flush=True)
     rows = []
-    ours_worker = peers.Worker("ours", allocators["ours"])
-    with ours_worker as ours, peers.Worker("hf", allocators["hf"]) as hf:
+    with peers.Worker("ours") as ours, peers.Worker("hf") as hf:
         workers = {"ours": ours, "hf": hf}
         compile_s = {
             side: w.request("build_decode", shape=shape)["compile_s"] for side, w in workers.items()
@@ -159,7 +161,6 @@ def run_vs_hf(quick: bool, repeats: int, allocators: dict) -> list[dict]:
                     "ours_over_hf": seconds["hf"] / seconds["ours"],
                     "compile_s": {side: c[method] for side, c in compile_s.items()},
                     "load_average": f"{load} -> {peers.load_average()}",
-                    "allocator": allocators,
                 }
             )
         # The encoder pass alone (8 x 512 tokens), the same work on both sides and part of
@@ -172,7 +173,6 @@ def run_vs_hf(quick: bool, repeats: int, allocators: dict) -> list[dict]:
         peak = {side: w.request("info")["peak_rss_mb"] for side, w in workers.items()}
     print()
     print(peers.machine_line())
-    print(peers.allocator_line(allocators["ours"], allocators["hf"]))
     print(
         "| T5 v1.1-small decoding | rope_jax tok/s | HF tok/s | ours / HF | CPU s ours / HF "
         "| compile ours / HF | load |"
@@ -209,15 +209,9 @@ def main():
     parser.add_argument("--json", default="", help="write the rows to this file")
     parser.add_argument("--vs-hf", action="store_true", help="against HF's generate")
     parser.add_argument("--repeats", type=int, default=0, help="--vs-hf calls per side")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import peers
-
-    peers.add_allocator_arguments(parser)
     args = parser.parse_args()
-    host_memory.configure()  # as train.py / eval.py do, before the first computation
     if args.vs_hf:
-        allocators = {"ours": args.ours_allocator, "hf": args.hf_allocator}
-        rows = run_vs_hf(args.quick, args.repeats or (2 if args.quick else 5), allocators)
+        rows = run_vs_hf(args.quick, args.repeats or (2 if args.quick else 5))
         output = args.json or "benchmarks/results/decoding_vs_hf.json"
         os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
         with open(output, "w") as f:

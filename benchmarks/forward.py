@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rope_jax import host_memory
 from rope_jax.model_config import KERNEL_TRAITS, ModelConfig
 from rope_jax.models import build_model
 
@@ -84,7 +83,6 @@ def main():
     parser.add_argument("--kernels", default=",".join(KERNEL_TRAITS))
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
-    host_memory.configure()  # as train.py / eval.py do, before the first computation
     if args.quick:
         args.batch, args.length, args.d_model, args.layers = 2, 128, 64, 1
         args.vocab, args.num_features, args.num_landmarks, args.repeats = 512, 32, 16, 3

@@ -22,14 +22,11 @@ import numpy as np  # noqa: E402
 import peer_shapes  # noqa: E402
 
 from configs import common  # noqa: E402
-from rope_jax import convert, decoding, host_memory  # noqa: E402
+from rope_jax import convert, decoding  # noqa: E402
 from rope_jax.flops import training_flops  # noqa: E402
 from rope_jax.model_config import model_config_from_dict  # noqa: E402
 from rope_jax.models import build_model  # noqa: E402
 from rope_jax.training import losses, metrics, optim, sharding, step  # noqa: E402
-
-# As train.py and eval.py do (rope_jax.cli.run): before the first computation.
-host_memory.configure()
 
 STATE: dict = {}
 

@@ -28,40 +28,10 @@ class WorkerError(RuntimeError):
     pass
 
 
-# glibc's environment variables for rope_jax's host allocator policy (rope_jax/host_memory.py:
-# one arena, no mmap, trim above 2 GiB), for a worker that does not import rope_jax.
-RETAIN_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
-}
-ALLOCATORS = ("retain", "system")
-
-
-def allocator_line(ours: str, hf: str) -> str:
-    """How each side's host allocator was set, for the table's header."""
-    names = {"retain": "freed memory kept (rope_jax.host_memory)", "system": "glibc defaults"}
-    return f"host allocator: rope_jax {names[ours]}; HF {names[hf]}"
-
-
-def add_allocator_arguments(parser) -> None:
-    """Each side's host allocator (benchmarks/peers.py ``Worker``); the defaults are what
-    each side's users get: rope_jax's entry points keep freed memory, HF leaves glibc's
-    defaults. ``--hf-allocator retain`` gives HF the same policy, to see what is left of the
-    ratio without it."""
-    parser.add_argument("--ours-allocator", choices=("retain", "system"), default="retain")
-    parser.add_argument("--hf-allocator", choices=("retain", "system"), default="system")
-
-
 class Worker:
-    """A worker process answering one JSON request per line.
+    """A worker process answering one JSON request per line."""
 
-    ``allocator``: "retain" (rope_jax's host allocator policy, which its entry points and
-    ``ours_worker.py`` apply) or "system" (glibc's defaults, which HF's users get); None is
-    each side's own default.
-    """
-
-    def __init__(self, side: str, allocator: str | None = None):
+    def __init__(self, side: str):
         python = sys.executable if side == "ours" else HF_PYTHON
         if not os.path.exists(python):
             raise WorkerError(
@@ -77,12 +47,6 @@ class Worker:
             # The HF side must not see this project (or its jax) on its path.
             env.pop("PYTHONPATH", None)
             env["PYTHONPATH"] = BENCH_DIR
-        if allocator == "system" and side == "ours":
-            env["ROPE_JAX_MALLOC"] = "system"
-        elif allocator == "retain" and side != "ours":
-            env.update(RETAIN_ENV)
-        elif allocator not in (None, *ALLOCATORS):
-            raise ValueError(f"allocator {allocator!r}: expected one of {ALLOCATORS}")
         self.side = side
         self.process = subprocess.Popen(
             [python, script],

@@ -267,9 +267,6 @@ def main():
     parser.add_argument("--width", default="narrow", help=argparse.SUPPRESS)
     parser.add_argument("--preset", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from rope_jax import host_memory
-
-    host_memory.configure()  # as train.py / eval.py do, before the first computation
     if args.optimizer is None:
         args.optimizer = "preset" if args.presets or args.preset else "adafactor"
     if args.optimizer == "preset" and not (args.presets or args.preset):

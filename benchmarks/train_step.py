@@ -46,8 +46,7 @@ TARGET_RATIO = {"t5_small": 1.25, "roformer_small": 1.15}
 
 
 def measure(name: str, shape: dict, dropout: float, args) -> dict:
-    ours_worker = peers.Worker("ours", args.ours_allocator)
-    with ours_worker as ours, peers.Worker("hf", args.hf_allocator) as hf:
+    with peers.Worker("ours") as ours, peers.Worker("hf") as hf:
         built = {
             "ours": ours.request(
                 "build_train",
@@ -91,7 +90,6 @@ def measure(name: str, shape: dict, dropout: float, args) -> dict:
         "prng": {side: info[side]["prng"] for side in info},
         "hf_versions": info["hf"]["versions"],
         "load_average": f"{load_before} -> {peers.load_average()}",
-        "allocator": {"ours": args.ours_allocator, "hf": args.hf_allocator},
     }
 
 
@@ -128,7 +126,6 @@ def main() -> None:
     parser.add_argument("--hf-prng", default="threefry2x32", help="HF's jax_default_prng_impl")
     parser.add_argument("--no-masked-head", action="store_true", help="MLM head everywhere")
     parser.add_argument("--output", default="benchmarks/results/train_step.json")
-    peers.add_allocator_arguments(parser)
     args = parser.parse_args()
     args.repeats = args.repeats or (3 if args.quick else 7)
 
@@ -156,7 +153,6 @@ def main() -> None:
     peak_flops = max(peak_flops, metrics.measure_matmul_peak())
     print()
     print(peers.machine_line())
-    print(peers.allocator_line(args.ours_allocator, args.hf_allocator))
     print(
         f"float32 GEMM peak measured in this run: {peak_flops / 1e9:.0f} GFLOP/s; "
         f"HF = transformers {rows[0]['hf_versions']['transformers']} Flax on jax "

@@ -21,8 +21,6 @@ from collections.abc import Iterator
 
 from absl import app, flags, logging
 
-from rope_jax import host_memory
-
 EXIT_ERROR = 1
 _OVERRIDE = re.compile(r"^--?(?P<flag>\w+)\.(?P<path>[\w.]+)(=.*)?$")
 
@@ -200,12 +198,5 @@ def _fail_without_peers(error: BaseException, workdir: str) -> None:
 
 
 def run(main) -> None:
-    """``absl.app.run(main)`` with ``parse_flags``, after setting the host allocator policy
-    (``rope_jax.host_memory``: it must come before JAX starts its backend)."""
-    allocator = host_memory.configure(log=False)
-
-    def main_after_flags(argv):
-        logging.info("%s", allocator)
-        return main(argv)
-
-    app.run(main_after_flags, flags_parser=parse_flags)
+    """``absl.app.run(main)`` with ``parse_flags``."""
+    app.run(main, flags_parser=parse_flags)

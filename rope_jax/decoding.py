@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rope_jax import families, scanning
+from rope_jax import families, projections, scanning
 
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 
@@ -485,7 +485,7 @@ def _generate(
     else:
         prompt_BP = inputs_BL
     if use_cache:
-        step_fn = task.step_fn(params, variables)
+        step_fn = _in_decoding_loop(task.step_fn(params, variables))
     else:
         step_fn = task.recompute_step_fn(params, variables)
     common = dict(
@@ -530,6 +530,17 @@ _generate_jit = jax.jit(
         "prefill_length",
     ),
 )
+
+
+def _in_decoding_loop(step_fn: StepFn) -> StepFn:
+    """``step_fn`` traced under ``projections.decoding_loop``: the search loops call it only
+    in their ``while`` body, where its projections read kernels copied outputs-major."""
+
+    def step(token_ids_B, state):
+        with projections.decoding_loop():
+            return step_fn(token_ids_B, state)
+
+    return step
 
 
 def generate(

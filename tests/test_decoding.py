@@ -1,6 +1,7 @@
 """Decoding: filters against numpy references, search invariants on a toy recurrent model."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -394,6 +395,87 @@ def test_decoder_cached_greedy_equals_recomputation(attention):
         variables=variables,
     )
     np.testing.assert_array_equal(got.sequences, want)
+
+
+def _hlo_computations(hlo_text):
+    """{name: body lines} of a compiled HLO module's text."""
+    computations, name = {}, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"(?:ENTRY )?%?([\w.\-]+) \(.*\{$", line)
+        if header:
+            name = header.group(1)
+            computations[name] = []
+        elif line.startswith("}"):
+            name = None
+        elif name is not None:
+            computations[name].append(line)
+    return computations
+
+
+def _loop_bodies(hlo_text):
+    """The lines of every ``while`` body and of every computation called from one."""
+    computations = _hlo_computations(hlo_text)
+    pending = [
+        body
+        for lines in computations.values()
+        for line in lines
+        for body in re.findall(r"body=%?([\w.\-]+)", line)
+    ]
+    seen = set()
+    while pending:
+        name = pending.pop()
+        if name in seen or name not in computations:
+            continue
+        seen.add(name)
+        for line in computations[name]:
+            pending += re.findall(r"(?:calls|body|condition|to_apply)=%?([\w.\-]+)", line)
+    return [line for name in seen for line in computations[name]], computations
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_decoding_loop_reads_kernels_copied_outputs_major_once(method):
+    # projections.decoding_loop: inside the loop the decoder's projections and output layer
+    # read [out, in] copies of their kernels; the copies must be made before the loop (XLA
+    # hoists them), never per token. Widths are chosen so that no activation shares a
+    # transposed kernel's shape.
+    model, params, variables = _tiny_model(
+        "encoder_decoder", d_model=24, num_heads=2, head_dim=8, d_ff=40, tie_embeddings=False
+    )
+    inputs = jnp.asarray(np.array([[5, 6, 7, 1], [8, 9, 1, 0], [4, 1, 0, 0]], np.int32))
+    hlo = (
+        jax.jit(
+            lambda p, x: (
+                decoding.generate(
+                    model, p, x, max_length=6, method=method, beam_size=2, variables=variables
+                ).sequences
+            )
+        )
+        .lower(params, inputs)
+        .compile()
+        .as_text()
+    )
+    vocab = VOCAB + 21
+    transposed = {
+        "output layer": f"[{vocab},24]",
+        "self-attention q/k/v": "[48,24]",
+        "gated MLP input": "[80,24]",
+        "MLP output": "[24,40]",
+        "attention output": "[24,16]",
+    }
+    body, computations = _loop_bodies(hlo)
+    assert body, "no while loop in the compiled decoding"
+    carried = [line for lines in computations.values() for line in lines if " while(" in line]
+    for what, shape in transposed.items():
+        # The token embedding table is [vocab, d_model] too: only the other copies are
+        # told apart by their shape in the loop's carried values.
+        if what != "output layer":
+            assert any(f"f32{shape}" in line for line in carried), f"{what}: no {shape} copy"
+        copied_inside = [
+            line
+            for line in body
+            if re.search(rf"= f32{re.escape(shape)}\{{[\d,]*\}} (transpose|copy|fusion)\(", line)
+        ]
+        assert not copied_inside, f"{what} kernel copied inside the loop: {copied_inside[:2]}"
 
 
 def test_beam_search_on_model_scores_at_least_greedy():

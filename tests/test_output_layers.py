@@ -256,6 +256,35 @@ def test_dense_contract_keeps_operand_dtypes_and_float32_logits():
     np.testing.assert_array_equal(np.asarray(dkernel, np.float32), np.full((4, 5), 3.0))
 
 
+@pytest.mark.parametrize("num_contract", [1, 2])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_contract_in_a_decoding_loop_equals_float64_einsum(num_contract, dtype):
+    # Inside projections.decoding_loop the product reads a transposed row-major copy of the
+    # kernel (on CPU); its value, dtype and float32 logits must not change.
+    from rope_jax.projections import contract, decoding_loop, dense_contract
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, 1, 4, 5))
+    kernel = rng.normal(size=(4, 5, 7)) if num_contract == 2 else rng.normal(size=(5, 2, 3))
+    spec = "BLHD,HDE->BLE" if num_contract == 2 else "BLHD,DNK->BLHNK"
+    x_c, kernel_c = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
+    want = np.einsum(spec, np.asarray(x_c, np.float64), np.asarray(kernel_c, np.float64))
+    for float32_output in (False, True):
+
+        def looped(a, b, float32_output=float32_output):
+            with decoding_loop():
+                return contract(a, b, num_contract, float32_output)
+
+        got = jax.jit(looped)(x_c, kernel_c)
+        plain = dense_contract(x_c, kernel_c, num_contract, float32_output)
+        assert got.shape == plain.shape == want.shape
+        assert got.dtype == plain.dtype == (jnp.float32 if float32_output else dtype)
+        tolerance = 1e-5 if dtype == jnp.float32 else 5e-2
+        np.testing.assert_allclose(
+            np.asarray(got, np.float64), want, rtol=tolerance, atol=tolerance
+        )
+
+
 def test_fused_projections_equal_the_separate_products_and_their_gradients():
     from rope_jax.projections import Projection, fused_projections
 

@@ -308,3 +308,7 @@ def test_eval_py_fine_tunes_with_two_processes(tmp_path, env, tokenizer_dir):
     ]
     assert evals[0] == evals[1] and evals[0]
     assert checkpoint.complete_steps_on_disk(workdir / "CB" / "checkpoints") == [4]
+    # Both hold the same results; only process 0 writes the files and prints the table.
+    tables = [[line for line in run.lines_of(i) if line.startswith("|")] for i in (0, 1)]
+    assert tables[0] and not tables[1], tables
+    assert (workdir / "predictions" / "CB_val.jsonl").exists()

@@ -8,7 +8,8 @@ task's official metrics. Given a ``workdir``, every split but an unlabelled test
 writes ``predictions/<Task>_<split>.jsonl``, the file the metrics score (invalid outputs
 null, with the decoded text); test splits write the leaderboard file
 ``submission/<Task>.jsonl`` (every line labelled) and yield how many labels were filled in
-(``filled_labels``). Every split yields ``num_examples``, ``invalid_fraction`` and
+(``filled_labels``); with several processes (each holds every prediction) only process 0
+writes them. Every split yields ``num_examples``, ``invalid_fraction`` and
 ``skipped_records`` (records the reader could not use). The trainer knows nothing about
 SuperGLUE.
 
@@ -23,6 +24,7 @@ import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import jax
 from absl import logging
 
 from rope_jax.evaluation import metrics, readers, submission
@@ -100,7 +102,7 @@ class SuperGlueEvaluator:
         yield "skipped_records", float(len(self.data.skipped))
         if self.split == "test":
             yield "filled_labels", float(invalid)
-        if self.workdir is not None:
+        if self.workdir is not None and jax.process_index() == 0:
             self._write_files(invalid, labelled)
         if labelled:
             yield from self.metrics().items()

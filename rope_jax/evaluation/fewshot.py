@@ -433,9 +433,11 @@ def run_fewshot(config, workdir: str, *, devices=None) -> dict:
                     devices=devices,
                 )
             )
-            with open(os.path.join(seed_dir, "metrics.json"), "w") as f:
-                json.dump(results, f, indent=2, sort_keys=True)
+            # Every process holds the same results; process 0 writes and prints them.
+            if jax.process_index() == 0:
+                with open(os.path.join(seed_dir, "metrics.json"), "w") as f:
+                    json.dump(results, f, indent=2, sort_keys=True)
         by_seed[seeded.seed] = results
-    table = fewshot_report.write(workdir, by_seed, config)
-    print(table)
+    if jax.process_index() == 0:
+        print(fewshot_report.write(workdir, by_seed, config))
     return by_seed

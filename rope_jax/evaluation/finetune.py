@@ -239,11 +239,13 @@ def finetune_and_evaluate(
                 devices=devices,
             )
         )
-        with open(os.path.join(workdir, "metrics.json"), "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
-    table = tasks_report.markdown_table(results)
-    print(table)
-    if config.task == "all":
-        with open(os.path.join(workdir, "summary.md"), "w") as f:
-            f.write(tasks_report.summary_markdown(results, config))
+        # Every process holds the same results; process 0 writes and prints them.
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "metrics.json"), "w") as f:
+                json.dump(results, f, indent=2, sort_keys=True)
+    if jax.process_index() == 0:
+        print(tasks_report.markdown_table(results))
+        if config.task == "all":
+            with open(os.path.join(workdir, "summary.md"), "w") as f:
+                f.write(tasks_report.summary_markdown(results, config))
     return results

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from rope_jax import families, scanning
 from rope_jax.evaluation import pretrained
@@ -187,3 +188,41 @@ def test_eval_fine_tunes_scanned_from_a_workdir_pretrained_with_the_loop(tmp_pat
     saved = checkpoint.saved_shapes(workdir / "CB" / "checkpoints" / "1")
     assert relayout.layout_of_names(saved) == relayout.STACKED
     assert saved["params/encoder/layers/mlp/wo/kernel"][0] == 2
+
+
+@pytest.mark.parametrize("source_scan", [False, True])
+def test_fewshot_task_loads_pretrained_weights_in_the_other_form(
+    tmp_path, source_scan, monkeypatch
+):
+    """PET / P-tuning (``fewshot.build_task``) with ``scan_layers`` set against the
+    checkpoint's form: the LM's weights are converted (and it says so), and converting them
+    back gives the checkpoint's weights exactly; None keeps the checkpoint's form."""
+    from rope_jax.evaluation import fewshot
+    from tests.test_fewshot_run import _config
+    from tests.test_fewshot_scoring import ByteCodec
+
+    config = _config(tmp_path, "pet")
+    config.model.num_layers = 2
+    config.model.scan_layers = source_scan
+    cfg = pretrained._model_config(config.model)
+    source_params = init(build_model(cfg), tokens(1, 4))["params"]
+    assert relayout.layout_of(source_params) == (
+        relayout.STACKED if source_scan else relayout.PER_LAYER
+    )
+    source = pretrained.Source(cfg, source_params, None, ByteCodec(), "runs/pt/3")
+
+    config.scan_layers = None
+    _, kept, _ = fewshot.build_task("RTE", config, source)
+    config.scan_layers = not source_scan
+    messages = _capture_info(monkeypatch, pretrained)
+    task_obj, converted, _ = fewshot.build_task("RTE", config, source)
+    assert task_obj.inner.model.config.scan_layers is (not source_scan)
+    assert relayout.layout_of(kept) == relayout.layout_of(source_params)
+    assert relayout.layout_of(converted) != relayout.layout_of(source_params)
+    said = [m for m in messages if m.startswith("Converted the pretrained weights")]
+    assert said and f"this model has scan_layers={not source_scan}" in said[0], messages
+    back, _ = relayout.to_layout_of(converted, source_params)
+    flat_back, flat_source = (traverse_util.flatten_dict(t) for t in (back, source_params))
+    assert set(flat_back) == set(flat_source)
+    for name, value in flat_source.items():
+        np.testing.assert_array_equal(np.asarray(flat_back[name]), np.asarray(value))

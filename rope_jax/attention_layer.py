@@ -101,6 +101,7 @@ class MultiHeadAttention(nn.Module):
         kv_segment_ids=None,
         deterministic: bool = True,
         decode: bool = False,
+        input_scale=None,
     ):
         """Attention output ``[B, T, E]`` in the compute dtype.
 
@@ -108,17 +109,21 @@ class MultiHeadAttention(nn.Module):
         prefix), for full-mask kernels; ``kv_valid_BS``: key validity for the others;
         ``bias``: additive ``[B|1, H, T, S]``; ``q_positions`` / ``kv_positions``: ``[B|1, L]``
         for RoPE; ``segment_ids`` / ``kv_segment_ids``: packed rows, for kernels that keep
-        them apart without a full mask (``KernelTraits.segments``).
+        them apart without a full mask (``KernelTraits.segments``); ``input_scale``: a scale
+        of ``x_q_BTE``'s features that its projections fold into their kernels
+        (``projections.fused_projections``).
         """
         if self.cross:
-            q_BTHD = self._queries(self.query(x_q_BTE))
+            q_BTHD = self._queries(self.query(x_q_BTE, input_scale))
             out_BTHD = decoding.cross_attention(
                 self, q_BTHD, x_kv_BSE, mask, kv_valid_BS, segment_ids, kv_segment_ids,
                 deterministic, decode,
             )  # fmt: skip
             return self.out(out_BTHD)
         # q, k and v as one [E, 3, H, D] product (projections.fused_projections).
-        q_BTHD, k_BSHD, v_BSHD = fused_projections(x_q_BTE, [self.query, self.key, self.value])
+        q_BTHD, k_BSHD, v_BSHD = fused_projections(
+            x_q_BTE, [self.query, self.key, self.value], input_scale=input_scale
+        )
         q_BTHD = self._queries(q_BTHD)
         if decode:  # the new keys sit at the new tokens' positions
             kv_positions = q_positions

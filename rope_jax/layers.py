@@ -76,11 +76,17 @@ class Embed(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """T5 layer norm: ``x / sqrt(mean(x^2) + eps) * scale`` (no mean, no bias); float32 stats."""
+    """T5 layer norm: ``x / sqrt(mean(x^2) + eps) * scale`` (no mean, no bias); float32 stats.
+
+    With ``fold_scale`` it returns ``(x / sqrt(mean(x^2) + eps), scale)``: a pre-norm block
+    hands the scale to the projections that read the norm's output, which fold it into
+    their kernels (``projections.fused_projections``'s ``input_scale``).
+    """
 
     epsilon: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    fold_scale: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -93,6 +99,8 @@ class RMSNorm(nn.Module):
         x_f32 = x.astype(jnp.float32)
         mean_square = jnp.mean(jnp.square(x_f32), axis=-1, keepdims=True)
         normed = x_f32 * lax.rsqrt(mean_square + self.epsilon)
+        if self.fold_scale:
+            return normed.astype(self.dtype), scale
         return (normed * lead(scale.astype(jnp.float32), x.ndim)).astype(self.dtype)
 
 
@@ -126,13 +134,14 @@ class LayerNorm(nn.Module):
         return (normed * scale + lead(bias.astype(jnp.float32), x.ndim)).astype(self.dtype)
 
 
-def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+def make_norm(cfg: ModelConfig, name: str, **kwargs) -> nn.Module:
     cls = RMSNorm if cfg.norm == "rms" else LayerNorm
     return cls(
         epsilon=cfg.layer_norm_epsilon,
         dtype=cfg.compute_dtype,
         param_dtype=cfg.storage_dtype,
         name=name,
+        **kwargs,
     )
 
 
@@ -155,7 +164,8 @@ class MLP(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BLE, *, deterministic: bool):
+    def __call__(self, x_BLE, *, deterministic: bool, input_scale=None):
+        """``input_scale``: see ``projections.fused_projections``."""
         cfg = self.config
         dense = functools.partial(
             DenseGeneral,
@@ -176,10 +186,12 @@ class MLP(nn.Module):
         )
         if cfg.gated_mlp:
             # wi_0 and wi_1 as one [E, 2, F] product (projections.fused_projections).
-            gate_BLF, linear_BLF = fused_projections(x_BLE, [wi(name="wi_0"), wi(name="wi_1")])
+            gate_BLF, linear_BLF = fused_projections(
+                x_BLE, [wi(name="wi_0"), wi(name="wi_1")], input_scale=input_scale
+            )
             hidden_BLF = act(gate_BLF) * linear_BLF
         else:
-            hidden_BLF = act(wi(name="wi")(x_BLE))
+            hidden_BLF = act(wi(name="wi")(x_BLE, input_scale))
         hidden_BLF = constrain(hidden_BLF, ("batch", "length", "mlp"))
         hidden_BLF = Dropout(cfg.dropout_rate)(hidden_BLF, deterministic=deterministic)
         wo_init = dense_init(cfg, (0,), (1,))

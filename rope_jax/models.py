@@ -129,9 +129,17 @@ class TransformerLayer(nn.Module):
         dropout = Dropout(cfg.dropout_rate)
 
         def sublayer(x, norm_name, fn):
+            """``fn(h, input_scale)`` as a residual branch. A pre-norm RMS norm leaves its scale
+            to the branch's input projections, which fold it into their kernels
+            (``projections.fused_projections``): the same block in exact arithmetic."""
+            if pre and cfg.norm == "rms":
+                normed, scale = make_norm(cfg, norm_name, fold_scale=True)(x)
+                return x + dropout(fn(normed, scale), deterministic=deterministic)
             if pre:
-                return x + dropout(fn(make_norm(cfg, norm_name)(x)), deterministic=deterministic)
-            return make_norm(cfg, norm_name)(x + dropout(fn(x), deterministic=deterministic))
+                h = make_norm(cfg, norm_name)(x)
+                return x + dropout(fn(h, None), deterministic=deterministic)
+            h = x + dropout(fn(x, None), deterministic=deterministic)
+            return make_norm(cfg, norm_name)(h)
 
         attention = MultiHeadAttention(
             cfg,
@@ -143,8 +151,9 @@ class TransformerLayer(nn.Module):
         x_BLE = sublayer(
             x_BLE,
             "attention_norm",
-            lambda h: attention(
+            lambda h, scale: attention(
                 h,
+                input_scale=scale,
                 mask=self_mask,
                 kv_valid_BS=self_kv_valid,
                 bias=self_bias,
@@ -162,9 +171,10 @@ class TransformerLayer(nn.Module):
             x_BLE = sublayer(
                 x_BLE,
                 "cross_attention_norm",
-                lambda h: cross(
+                lambda h, scale: cross(
                     h,
                     encoded_BSE,
+                    input_scale=scale,
                     mask=cross_mask,
                     kv_valid_BS=cross_kv_valid,
                     segment_ids=segment_ids_BL,
@@ -174,7 +184,11 @@ class TransformerLayer(nn.Module):
                 ),
             )
         mlp = MLP(cfg, name="mlp")
-        x_BLE = sublayer(x_BLE, "mlp_norm", lambda h: mlp(h, deterministic=deterministic))
+        x_BLE = sublayer(
+            x_BLE,
+            "mlp_norm",
+            lambda h, scale: mlp(h, deterministic=deterministic, input_scale=scale),
+        )
         x_BLE = constrain(x_BLE, ("batch", "length", "embed"))
         return (x_BLE, None) if self.scanned else x_BLE
 

@@ -274,12 +274,20 @@ class Projection(nn.Module):
                 self.param_dtype,
             )
 
-    def __call__(self, x):
-        return fused_projections(x, [self])[0]
+    def __call__(self, x, input_scale=None):
+        return fused_projections(x, [self], input_scale=input_scale)[0]
 
 
-def fused_projections(x, projections: Sequence[Projection]) -> list[jax.Array]:
+def fused_projections(x, projections: Sequence[Projection], *, input_scale=None) -> list[jax.Array]:
     """``[p(x) for p in projections]`` computed as one matmul over the stacked kernels.
+
+    ``input_scale`` (``[in_features]`` or None): the projections of ``x * input_scale``,
+    computed as products of ``x`` with kernels whose input rows are scaled instead. A
+    pre-norm block passes its RMS norm's scale here (``layers.RMSNorm.fold_scale``): the
+    same products in exact arithmetic, with the scale applied to a few MB of weights rather
+    than to every activation (on XLA's CPU backend the activation-sized multiply, in the
+    forward and the backward pass, had the scale broadcast into a full activation-sized
+    buffer first for each of the fused products that read it).
 
     The projections must share input width, output shape, bias use and dtypes. Outputs are
     in the compute dtype.
@@ -302,11 +310,19 @@ def fused_projections(x, projections: Sequence[Projection]) -> list[jax.Array]:
             f"{first.in_features}."
         )
     dtype = first.dtype
+
+    def kernel_of(p):
+        kernel = p.kernel
+        if input_scale is not None:
+            scale = input_scale.astype(jnp.promote_types(kernel.dtype, input_scale.dtype))
+            kernel = kernel * scale.reshape((-1,) + (1,) * (kernel.ndim - 1))
+        return kernel.astype(dtype)
+
     if len(projections) == 1:
-        kernel = first.kernel.astype(dtype)
+        kernel = kernel_of(first)
     else:
         # [E, P, *features]: the stacked axis sits after the contracted one.
-        kernel = jnp.stack([p.kernel.astype(dtype) for p in projections], axis=1)
+        kernel = jnp.stack([kernel_of(p) for p in projections], axis=1)
     out = contract(x.astype(dtype), kernel, 1, False)
     if first.use_bias:
         biases = [p.bias for p in projections]

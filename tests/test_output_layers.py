@@ -1,6 +1,8 @@
 """Output layers and their losses: the bias add's gradient, accuracy from the row maximum,
 and the masked-position MLM head against the head at every position."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -325,6 +327,63 @@ def test_fused_projections_equal_the_separate_products_and_their_gradients():
     # (the fused and separate products may add in another order).
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("num_projections", [1, 3])
+def test_an_input_scale_folded_into_the_kernels_equals_the_scaled_input(num_projections):
+    # A pre-norm RMS norm's scale folded into the next projections (fused_projections'
+    # input_scale) against float64 (x * scale) @ W: values and the gradients of x, the
+    # kernels, the biases and the scale.
+    from rope_jax.projections import Projection, fused_projections
+
+    names = ("a", "b", "c")[:num_projections]
+
+    class Folded(nn.Module):
+        @nn.compact
+        def __call__(self, x, scale):
+            make = [
+                Projection(
+                    6,
+                    (2, 3),
+                    ("embed", "heads", "kv"),
+                    nn.initializers.normal(1.0),
+                    use_bias=True,
+                    name=name,
+                )  # fmt: skip
+                for name in names
+            ]
+            return fused_projections(x, make, input_scale=scale)
+
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 5, 6))
+    scale = rng.normal(size=(6,))
+    params = nn.unbox(Folded().init(jax.random.key(0), jnp.zeros((1, 1, 6)), jnp.ones(6)))
+    params = jax.tree.map(lambda p: np.asarray(p, np.float64) + 0.1, params)
+    weights = [rng.normal(size=(2, 5, 2, 3)) for _ in names]
+
+    def objective(outs):
+        return sum(jnp.sum(jnp.sin(out) * w) for out, w in zip(outs, weights, strict=True))
+
+    def folded(p, a, s):
+        return objective(Folded().apply(p, a, s))
+
+    def reference(p, a, s):
+        layer = p["params"]
+        outs = [
+            jnp.einsum("BLE,E,EHD->BLHD", a, s, layer[n]["kernel"]) + layer[n]["bias"][None, None]
+            for n in names
+        ]
+        return objective(outs)
+
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    got_value, got_grads = jax.value_and_grad(folded, argnums=(0, 1, 2))(
+        jax.tree.map(f32, params), f32(x), f32(scale)
+    )
+    with jax.enable_x64():
+        want_value, want_grads = jax.value_and_grad(reference, argnums=(0, 1, 2))(params, x, scale)
+    np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
 def test_cross_entropy_with_z_loss_has_the_float64_gradient():

@@ -287,25 +287,26 @@ def test_contract_in_a_decoding_loop_equals_float64_einsum(num_contract, dtype):
         )
 
 
+def _projections(names):
+    """Projections ``6 -> (2, 3)`` with biases, one per name (inside a compact method)."""
+    from rope_jax.projections import Projection
+
+    init = nn.initializers.normal(1.0)
+    return [
+        Projection(6, (2, 3), ("embed", "heads", "kv"), init, use_bias=True, name=name)
+        for name in names
+    ]
+
+
 def test_fused_projections_equal_the_separate_products_and_their_gradients():
-    from rope_jax.projections import Projection, fused_projections
+    from rope_jax.projections import fused_projections
 
     class Pair(nn.Module):
         fused: bool
 
         @nn.compact
         def __call__(self, x):
-            make = [
-                Projection(
-                    6,
-                    (2, 3),
-                    ("embed", "heads", "kv"),
-                    nn.initializers.normal(1.0),
-                    use_bias=True,
-                    name=name,
-                )  # fmt: skip
-                for name in ("a", "b", "c")
-            ]
+            make = _projections(("a", "b", "c"))
             if self.fused:
                 return fused_projections(x, make)
             return [m(x) for m in make]
@@ -334,24 +335,14 @@ def test_an_input_scale_folded_into_the_kernels_equals_the_scaled_input(num_proj
     # A pre-norm RMS norm's scale folded into the next projections (fused_projections'
     # input_scale) against float64 (x * scale) @ W: values and the gradients of x, the
     # kernels, the biases and the scale.
-    from rope_jax.projections import Projection, fused_projections
+    from rope_jax.projections import fused_projections
 
     names = ("a", "b", "c")[:num_projections]
 
     class Folded(nn.Module):
         @nn.compact
         def __call__(self, x, scale):
-            make = [
-                Projection(
-                    6,
-                    (2, 3),
-                    ("embed", "heads", "kv"),
-                    nn.initializers.normal(1.0),
-                    use_bias=True,
-                    name=name,
-                )  # fmt: skip
-                for name in names
-            ]
+            make = _projections(names)
             return fused_projections(x, make, input_scale=scale)
 
     rng = np.random.default_rng(6)

@@ -72,8 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     # max_predictions_per_seq). None = derived from data.mlm_rate and data.inputs_length
     # (losses.default_max_predictions); 0 = the head at every position.
     config.mlm_max_predictions = config_dict.placeholder(int)
-    # jax_default_prng_impl: "threefry" (jax default), "rbg" or "unsafe_rbg". rbg makes
-    # dropout masks several times cheaper on CPU and TPU (T5X and MaxText use it).
+    # jax_default_prng_impl: "threefry" (jax default), "rbg" or "unsafe_rbg" (T5X and
+    # MaxText use rbg). It sets how keys and other draws are made; dropout masks hash each
+    # layer's key with the element's position (rope_jax/dropout.py) whichever is set.
     config.prng_impl = "rbg"
     # Performer: redraw the random projection every K steps (0 = keep the initial draw).
     config.redraw_features_every = 1000

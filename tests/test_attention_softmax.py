@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from attention_reference import random_qkv, rope_rotate
 from attention_reference import softmax_attention as reference_attention
+from dropout_reference import keep_mask as reference_keep_mask
 
 from rope_jax.attention import (
     KERNELS,
@@ -195,12 +196,9 @@ def test_dropout_matches_float64_reference_with_documented_keep_mask():
     mask, bias = _padded_causal_mask_and_bias(6)
     rate, key = 0.4, jax.random.key(3)
     out = eager_softmax_attention(q, k, v, mask=mask, bias=bias, dropout_rate=rate, dropout_rng=key)
-    # The documented rule, drawn here independently of the kernel.
-    # 16 random bits per weight, low half of each 32-bit word first (rope_jax.dropout).
-    words = np.asarray(jax.random.bits(key, (2 * 2 * 6 * 6 // 2,), jnp.uint32))
-    threshold = round(rate * 65536)
-    keep = (words.astype("<u4").view("<u2") >= threshold).reshape(2, 2, 6, 6)
-    keep_prob = 1.0 - threshold / 65536
+    # The documented rule (rope_jax.dropout), computed here with numpy.
+    keep = reference_keep_mask(key, rate, (2, 2, 6, 6))
+    keep_prob = 1.0 - round(rate * 2**32) / 2**32
     weights = _reference_weights(q, k, mask, bias)
     assert keep[weights > 0].any() and not keep[weights > 0].all()
     v64 = np.asarray(v, np.float64)
@@ -219,17 +217,15 @@ def test_dropout_gradients_match_plain_autodiff_with_documented_keep_mask():
     q, k, v = random_qkv(14, length=6)
     mask, bias = _padded_causal_mask_and_bias(6)
     rate, key = 0.4, jax.random.key(5)
-    words = jax.random.bits(key, (2 * 2 * 6 * 6 // 2,), jnp.uint32)
-    threshold = round(rate * 65536)
-    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(2, 2, 6, 6)
-    keep = halves >= threshold
+    keep = jnp.asarray(reference_keep_mask(key, rate, (2, 2, 6, 6)))
+    keep_prob = 1.0 - round(rate * 2**32) / 2**32
     cotangent = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), jnp.float32)
 
     def plain(q, k, v, bias):
         logits = jnp.einsum("bthd,bshd->bhts", q, k) * q.shape[-1] ** -0.5 + bias
         logits = jnp.where(mask, logits, -1e30)
         weights = jax.nn.softmax(logits, axis=-1) * jnp.any(mask, -1, keepdims=True)
-        dropped = jnp.where(keep, weights / (1.0 - threshold / 65536), 0.0)
+        dropped = jnp.where(keep, weights / keep_prob, 0.0)
         return jnp.sum(jnp.einsum("bhts,bshd->bthd", dropped, v) * cotangent)
 
     def kernel(q, k, v, bias):

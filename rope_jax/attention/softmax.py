@@ -81,7 +81,8 @@ def softmax_attention(
       dropout_rng: PRNG key; dropout applies only when it is given and ``dropout_rate > 0``
         (otherwise the result is exactly that of plain attention, as for evaluation).
         The keep mask is ``rope_jax.dropout.keep_mask(dropout_rng, dropout_rate, [B, H, T,
-        S])`` (16 random bits per weight: the rate is resolved to 2**-16) and kept weights
+        S])`` (a hash of the key and each weight's position; the rate is resolved to
+        2**-32) and kept weights
         are scaled by the inverse keep probability (inverted dropout), in float32, before
         the weighted sum of values. Each batch row and head draws its
         own mask, as in BERT and the Hugging Face T5; Flax's ``dot_product_attention``

@@ -25,6 +25,9 @@ of dropout, or the product that follows), so no random-bit buffer exists:
    four inputs; ``tests/test_dropout.py`` checks the keep rate, neighbouring elements along
    every axis, and masks of neighbouring keys for independence.
 
+The mask depends on global positions only, so it is the same however the tensor is sharded
+across devices, and a rematerialised forward pass (``remat``) recomputes the same mask.
+
 The drop probability is ``round(rate * 2**32) / 2**32`` (0.1 is exact to 10^-10), and kept
 values are scaled by the inverse of that keep probability, so the expectation of the output
 is exactly the input, as in inverted dropout. A float32 uniform (Flax, T5's Mesh TensorFlow

@@ -130,3 +130,19 @@ def test_module_uses_the_dropout_stream_in_training_only():
     module_key = Probe().apply({}, rngs={"dropout": key})
     want_keep = reference_keep(module_key, 0.5, x.shape)
     np.testing.assert_array_equal(np.asarray(got), np.where(want_keep, 2.0, 0.0))
+
+
+@pytest.mark.parametrize("spec", [("data", None, None), (None, None, "data")])
+def test_mask_does_not_depend_on_how_the_tensor_is_sharded(spec):
+    """Each element's bits come from its global position, so a mask made sharded over 8
+    devices (batch axis or last axis) equals the one made on one device."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    shape, key = (8, 6, 16), jax.random.key(4)
+    sharded = jax.jit(
+        lambda k: dropout.keep_mask(k, 0.3, shape),
+        out_shardings=NamedSharding(mesh, PartitionSpec(*spec)),
+    )(key)
+    assert len(sharded.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(sharded), reference_keep(key, 0.3, shape))

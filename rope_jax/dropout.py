@@ -36,7 +36,7 @@ is exactly the input, as in inverted dropout. A float32 uniform (Flax, T5's Mesh
 Measured on 2 CPU cores, one T5-small encoder layer's ``[8, 6, 512, 512]`` attention
 weights, ``where(keep, w / 0.9, 0) @ v`` (medians of 7, the three masks in turn):
 forward 36-40 ms with this mask against 89-103 ms with 16-bit halves of ``jax.random.bits``
-(``rbg``) and 77-95 ms with those of ``threefry``; value-and-gradient 95 against 134-142 ms
+(``rbg``) and 77-95 ms with those of ``threefry``; value-and-gradient 95-114 against 134-142 ms
 (``rbg``). The bits differ from ``jax.random.bernoulli``'s for the same key, so the masks
 of another codebase are not reproduced bit for bit (they are not between jax PRNGs either).
 """

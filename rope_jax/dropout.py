@@ -33,12 +33,14 @@ values are scaled by the inverse of that keep probability, so the expectation of
 is exactly the input, as in inverted dropout. A float32 uniform (Flax, T5's Mesh TensorFlow
 ``tf.nn.dropout``, BERT) has a resolution of 2**-23 in the same role.
 
-Measured on 2 CPU cores, one T5-small encoder layer's ``[8, 6, 512, 512]`` attention
-weights, ``where(keep, w / 0.9, 0) @ v`` (medians of 7, the three masks in turn):
-forward 36-40 ms with this mask against 89-103 ms with 16-bit halves of ``jax.random.bits``
-(``rbg``) and 77-95 ms with those of ``threefry``; value-and-gradient 95-114 against 134-142 ms
-(``rbg``). The bits differ from ``jax.random.bernoulli``'s for the same key, so the masks
-of another codebase are not reproduced bit for bit (they are not between jax PRNGs either).
+``benchmarks/dropout.py`` times the masks in one run, in turn, on one T5-small encoder
+layer's ``[8, 6, 512, 512]`` attention weights, ``where(keep, w / 0.9, 0) @ v``: on 2 CPU
+cores (medians of 9) forward 42 ms with this mask, 88 ms with 16-bit halves of
+``jax.random.bits`` (``rbg``), 103 ms with those of ``threefry`` and 196 ms with
+``jax.random.bernoulli``; value and gradient 135, 199, 214 and 318 ms.
+
+The bits differ from ``jax.random.bernoulli``'s for the same key, so the masks of another
+codebase are not reproduced bit for bit (they are not between jax PRNGs either).
 """
 
 from __future__ import annotations

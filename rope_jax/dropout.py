@@ -105,22 +105,43 @@ def _split_axis(shape: tuple[int, ...]) -> int:
     return split
 
 
-def _row_major_index(shape: tuple[int, ...], axes: range) -> jax.Array:
-    index = jnp.zeros(shape, jnp.uint32)
+def _row_major_index(shape: tuple[int, ...], axes: range, index: tuple) -> jax.Array:
+    """Row-major index over ``axes`` of ``shape`` for the elements of ``full[index]``: the
+    leading ``len(index)`` axes are fixed at ``index``, the others count with iota."""
+    fixed = len(index)
+    block_shape = shape[fixed:]
+    out = jnp.zeros(block_shape, jnp.uint32)
     for axis in axes:
-        index = index * jnp.uint32(shape[axis]) + lax.broadcasted_iota(jnp.uint32, shape, axis)
-    return index
+        if axis < fixed:
+            coordinate = jnp.asarray(index[axis]).astype(jnp.uint32)
+        else:
+            coordinate = lax.broadcasted_iota(jnp.uint32, block_shape, axis - fixed)
+        out = out * jnp.uint32(shape[axis]) + coordinate
+    return out
+
+
+def key_words(rng: jax.Array) -> jax.Array:
+    """The two uint32 words ``[k0, k1]`` that a key contributes to every mask it makes."""
+    return jax.random.bits(rng, (2,), jnp.uint32)
+
+
+def keep_mask_from_words(
+    words: jax.Array, rate: float, shape: tuple[int, ...], index: tuple = ()
+) -> jax.Array:
+    """``keep_mask(rng, rate, shape)[index]`` from ``words = key_words(rng)``, computing
+    only that block: ``index`` fixes the leading axes (Python or traced integers), so a
+    loop over blocks of a tensor draws exactly the mask of the whole tensor."""
+    shape = tuple(int(n) for n in shape)
+    split = _split_axis(shape)
+    lo = _row_major_index(shape, range(split, len(shape)), index)
+    hi = _row_major_index(shape, range(split), index)
+    word = pcg4d(lo, hi, words[0], words[1])[3]
+    return word >= jnp.uint32(drop_threshold(rate))
 
 
 def keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
     """Boolean keep mask: True with probability :func:`keep_probability` per element."""
-    shape = tuple(int(n) for n in shape)
-    split = _split_axis(shape)
-    k0, k1 = jax.random.bits(rng, (2,), jnp.uint32)
-    lo = _row_major_index(shape, range(split, len(shape)))
-    hi = _row_major_index(shape, range(split))
-    word = pcg4d(lo, hi, k0, k1)[3]
-    return word >= jnp.uint32(drop_threshold(rate))
+    return keep_mask_from_words(key_words(rng), rate, shape)
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
@@ -145,4 +166,13 @@ class Dropout(nn.Module):
         return dropout(x, self.rate, self.make_rng("dropout"))
 
 
-__all__ = ["Dropout", "drop_threshold", "dropout", "keep_mask", "keep_probability", "pcg4d"]
+__all__ = [
+    "Dropout",
+    "drop_threshold",
+    "dropout",
+    "keep_mask",
+    "keep_mask_from_words",
+    "keep_probability",
+    "key_words",
+    "pcg4d",
+]

@@ -49,6 +49,28 @@ def test_large_tensors_count_leading_axes_in_the_second_word(monkeypatch):
         dropout.keep_mask(key, 0.5, (100, 2))
 
 
+@pytest.mark.parametrize(
+    "shape, limit",
+    [((3, 5, 4, 6), None), ((3, 5, 4, 6), 200), ((3, 5, 4, 6), 64), ((2, 2, 2, 6), 10)],
+)
+def test_a_block_of_the_mask_is_that_block_of_the_whole_mask(monkeypatch, shape, limit):
+    """``keep_mask_from_words(..., index)`` (as a loop over blocks uses it, with traced
+    indices) equals the same block of the whole tensor's mask, whichever axes the two
+    counters cover: all four (no limit), the last three (200: the index is split between
+    ``hi`` and ``lo``), the last two (64) or only the last (10)."""
+    if limit is not None:
+        monkeypatch.setattr(dropout, "_COUNTER_LIMIT", limit)
+    key = jax.random.key(4)
+    whole = np.asarray(dropout.keep_mask(key, 0.4, shape))
+    words = dropout.key_words(key)
+    block = jax.jit(lambda i, j: dropout.keep_mask_from_words(words, 0.4, shape, (i, j)))
+    for i, j in [(0, 0), (1, 1), (shape[0] - 1, shape[1] - 1)]:
+        np.testing.assert_array_equal(np.asarray(block(i, j)), whole[i, j])
+    np.testing.assert_array_equal(
+        np.asarray(dropout.keep_mask_from_words(words, 0.4, shape, (1,))), whole[1]
+    )
+
+
 def test_keep_fraction_and_expectation():
     rate = 0.1
     keep_prob = dropout.keep_probability(rate)

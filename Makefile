@@ -44,6 +44,7 @@ bench: $(BIN)/.installed $(HF_VENV)/.installed
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/decoding.py --vs-hf
 	$(BIN)/python benchmarks/attention.py
+	$(BIN)/python benchmarks/attention_loop.py
 	$(BIN)/python benchmarks/dropout.py
 	$(BIN)/python benchmarks/forward.py
 	$(BIN)/python benchmarks/decoding.py
@@ -56,6 +57,7 @@ bench-quick: $(BIN)/.installed $(HF_VENV)/.installed
 	$(BIN)/python benchmarks/train_step.py --quick
 	$(BIN)/python benchmarks/decoding.py --vs-hf --quick
 	$(BIN)/python benchmarks/attention.py --quick
+	$(BIN)/python benchmarks/attention_loop.py --quick
 	$(BIN)/python benchmarks/dropout.py --quick
 	$(BIN)/python benchmarks/forward.py --quick
 	$(BIN)/python benchmarks/decoding.py --quick

@@ -197,3 +197,63 @@ def test_default_loops_on_a_one_device_cpu_for_large_score_blocks(monkeypatch):
     np.testing.assert_allclose(
         softmax_attention(q, k, v), reference_attention(q, k, v), rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    "family, position", [("encoder_decoder", "t5_bias"), ("encoder", "rope"), ("decoder", "alibi")]
+)
+def test_models_give_the_same_logits_with_the_loop(monkeypatch, family, position):
+    """Every softmax attention of a model looped (as on a one-device CPU) against batched:
+    the masks and biases the layers build (packed segments, per-row positions, causal,
+    cross-attention) reach the loop intact."""
+    from rope_jax import families
+    from rope_jax.model_config import ModelConfig
+    from rope_jax.models import build_model
+
+    cfg = ModelConfig(
+        family=family,
+        position=position,
+        vocab_size=40,
+        d_model=32,
+        num_heads=2,
+        head_dim=16,
+        d_ff=48,
+        num_layers=2,
+        dropout_rate=0.0,
+    )
+    task = families.for_model(build_model(cfg))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, 40, (3, 8)).astype(np.int32)
+    segments = np.array([[1] * 8, [1] * 5 + [2] * 3, [1] * 6 + [0] * 2], np.int32)
+    positions = np.array([list(range(8)), list(range(5)) + list(range(3)), list(range(8))])
+    if family == "encoder_decoder":
+        batch = {
+            "encoder_input_tokens": tokens,
+            "encoder_segment_ids": segments,
+            "encoder_positions": positions,
+            "decoder_input_tokens": tokens[:, ::-1].copy(),
+            "decoder_target_tokens": tokens,
+            "decoder_segment_ids": segments,
+            "decoder_positions": positions,
+            "decoder_loss_weights": (segments > 0).astype(np.int32),
+        }
+    else:
+        batch = {
+            "input_tokens": tokens,
+            "target_tokens": tokens,
+            "loss_weights": (segments > 0).astype(np.int32),
+            "segment_ids": segments,
+            "positions": positions,
+        }
+    batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+    variables = jax.jit(task.init)(task.init_rngs(jax.random.key(0)), batch)
+
+    def logits(loop):
+        monkeypatch.setattr(softmax, "_loop_over_heads_by_default", lambda *_: loop)
+        program = jax.jit(task.logits)
+        return np.asarray(program(variables, batch)), str(program.lower(variables, batch).as_text())
+
+    looped, looped_text = logits(True)
+    batched, batched_text = logits(False)
+    assert "while" in looped_text and "while" not in batched_text
+    np.testing.assert_allclose(looped, batched, rtol=1e-5, atol=1e-5)

@@ -9,8 +9,11 @@ from attention_reference import random_qkv
 from attention_reference import softmax_attention as reference_attention
 from dropout_reference import keep_mask as reference_keep_mask
 
+from rope_jax import families
 from rope_jax.attention import causal_mask, combine_masks, padding_mask, segment_mask, softmax
 from rope_jax.attention import softmax_attention as eager_softmax_attention
+from rope_jax.model_config import ModelConfig
+from rope_jax.models import build_model
 
 softmax_attention = jax.jit(
     eager_softmax_attention, static_argnames=("causal", "scale", "loop_over_heads")
@@ -206,10 +209,6 @@ def test_models_give_the_same_logits_with_the_loop(monkeypatch, family, position
     """Every softmax attention of a model looped (as on a one-device CPU) against batched:
     the masks and biases the layers build (packed segments, per-row positions, causal,
     cross-attention) reach the loop intact."""
-    from rope_jax import families
-    from rope_jax.model_config import ModelConfig
-    from rope_jax.models import build_model
-
     cfg = ModelConfig(
         family=family,
         position=position,

@@ -256,3 +256,19 @@ def test_models_give_the_same_logits_with_the_loop(monkeypatch, family, position
     batched, batched_text = logits(False)
     assert "while" in looped_text and "while" not in batched_text
     np.testing.assert_allclose(looped, batched, rtol=1e-5, atol=1e-5)
+
+
+def test_an_array_scale_takes_the_batched_form(monkeypatch):
+    """A traced scale (a learned temperature, say) cannot be a constant of the loop's
+    derivative rule: the default takes the batched form even where it would loop, and
+    forcing the loop says why."""
+    monkeypatch.setattr(softmax, "_loop_over_heads_by_default", lambda *_: True)
+    q, k, v = _qkv(7)
+
+    def attend(scale, loop=None):
+        return eager_softmax_attention(q, k, v, scale=scale, loop_over_heads=loop)
+
+    out = jax.jit(attend)(jnp.float32(0.5))
+    np.testing.assert_allclose(out, reference_attention(q, k, v, scale=0.5), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="needs a Python number as scale"):
+        jax.jit(lambda scale: attend(scale, loop=True))(jnp.float32(0.5))

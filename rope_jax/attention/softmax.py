@@ -121,13 +121,20 @@ def softmax_attention(
         None if mask is None else _as_4d(jnp.asarray(mask, bool), "mask"),
         None if bias is None else _as_4d(jnp.asarray(bias), "bias"),
         dropout_lib.key_words(dropout_rng) if drops else None,
-        float(scale),
+        scale,
         float(dropout_rate) if drops else 0.0,
     )
+    # The loop takes the scale as a constant of its derivative rule: a Python number.
+    constant_scale = isinstance(scale, (int, float))
     if loop_over_heads is None:
-        loop_over_heads = _loop_over_heads_by_default(q_BTHD.shape, kv_len)
+        loop_over_heads = constant_scale and _loop_over_heads_by_default(q_BTHD.shape, kv_len)
+    if loop_over_heads and not constant_scale:
+        raise ValueError(
+            f"softmax_attention: loop_over_heads=True needs a Python number as scale, got "
+            f"{type(scale).__name__}; pass float(scale) or leave loop_over_heads=None."
+        )
     if loop_over_heads:
-        return _looped_attention(*arguments)
+        return _looped_attention(*arguments[:6], float(scale), arguments[7])
     return _batched_attention(*arguments)
 
 

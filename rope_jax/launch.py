@@ -141,16 +141,15 @@ def launch(
     deadline = None
     try:
         while any(process.poll() is None for process in processes):
-            for index, process in enumerate(processes):
-                code = process.poll()
-                if code is not None and code != 0 and first_failure is None:
-                    first_failure = (index, code)
-                    deadline = time.monotonic() + grace_seconds
-                    printer.line(
-                        "[launch]",
-                        f"process {index} ended ({_describe(code)}); the others have "
-                        f"{grace_seconds:g} s to end on their own",
-                    )
+            if first_failure is None and any(process.poll() for process in processes):
+                first_failure = _first_failure(processes)
+                deadline = time.monotonic() + grace_seconds
+                index, code = first_failure
+                printer.line(
+                    "[launch]",
+                    f"process {index} ended ({_describe(code)}); the others have "
+                    f"{grace_seconds:g} s to end on their own",
+                )
             if deadline is not None and time.monotonic() > deadline:
                 for index, process in enumerate(processes):
                     if process.poll() is None:
@@ -179,6 +178,19 @@ def launch(
     summary = ", ".join(f"process {i}: {_describe(c)}" for i, c in enumerate(codes))
     printer.line("[launch]", summary)
     return 0 if first_failure is None else exit_status(first_failure[1])
+
+
+def _first_failure(processes) -> tuple[int, int]:
+    """(index, returncode) of the process whose failure the launch reports.
+
+    Called once a poll has seen a failure, it polls every process again: a process that a
+    peer's death stops (its collectives fail) ends after that peer, but a sweep of polls can
+    see it first when the launcher is descheduled between two polls. So among the processes
+    seen ended now, one killed by a signal, the usual first cause, is preferred, then the
+    lowest index.
+    """
+    failed = [(i, p.poll()) for i, p in enumerate(processes) if p.poll() not in (None, 0)]
+    return min(failed, key=lambda failure: (failure[1] >= 0, failure[0]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from subprocess_env import COMPILE_FLAGS
 from test_entry_points import ROOT, TINY, _rows
 from test_superglue_finetune import _fixture_data
 
+from rope_jax import launch as launch_lib
 from rope_jax.data import embedded
 from rope_jax.training import checkpoint
 
@@ -198,6 +199,26 @@ def test_two_processes_train_as_one_stop_together_and_resume_on_two_or_one(
         f"losses, 2 processes (stop at {stop}, FSDP after): "
         f"{[round(two[s], 6) for s in sorted(two)]}"
     )
+
+
+class _Ended:
+    """A process as ``launch`` polls it: already ended with ``returncode``."""
+
+    def __init__(self, returncode):
+        self.returncode = returncode
+
+    def poll(self):
+        return self.returncode
+
+
+def test_the_launch_reports_the_killed_process_when_a_peer_ended_after_it():
+    """Seen ended in the same sweep (a peer whose collectives failed, and the process killed
+    before it), the killed process is the failure reported; otherwise the lowest index."""
+    first = launch_lib._first_failure
+    assert first([_Ended(None), _Ended(1), _Ended(-9)]) == (2, -9)
+    assert first([_Ended(1), _Ended(0), _Ended(3)]) == (0, 1)
+    assert first([_Ended(-15), _Ended(-9)]) == (0, -15)
+    assert launch_lib.exit_status(first([_Ended(1), _Ended(-9)])[1]) == 128 + signal.SIGKILL
 
 
 def test_killing_one_process_ends_the_other_with_one_line(tmp_path, env, tokenizer_dir):

@@ -114,16 +114,11 @@ def softmax_attention(
         mask = combine_masks(mask, causal_mask(q_len, kv_len, offset=kv_len - q_len))
 
     drops = dropout_rng is not None and dropout_lib.drop_threshold(dropout_rate) > 0
-    arguments = (
-        q_BTHD,
-        k_BSHD,
-        v_BSHD,
-        None if mask is None else _as_4d(jnp.asarray(mask, bool), "mask"),
-        None if bias is None else _as_4d(jnp.asarray(bias), "bias"),
-        dropout_lib.key_words(dropout_rng) if drops else None,
-        scale,
-        float(dropout_rate) if drops else 0.0,
-    )
+    qkv = (q_BTHD, k_BSHD, v_BSHD)
+    mask_BHTS = None if mask is None else _as_4d(jnp.asarray(mask, bool), "mask")
+    bias_BHTS = None if bias is None else _as_4d(jnp.asarray(bias), "bias")
+    words = dropout_lib.key_words(dropout_rng) if drops else None
+    rate = float(dropout_rate) if drops else 0.0
     # The loop takes the scale as a constant of its derivative rule: a Python number.
     constant_scale = isinstance(scale, (int, float))
     if loop_over_heads is None:
@@ -134,8 +129,8 @@ def softmax_attention(
             f"{type(scale).__name__}; pass float(scale) or leave loop_over_heads=None."
         )
     if loop_over_heads:
-        return _looped_attention(*arguments[:6], float(scale), arguments[7])
-    return _batched_attention(*arguments)
+        return _looped_attention(*qkv, mask_BHTS, bias_BHTS, words, float(scale), rate)
+    return _batched_attention(*qkv, mask_BHTS, bias_BHTS, words, scale, rate)
 
 
 def _batched_attention(q_BTHD, k_BSHD, v_BSHD, mask_BHTS, bias_BHTS, words, scale, rate):

@@ -35,6 +35,7 @@ whose candidate set always contains EOS so that generation terminates with proba
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -469,6 +470,7 @@ def _generate(
     alpha,
     use_cache,
     prefill_length,
+    loop_kernels=None,
 ):
     task = families.as_task(model)
     state, start_position = task.decode_start(
@@ -485,7 +487,7 @@ def _generate(
     else:
         prompt_BP = inputs_BL
     if use_cache:
-        step_fn = _in_decoding_loop(task.step_fn(params, variables))
+        step_fn = _in_decoding_loop(task.step_fn(params, variables), loop_kernels)
     else:
         step_fn = task.recompute_step_fn(params, variables)
     common = dict(
@@ -532,15 +534,88 @@ _generate_jit = jax.jit(
 )
 
 
-def _in_decoding_loop(step_fn: StepFn) -> StepFn:
+def _in_decoding_loop(step_fn: StepFn, kernels=None) -> StepFn:
     """``step_fn`` traced under ``projections.decoding_loop``: the search loops call it only
-    in their ``while`` body, where its projections read kernels copied outputs-major."""
+    in their ``while`` body, where its projections read kernels copied outputs-major
+    (``kernels``: the copies made by :func:`_loop_kernels`, or None to make them in the
+    trace)."""
 
     def step(token_ids_B, state):
-        with projections.decoding_loop():
-            return step_fn(token_ids_B, state)
+        with projections.decoding_loop(kernels) as loop:
+            out = step_fn(token_ids_B, state)
+        loop.check_complete()
+        return out
 
     return step
+
+
+def _loop_kernels(task, params, variables, inputs_BL, *, max_length, prefill_length):
+    """The kernel copies of the cached step's projections (``projections.decoding_loop``),
+    from a trace of one step on a zero state of the right shapes; everything but the
+    copies is dead code in the compiled function."""
+    state_shapes, _ = jax.eval_shape(
+        lambda p, v, x: task.decode_start(
+            p, x, max_length=max_length, variables=v, use_cache=True, prefill_length=prefill_length
+        ),
+        params,
+        variables,
+        inputs_BL,
+    )
+    state = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), state_shapes)
+    with projections.decoding_loop() as loop:
+        task.step_fn(params, variables)(jnp.zeros(inputs_BL.shape[:1], jnp.int32), state)
+    return tuple(loop.made)
+
+
+_loop_kernels_jit = jax.jit(_loop_kernels, static_argnames=("task", "max_length", "prefill_length"))
+
+
+class _KernelCache:
+    """The decoding-loop kernel copies of the last parameters :func:`generate` decoded with.
+
+    They depend on the parameters only, so calls with the same arrays (evaluation batch
+    after batch) reuse them instead of copying the decoder's weights again. The entry is
+    found by the identity of the model and of every parameter array (jax arrays are
+    immutable; weak references tell a freed array from a new one at the same address) and
+    dropped when its first array is freed. Parameters with any other leaf (numpy arrays,
+    which can change in place; tracers, under an outer ``jax.jit``) are not kept: the call
+    makes its copies in its own trace.
+    """
+
+    def __init__(self):
+        self._entry = None
+
+    def get(self, task, params, variables, make):
+        leaves = jax.tree.leaves((params, variables))
+        if not leaves or not all(
+            isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) for leaf in leaves
+        ):
+            return None
+        entry = self._entry
+        if (
+            entry is not None
+            and entry["task"] == task
+            and len(entry["refs"]) == len(leaves)
+            and all(ref() is leaf for ref, leaf in zip(entry["refs"], leaves, strict=True))
+        ):
+            return entry["kernels"]
+        self._entry = None  # free the old copies before making new ones
+        kernels = make()
+        token = object()  # the finalizer holds this, not the copies
+        refs = [weakref.ref(leaf) for leaf in leaves]
+        self._entry = {"task": task, "refs": refs, "kernels": kernels, "token": token}
+        weakref.finalize(leaves[0], self._drop, token)
+        return kernels
+
+    def _drop(self, token):
+        if self._entry is not None and self._entry["token"] is token:
+            self._entry = None
+
+    def clear(self):
+        self._entry = None
+
+
+_KERNEL_CACHE = _KernelCache()
 
 
 def generate(
@@ -608,6 +683,21 @@ def generate(
         prefill_length = shortest - 1
     if rng is None:
         rng = jax.random.PRNGKey(0)
+    loop_kernels = None
+    if use_cache and jax.default_backend() == "cpu":
+        loop_kernels = _KERNEL_CACHE.get(
+            task,
+            params,
+            variables,
+            lambda: _loop_kernels_jit(
+                task,
+                params,
+                variables,
+                inputs_BL,
+                max_length=max_length,
+                prefill_length=prefill_length,
+            ),
+        )
     return _generate_jit(
         task,
         params,
@@ -628,4 +718,5 @@ def generate(
         alpha=float(alpha),
         use_cache=use_cache,
         prefill_length=prefill_length,
+        loop_kernels=loop_kernels,
     )

@@ -38,12 +38,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
@@ -139,11 +142,66 @@ def _dense_contract_bwd(num_contract, float32_output, residuals, dout):
 dense_contract.defvjp(_dense_contract_fwd, _dense_contract_bwd)
 
 
-_IN_DECODING_LOOP = contextvars.ContextVar("rope_jax_in_decoding_loop", default=False)
+def _trace_state():
+    """An opaque token of the innermost JAX trace (equal tokens: the same trace)."""
+    return jax.extend.core.get_opaque_trace_state(convention="flax")
+
+
+def _row_major_transpose(kernel_KM):
+    return with_layout_constraint(kernel_KM.T, Layout(major_to_minor=(0, 1)))
+
+
+@dataclasses.dataclass
+class LoopKernels:
+    """The ``[M, K]`` kernel copies that :func:`contract` multiplies by in one traced decoding
+    step, in the order of the calls (see :func:`decoding_loop`).
+
+    given: copies made before the call (``decoding_loop(kernels)``), used in call order
+      instead of being made from the kernels; None: made from the kernels in the trace.
+    made: the copies the step used, in call order. A product traced inside a nested
+      transform of the step (``nn.scan`` over layers, remat) makes its copy there and is
+      not listed: its kernel is that transform's value.
+    """
+
+    given: tuple | None
+    trace: Any
+    made: list = dataclasses.field(default_factory=list)
+
+    def kernel_MK(self, kernel_KM):
+        if _trace_state() != self.trace:
+            return _row_major_transpose(kernel_KM)
+        if self.given is None:
+            kernel_MK = _row_major_transpose(kernel_KM)
+        else:
+            index = len(self.made)
+            want = (kernel_KM.shape[::-1], kernel_KM.dtype)
+            have = self.given[index] if index < len(self.given) else None
+            if have is None or (have.shape, have.dtype) != want:
+                raise ValueError(
+                    f"decoding_loop: product {index} of the step needs a {want[0]} {want[1]} "
+                    f"kernel copy, the given copies have "
+                    f"{'none' if have is None else (have.shape, have.dtype)} there: they were "
+                    f"made for another model or configuration; make them with "
+                    f"decoding_loop() on this step."
+                )
+            kernel_MK = self.given[index]
+        self.made.append(kernel_MK)
+        return kernel_MK
+
+    def check_complete(self):
+        """Raises unless the step used every given copy."""
+        if self.given is not None and len(self.made) != len(self.given):
+            raise ValueError(
+                f"decoding_loop: the step used {len(self.made)} of the {len(self.given)} "
+                f"given kernel copies: they were made for another model or configuration."
+            )
+
+
+_IN_DECODING_LOOP = contextvars.ContextVar("rope_jax_in_decoding_loop", default=None)
 
 
 @contextlib.contextmanager
-def decoding_loop() -> Iterator[None]:
+def decoding_loop(kernels: Sequence[jax.Array] | None = None) -> Iterator[LoopKernels]:
     """Marks the model calls traced inside it as the body of a decoding loop.
 
     ``rope_jax.decoding`` traces its step function under it. There a projection multiplies a
@@ -153,16 +211,21 @@ def decoding_loop() -> Iterator[None]:
     accumulates all M outputs for each input row instead of reducing one contiguous row
     per output): with T5-small's decoder weights and output layer (154 MB), 14.7-15.1
     against 16.3-17.6 ms per step in alternating stand-alone loops, 2 cores. So under this
-    context :func:`contract` multiplies by a row-major copy of the transposed kernel. The
-    copy depends only on the parameters: XLA's loop-invariant code motion moves it out of
-    the ``while`` loop, so it is made once per decoding call, as the stacked kernels of
-    fused projections already are (``tests/test_decoding.py`` checks the compiled loop has
-    no transposed kernel in it). It costs the memory of one more copy of the decoder's
-    kernels and output layer while decoding.
+    context :func:`contract` multiplies by a row-major copy of the transposed kernel.
+
+    The copies depend only on the parameters. Made in the trace (``kernels=None``), XLA's
+    loop-invariant code motion moves them out of the ``while`` loop, so they are made once
+    per decoding call (``tests/test_decoding.py`` checks the compiled loop has no
+    transposed kernel in it); the yielded :class:`LoopKernels` lists them in call order
+    (``.made``). ``kernels``: copies made earlier, by a trace of the same step under this
+    context returning ``.made``, used instead (``rope_jax.decoding.generate`` keeps them
+    across calls with the same parameters: made in each call, T5-small's 154 MB of copies
+    took about 0.15 s of it).
     """
-    token = _IN_DECODING_LOOP.set(True)
+    loop = LoopKernels(None if kernels is None else tuple(kernels), _trace_state())
+    token = _IN_DECODING_LOOP.set(loop)
     try:
-        yield
+        yield loop
     finally:
         _IN_DECODING_LOOP.reset(token)
 
@@ -171,11 +234,12 @@ def contract(x, kernel, num_contract: int = 1, float32_output: bool = False):
     """:func:`dense_contract`; inside :func:`decoding_loop` on CPU, the same product by a
     row-major ``[M, K]`` copy of the kernel (see there). Either way the result is
     ``x [..., *in] . kernel [*in, *out]``, in x's dtype or float32 (``float32_output``)."""
-    if not (_IN_DECODING_LOOP.get() and jax.default_backend() == "cpu"):
+    loop = _IN_DECODING_LOOP.get()
+    if loop is None or jax.default_backend() != "cpu":
         return dense_contract(x, kernel, num_contract, float32_output)
     in_shape, out_shape = kernel.shape[:num_contract], kernel.shape[num_contract:]
     kernel_KM = kernel.reshape(math.prod(in_shape), math.prod(out_shape))
-    kernel_MK = with_layout_constraint(kernel_KM.T, Layout(major_to_minor=(0, 1)))
+    kernel_MK = loop.kernel_MK(kernel_KM)
     x_NK = x.reshape(-1, kernel_KM.shape[0])
     out_NM = jnp.einsum(
         "NK,MK->NM",

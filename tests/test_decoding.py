@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rope_jax import decoding, families
+from rope_jax import decoding, families, projections
 
 VOCAB = 11
 EOS = 1
@@ -476,6 +476,176 @@ def test_decoding_loop_reads_kernels_copied_outputs_major_once(method):
             if re.search(rf"= f32{re.escape(shape)}\{{[\d,]*\}} (transpose|copy|fusion)\(", line)
         ]
         assert not copied_inside, f"{what} kernel copied inside the loop: {copied_inside[:2]}"
+
+
+def _generate_both_ways(model, params, variables, inputs, **kwargs):
+    """``generate`` eagerly (kernel copies made once and kept) and under an outer jit
+    (tracers: the copies are made in the call's own trace)."""
+
+    def call(p):
+        return decoding.generate(model, p, inputs, variables=variables, **kwargs)
+
+    return call(params), jax.jit(call)(params)
+
+
+@pytest.mark.parametrize(
+    "family, overrides",
+    [
+        ("encoder_decoder", {}),
+        ("encoder_decoder", {"scan_layers": True}),
+        ("decoder", {}),
+    ],
+)
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_kept_kernel_copies_decode_as_copies_made_in_the_call(family, overrides, method):
+    # generate keeps the decoding loop's kernel copies across calls with the same
+    # parameters; the sequences and scores must be those of copies made in the call. With
+    # nn.scan over layers only the output layer's copy is kept (the layers' kernels are the
+    # scan's values).
+    model, params, variables = _tiny_model(family, **overrides)
+    inputs = jnp.asarray(np.array([[5, 6, 7, 1], [8, 9, 1, 0], [4, 1, 0, 0]], np.int32))
+    kwargs = dict(max_length=7, method=method, beam_size=2)
+    if family == "decoder":
+        kwargs["prompt_lengths_B"] = np.array([4, 3, 2], np.int32)
+    decoding._KERNEL_CACHE.clear()
+    kept, in_call = _generate_both_ways(model, params, variables, inputs, **kwargs)
+    kernels = decoding._KERNEL_CACHE.get(
+        families.as_task(model), params, variables, lambda: pytest.fail("copies not kept")
+    )
+    layers = 0 if overrides.get("scan_layers") else 2
+    # Per layer: self-attention q/k/v and output, MLP in and out; cross-attention query
+    # and output in the encoder-decoder's decoder. Plus the output layer.
+    per_layer = 6 if family == "encoder_decoder" else 4
+    assert len(kernels) == layers * per_layer + 1
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(in_call), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_kernel_copies_are_made_once_per_parameters(monkeypatch):
+    # Calls with the same parameter arrays reuse the copies; new arrays (a training step
+    # later) get new ones; numpy parameters are never kept (they can change in place).
+    model, params, variables = _tiny_model("encoder_decoder")
+    inputs = jnp.asarray(np.array([[5, 6, 7, 1], [8, 9, 1, 0]], np.int32))
+    made = []
+    make = decoding._loop_kernels_jit
+
+    def counting(*args, **kwargs):
+        made.append(1)
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(decoding, "_loop_kernels_jit", counting)
+    decoding._KERNEL_CACHE.clear()
+
+    def call(p):
+        return decoding.generate(model, p, inputs, max_length=5, variables=variables)
+
+    first = call(params)
+    call(params)
+    assert len(made) == 1
+    moved = jax.tree.map(lambda leaf: leaf + 0.5, params)
+    second = call(moved)
+    assert len(made) == 2
+    assert not np.array_equal(np.asarray(first.log_probs), np.asarray(second.log_probs))
+    np.testing.assert_array_equal(np.asarray(call(params).log_probs), np.asarray(first.log_probs))
+    assert len(made) == 3
+    call(jax.tree.map(np.asarray, params))
+    assert len(made) == 3
+    del moved, second
+    # The kept copies go with the parameters they were made from.
+    params_copy = jax.tree.map(lambda leaf: leaf * 1.0, params)
+    call(params_copy)
+    assert decoding._KERNEL_CACHE._entry is not None
+    del params_copy
+    import gc
+
+    gc.collect()
+    assert decoding._KERNEL_CACHE._entry is None
+
+
+def test_decoding_with_kept_copies_copies_no_kernel():
+    # With the copies passed in, the compiled decoding makes none: no transposed kernel
+    # anywhere in the program (the in-call form hoists them out of the loop; here they are
+    # inputs).
+    model, params, variables = _tiny_model(
+        "encoder_decoder", d_model=24, num_heads=2, head_dim=8, d_ff=40, tie_embeddings=False
+    )
+    inputs = jnp.asarray(np.array([[5, 6, 7, 1], [8, 9, 1, 0], [4, 1, 0, 0]], np.int32))
+    task = families.as_task(model)
+    kwargs = dict(max_length=6, prefill_length=0)
+    kernels = decoding._loop_kernels_jit(task, params, variables, inputs, **kwargs)
+    hlo = (
+        jax.jit(
+            lambda p, k: (
+                decoding._generate(
+                    task,
+                    p,
+                    inputs,
+                    None,
+                    jax.random.PRNGKey(0),
+                    variables,
+                    method="greedy",
+                    eos_id=1,
+                    pad_id=0,
+                    decoder_start_id=0,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    consistent=False,
+                    beam_size=1,
+                    alpha=0.0,
+                    use_cache=True,
+                    loop_kernels=k,
+                    **kwargs,
+                ).sequences
+            )
+        )
+        .lower(params, kernels)
+        .compile()
+        .as_text()
+    )
+    vocab = VOCAB + 21
+    for shape in (f"[{vocab},24]", "[48,24]", "[80,24]", "[24,40]", "[24,16]"):
+        copies = re.findall(rf"= f32{re.escape(shape)}\{{[\d,]*\}} (?:transpose|copy)\(", hlo)
+        assert not copies, f"{shape} kernel copied in the compiled decoding"
+
+
+def test_given_kernel_copies_of_another_model_are_refused():
+    model, params, variables = _tiny_model("encoder_decoder")
+    other, other_params, other_variables = _tiny_model("encoder_decoder", d_ff=48)
+    inputs = jnp.asarray(np.array([[5, 6, 7, 1]], np.int32))
+    kwargs = dict(max_length=5, prefill_length=0)
+    kernels = decoding._loop_kernels_jit(
+        families.as_task(other), other_params, other_variables, inputs, **kwargs
+    )
+    with pytest.raises(ValueError, match="made for another model"):
+        decoding._generate(
+            families.as_task(model),
+            params,
+            inputs,
+            None,
+            jax.random.PRNGKey(0),
+            variables,
+            method="greedy",
+            eos_id=1,
+            pad_id=0,
+            decoder_start_id=0,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            consistent=False,
+            beam_size=1,
+            alpha=0.0,
+            use_cache=True,
+            loop_kernels=kernels,
+            **kwargs,
+        )
+    x, kernel = jnp.ones((1, 32)), params["lm_head"]["kernel"]
+    with projections.decoding_loop() as made:
+        projections.contract(x, kernel)
+    with projections.decoding_loop(made.made * 2) as loop:
+        projections.contract(x, kernel)
+    with pytest.raises(ValueError, match="used 1 of the 2 given"):
+        loop.check_complete()
 
 
 def test_beam_search_on_model_scores_at_least_greedy():

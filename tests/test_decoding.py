@@ -562,6 +562,31 @@ def test_kernel_copies_are_made_once_per_parameters(monkeypatch):
     assert decoding._KERNEL_CACHE._entry is None
 
 
+def _greedy_with_kernels(task, params, variables, inputs, kernels, **kwargs):
+    """The traced body of ``generate`` (greedy, cached) with the given kernel copies."""
+    return decoding._generate(
+        task,
+        params,
+        inputs,
+        None,
+        jax.random.PRNGKey(0),
+        variables,
+        method="greedy",
+        eos_id=1,
+        pad_id=0,
+        decoder_start_id=0,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        consistent=False,
+        beam_size=1,
+        alpha=0.0,
+        use_cache=True,
+        loop_kernels=kernels,
+        **kwargs,
+    )
+
+
 def test_decoding_with_kept_copies_copies_no_kernel():
     # With the copies passed in, the compiled decoding makes none: no transposed kernel
     # anywhere in the program (the in-call form hoists them out of the loop; here they are
@@ -575,29 +600,7 @@ def test_decoding_with_kept_copies_copies_no_kernel():
     kernels = decoding._loop_kernels_jit(task, params, variables, inputs, **kwargs)
     hlo = (
         jax.jit(
-            lambda p, k: (
-                decoding._generate(
-                    task,
-                    p,
-                    inputs,
-                    None,
-                    jax.random.PRNGKey(0),
-                    variables,
-                    method="greedy",
-                    eos_id=1,
-                    pad_id=0,
-                    decoder_start_id=0,
-                    temperature=1.0,
-                    top_k=0,
-                    top_p=1.0,
-                    consistent=False,
-                    beam_size=1,
-                    alpha=0.0,
-                    use_cache=True,
-                    loop_kernels=k,
-                    **kwargs,
-                ).sequences
-            )
+            lambda p, k: _greedy_with_kernels(task, p, variables, inputs, k, **kwargs).sequences
         )
         .lower(params, kernels)
         .compile()
@@ -618,27 +621,7 @@ def test_given_kernel_copies_of_another_model_are_refused():
         families.as_task(other), other_params, other_variables, inputs, **kwargs
     )
     with pytest.raises(ValueError, match="made for another model"):
-        decoding._generate(
-            families.as_task(model),
-            params,
-            inputs,
-            None,
-            jax.random.PRNGKey(0),
-            variables,
-            method="greedy",
-            eos_id=1,
-            pad_id=0,
-            decoder_start_id=0,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            consistent=False,
-            beam_size=1,
-            alpha=0.0,
-            use_cache=True,
-            loop_kernels=kernels,
-            **kwargs,
-        )
+        _greedy_with_kernels(families.as_task(model), params, variables, inputs, kernels, **kwargs)
     x, kernel = jnp.ones((1, 32)), params["lm_head"]["kernel"]
     with projections.decoding_loop() as made:
         projections.contract(x, kernel)

@@ -242,6 +242,119 @@ def test_dropout_gradients_match_plain_autodiff_with_documented_keep_mask():
     np.testing.assert_allclose(got[3], want[3], rtol=1e-4, atol=1e-5, err_msg="bias")
 
 
+def _reference_gradients(q, k, v, mask, bias, cotangent, keep=None, keep_prob=1.0):
+    """Float64 reverse pass of ``dropout(softmax(q k^T / sqrt(D) + bias)) v`` written out
+    step by step, with the softmax derivative's sum over keys as the textbook has it:
+    dlogits = w * (dw - sum_s w dw). Returns (dq, dk, dv, dbias summed to bias's shape)."""
+    q, k, v, g = (np.asarray(x, np.float64) for x in (q, k, v, cotangent))
+    scale = q.shape[-1] ** -0.5
+    weights = _reference_weights(q, k, mask, bias)
+    drop = 1.0 if keep is None else np.where(keep, 1.0 / keep_prob, 0.0)
+    dv = np.einsum("bhts,bthd->bshd", weights * drop, g)
+    dweights = np.einsum("bthd,bshd->bhts", g, v) * drop
+    dlogits = weights * (dweights - np.sum(weights * dweights, -1, keepdims=True))
+    dq = np.einsum("bhts,bshd->bthd", dlogits, k) * scale
+    dk = np.einsum("bhts,bthd->bshd", dlogits, q) * scale
+    return dq, dk, dv, dlogits.sum(0, keepdims=True)
+
+
+@pytest.mark.parametrize("loop_over_heads", [False, True])
+@pytest.mark.parametrize("rate", [0.0, 0.4])
+def test_gradients_match_float64_reverse_pass(loop_over_heads, rate):
+    """The kernel's backward pass takes the softmax's sum over keys as <dout, out> per query
+    (FlashAttention's D term); it must equal the textbook reverse pass, with padding, a
+    causal mask, a query with no key, a per-head bias and dropout."""
+    q, k, v = random_qkv(21, length=6)
+    mask, bias = _padded_causal_mask_and_bias(6)
+    mask = mask.copy()
+    mask[1, :, 3, :] = False  # a query that sees no key
+    key = jax.random.key(8)
+    cotangent = np.random.default_rng(3).normal(size=q.shape).astype(np.float32)
+
+    def loss(q, k, v, bias):
+        out = eager_softmax_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            bias=bias,
+            dropout_rate=rate,
+            dropout_rng=key if rate else None,
+            loop_over_heads=loop_over_heads,
+        )
+        return jnp.sum(out * cotangent)
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, jnp.asarray(bias))
+    keep = np.asarray(reference_keep_mask(key, rate, (2, 2, 6, 6))) if rate else None
+    keep_prob = 1.0 - round(rate * 2**32) / 2**32
+    want = _reference_gradients(q, k, v, mask, bias, cotangent, keep, keep_prob)
+    for name, g, w in zip(("q", "k", "v", "bias"), got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(got[0][1, 3], 0.0)
+
+
+@pytest.mark.parametrize("loop_over_heads", [False, True])
+def test_forward_mode_derivative_matches_float64_formula(loop_over_heads):
+    q, k, v = random_qkv(22, length=5)
+    tq, tk, tv = random_qkv(23, length=5)
+    mask, bias = _padded_causal_mask_and_bias(5)
+    tbias = np.random.default_rng(4).normal(size=bias.shape).astype(np.float32)
+
+    def attend(q, k, v, bias):
+        return eager_softmax_attention(
+            q, k, v, mask=mask, bias=bias, loop_over_heads=loop_over_heads
+        )
+
+    _, got = jax.jit(lambda p, t: jax.jvp(attend, p, t))((q, k, v, bias), (tq, tk, tv, tbias))
+    q64, k64, tq64, tk64 = (np.asarray(x, np.float64) for x in (q, k, tq, tk))
+    weights = _reference_weights(q, k, mask, bias)
+    dlogits = (
+        np.einsum("bthd,bshd->bhts", tq64, k64) + np.einsum("bthd,bshd->bhts", q64, tk64)
+    ) * q.shape[-1] ** -0.5 + tbias
+    dlogits = np.where(np.broadcast_to(mask, dlogits.shape), dlogits, 0.0)
+    dweights = weights * (dlogits - np.sum(weights * dlogits, -1, keepdims=True))
+    want = np.einsum("bhts,bshd->bthd", dweights, np.asarray(v, np.float64)) + np.einsum(
+        "bhts,bshd->bthd", weights, np.asarray(tv, np.float64)
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in its equations' parameters."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.4])
+def test_backward_pass_does_not_sum_over_keys(rate):
+    """Differentiated, the only sum over the key axis of the [B, H, T, S] scores is the
+    forward softmax's normaliser: the backward pass sums <dout, out> over the head dimension
+    instead (a sum over keys there is a second full pass over the scores)."""
+    q, k, v = random_qkv(24, length=6, kv_length=9)
+    mask = np.ones((2, 1, 6, 9), bool)
+
+    def loss(q, k, v):
+        out = eager_softmax_attention(
+            q, k, v, mask=mask, dropout_rate=rate, dropout_rng=jax.random.key(1) if rate else None
+        )
+        return jnp.sum(out**2)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
+    key_sums = [
+        eqn
+        for eqn in _equations(jaxpr)
+        if eqn.primitive.name == "reduce_sum"
+        and eqn.invars[0].aval.shape == (2, 2, 6, 9)
+        and 3 in eqn.params["axes"]
+    ]
+    assert len(key_sums) == 1
+
+
 def test_dropout_mean_over_keys_approaches_plain_attention():
     # Inverted dropout keeps the expectation: E[keep / (1 - rate)] = 1.
     q, k, v = random_qkv(14, batch=1, length=4)

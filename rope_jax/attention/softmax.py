@@ -41,10 +41,44 @@ def masked_softmax(logits, mask=None):
     A row with no allowed entry (or only ``-inf`` logits) returns all zeros; neither the
     values nor the gradients contain NaN. ``mask`` broadcasts against ``logits``.
     """
+    return _softmax_last_axis(_masked_logits(logits, mask))
+
+
+def _masked_logits(logits, mask):
     logits = logits.astype(jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask, logits, -jnp.inf)
-    return _softmax_last_axis(logits)
+    return logits if mask is None else jnp.where(mask, logits, -jnp.inf)
+
+
+@jax.custom_jvp
+def _softmax_weighted_sum(logits_BHTS, v_BSHD):
+    """``softmax(logits) v`` (float32 logits with ``-inf`` where masked), ``[B, T, H, D]``.
+
+    Its derivative is that of the two steps, rearranged so that the reverse pass needs no
+    sum over keys. The softmax's term ``w * <w, t>`` (:func:`_softmax_last_axis_jvp`)
+    reaches the output as ``<w, t> * out``, since ``(w * c) v = c (w v)`` for a per-query
+    ``c``; transposed, it becomes ``<dout, out>`` per query, a sum over the head dimension
+    D instead of over the S keys of the ``[B, H, T, S]`` product ``w * (dout v^T)``. This
+    is the ``D_i = rowsum(dO_i * O_i)`` of FlashAttention's backward pass (Dao et al.
+    2022, Algorithm 4; Dao 2023, eq. before Algorithm 2), used here without the tiling:
+    the pass over the scores becomes one elementwise step after the ``dout v^T`` product.
+    """
+    return _weighted_sum(_softmax_last_axis(logits_BHTS), v_BSHD)
+
+
+@_softmax_weighted_sum.defjvp
+def _softmax_weighted_sum_jvp(primals, tangents):
+    (logits_BHTS, v_BSHD), (logits_dot, v_dot) = primals, tangents
+    weights_BHTS = _softmax_last_axis(logits_BHTS)
+    out_BTHD = _weighted_sum(weights_BHTS, v_BSHD)
+    weighted_mean_BHT = jnp.sum(weights_BHTS * logits_dot, axis=-1)
+    # Transposed, this per-query scaling of ``out`` is _query_dot_output(dout, out).
+    shift_BTHD = jnp.einsum("BHT,BTHD->BTHD", weighted_mean_BHT, out_BTHD.astype(jnp.float32))
+    out_dot = (
+        _weighted_sum(weights_BHTS * logits_dot, v_BSHD)
+        - shift_BTHD.astype(v_BSHD.dtype)
+        + _weighted_sum(weights_BHTS, v_dot)
+    )
+    return out_BTHD, out_dot
 
 
 def softmax_attention(
@@ -141,27 +175,41 @@ def _batched_attention(q_BTHD, k_BSHD, v_BSHD, mask_BHTS, bias_BHTS, words, scal
     logits_BHTS = logits_BHTS * jnp.float32(scale)
     if bias_BHTS is not None:
         logits_BHTS = logits_BHTS + bias_BHTS.astype(jnp.float32)
-    weights_BHTS = masked_softmax(logits_BHTS, mask_BHTS)
+    logits_BHTS = _masked_logits(logits_BHTS, mask_BHTS)
     if rate:
         # Masked weights are exactly 0 and stay 0 whether kept or dropped.
-        keep_BHTS = dropout_lib.keep_mask_from_words(words, rate, weights_BHTS.shape)
+        keep_BHTS = dropout_lib.keep_mask_from_words(words, rate, logits_BHTS.shape)
         inverse_keep = 1.0 / dropout_lib.keep_probability(rate)
-        out_BTHD = _dropped_weighted_sum(weights_BHTS, keep_BHTS, v_BSHD, inverse_keep)
+        out_BTHD = _softmax_dropped_weighted_sum(logits_BHTS, keep_BHTS, v_BSHD, inverse_keep)
     else:
-        out_BTHD = _weighted_sum(weights_BHTS, v_BSHD)
+        out_BTHD = _softmax_weighted_sum(logits_BHTS, v_BSHD)
     return out_BTHD.astype(q_BTHD.dtype)
 
 
+def _query_dot_output(dout_BTHD, out_BTHD):
+    """``<dout, out>`` per query and head, float32 ``[B, H, T, 1]``: the softmax
+    derivative's sum over keys, ``<w, dweights>``, taken over the head dimension instead
+    (:func:`_softmax_weighted_sum`)."""
+    return jnp.einsum(
+        "BTHD,BTHD->BHT",
+        dout_BTHD.astype(jnp.float32),
+        out_BTHD.astype(jnp.float32),
+    )[..., None]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _dropped_weighted_sum(weights_BHTS, keep_BHTS, v_BSHD, scale):
-    """``dropout(weights) @ v`` with the keep mask given: ``where(keep, w * scale, 0) v``.
+def _softmax_dropped_weighted_sum(logits_BHTS, keep_BHTS, v_BSHD, scale):
+    """``dropout(softmax(logits)) v`` with the keep mask given: ``where(keep, w * scale, 0) v``.
 
     Its gradient keeps the boolean mask (1 byte per weight) and recomputes the dropped
     weights from the softmax weights, which the softmax's own gradient keeps anyway, instead
     of keeping the dropped float32 weights (4 bytes per weight) as plain autodiff of the
-    two steps does: for T5-small's encoder, 8 x 48 MiB less live memory in the backward
-    pass. Same values and gradients.
+    steps does: for T5-small's encoder, 8 x 48 MiB less live memory in the backward pass.
+    The softmax's sum over keys is ``<dout, out>`` per query, as in
+    :func:`_softmax_weighted_sum` (it holds with dropout too: ``out`` is the sum of the
+    dropped weights times the values). Same values and gradients as autodiff of the steps.
     """
+    weights_BHTS = _softmax_last_axis(logits_BHTS)
     return _weighted_sum(_drop(weights_BHTS, keep_BHTS, scale), v_BSHD)
 
 
@@ -183,23 +231,27 @@ def _weighted_sum(weights_BHTS, v_BSHD):
     return jnp.einsum("BHTD->BTHD", out_BHTD)
 
 
-def _dropped_weighted_sum_fwd(weights_BHTS, keep_BHTS, v_BSHD, scale):
-    out = _dropped_weighted_sum(weights_BHTS, keep_BHTS, v_BSHD, scale)
-    return out, (weights_BHTS, keep_BHTS, v_BSHD)
+def _softmax_dropped_weighted_sum_fwd(logits_BHTS, keep_BHTS, v_BSHD, scale):
+    weights_BHTS = _softmax_last_axis(logits_BHTS)
+    out_BTHD = _weighted_sum(_drop(weights_BHTS, keep_BHTS, scale), v_BSHD)
+    return out_BTHD, (weights_BHTS, keep_BHTS, v_BSHD, out_BTHD)
 
 
-def _dropped_weighted_sum_bwd(scale, residuals, dout_BTHD):
-    weights_BHTS, keep_BHTS, v_BSHD = residuals
+def _softmax_dropped_weighted_sum_bwd(scale, residuals, dout_BTHD):
+    weights_BHTS, keep_BHTS, v_BSHD, out_BTHD = residuals
     dropped_BHTS = _drop(weights_BHTS, keep_BHTS, scale).astype(v_BSHD.dtype)
     dv_BSHD = jnp.einsum("BHTS,BTHD->BSHD", dropped_BHTS, dout_BTHD.astype(v_BSHD.dtype))
     ddropped_BHTS = jnp.einsum(
         "BTHD,BSHD->BHTS", dout_BTHD, v_BSHD, preferred_element_type=jnp.float32
     )
-    dweights_BHTS = _drop(ddropped_BHTS, keep_BHTS, scale).astype(weights_BHTS.dtype)
-    return dweights_BHTS, None, dv_BSHD.astype(v_BSHD.dtype)
+    dweights_BHTS = _drop(ddropped_BHTS, keep_BHTS, scale)
+    dlogits_BHTS = weights_BHTS * (dweights_BHTS - _query_dot_output(dout_BTHD, out_BTHD))
+    return dlogits_BHTS, None, dv_BSHD.astype(v_BSHD.dtype)
 
 
-_dropped_weighted_sum.defvjp(_dropped_weighted_sum_fwd, _dropped_weighted_sum_bwd)
+_softmax_dropped_weighted_sum.defvjp(
+    _softmax_dropped_weighted_sum_fwd, _softmax_dropped_weighted_sum_bwd
+)
 
 
 # The loop over heads pays from about this many score entries per head on (256 x 256);

@@ -289,6 +289,10 @@ def t5_relative_bias(
         num_buckets=num_buckets,
         max_distance=max_distance,
     )
+    # Its gradient transposes [B, H, T, S] back to [B, T, S, H] for the scatter into the
+    # table (89-126 ms of a T5-small step on CPU). A custom gradient that scattered
+    # heads-major instead, [H, B*T*S] values in order, was slower in the step (7.41 against
+    # 7.17 s, 12 alternating steps); so was a heads-major gather.
     bias_BTSH = jnp.take(table_NH.astype(jnp.float32), buckets_BTS, axis=0)
     return jnp.einsum("BTSH->BHTS", bias_BTSH)
 

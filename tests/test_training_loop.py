@@ -17,7 +17,7 @@ from training_toys import (
 )
 
 from configs import common
-from rope_jax.training import checkpoint, trainer
+from rope_jax.training import checkpoint, preflight, trainer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -278,3 +278,44 @@ def test_sharded_meshes_match_one_device(tmp_path, mesh, one_device_losses):
     # Adam's moments follow their params.
     mu = sharded.state.opt_state[0].mu
     assert mu["wi"]["kernel"].sharding == params["wi"]["kernel"].sharding
+
+
+class _FiniteIterator(ToyMLMIterator):
+    """The toy batches, ending after ``num_batches`` (a finite ``data.num_epochs``)."""
+
+    def __init__(self, batch_size, num_batches):
+        super().__init__(batch_size)
+        self.num_batches = num_batches
+
+    def __next__(self):
+        if self.index >= self.num_batches:
+            raise StopIteration
+        return super().__next__()
+
+
+def test_data_that_runs_out_ends_the_run_saved_and_a_rerun_says_so(tmp_path):
+    config = toy_config(num_train_steps=6, checkpoint_every_steps=0)
+    result = run(tmp_path, config, _FiniteIterator(config.batch_size, 3))
+    assert result.stop_signal is None
+    assert sorted(result.history) == [1, 2, 3]  # steps 1-3 trained, then the data ran out
+    assert int(jax.device_get(result.state.step)) == 3
+    assert checkpoint.Checkpointer(tmp_path / "checkpoints").latest_step() == 3
+    with pytest.raises(preflight.ConfigError, match="checkpoint at step 3 has read all"):
+        run(tmp_path, config, _FiniteIterator(config.batch_size, 3))
+    assert checkpoint.Checkpointer(tmp_path / "checkpoints").latest_step() == 3
+
+
+def test_data_without_one_batch_is_a_config_error(tmp_path):
+    config = toy_config()
+    with pytest.raises(preflight.ConfigError, match="does not fill one batch"):
+        run(tmp_path, config, _FiniteIterator(config.batch_size, 0))
+
+
+def test_finite_epochs_on_several_processes_is_refused_before_any_work():
+    config = toy_config()
+    config.data.num_epochs = 2
+    trainer._check_epochs_on_processes(config, 1)  # one process: fine
+    with pytest.raises(preflight.ConfigError, match="data.num_epochs=2 with 2 processes"):
+        trainer._check_epochs_on_processes(config, 2)
+    config.data.num_epochs = None
+    trainer._check_epochs_on_processes(config, 2)  # repeating input: fine

@@ -83,7 +83,9 @@ class DataConfig:
         ``inputs_length`` tokens at uniformly random offsets of the training documents
         tokenized and joined with EOS, the usual set-up of length-extrapolation studies;
         ``causal_lm`` and ``mlm`` only, no packing: ``data/windows.py``).
-      num_epochs: ``None`` repeats forever (training).
+      num_epochs: ``None`` repeats forever (training). A count ends ``train.py`` after
+        the step where the data runs out, saved (a rerun then says the data is read);
+        one process only, as the processes' rows run out at different steps.
       eval_every: document ``i`` with ``i % eval_every == eval_every - 1`` is held out for
         evaluation and never seen in training (``0`` disables the split; eval then reads all).
       num_threads: grain prefetch threads reading/transforming documents (0 = inline), in

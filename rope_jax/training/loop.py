@@ -278,7 +278,19 @@ def run_steps(
     with interrupts.StopRequest() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for step_number in range(start_step, num_steps):
             if step_number > start_step:
-                host_batch = next(inputs.train)
+                try:
+                    host_batch = next(inputs.train)
+                except StopIteration:
+                    # A finite data.num_epochs (one process only, trainer checks): the
+                    # steps so far are saved below, as at the end of the run.
+                    logging.info(
+                        "The training data ran out (data.num_epochs) after step %d of %d; "
+                        "saving step %d and stopping.",
+                        step_number,
+                        num_steps,
+                        step_number,
+                    )
+                    break
             batch = sharding.host_local_to_global(host_batch, batch_sharding)
             rng = jax.random.fold_in(base_key, step_number)
             if step_number == start_step:

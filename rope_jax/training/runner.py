@@ -97,6 +97,24 @@ def check_batch_size(global_batch: int, grad_accum_steps: int, mesh) -> None:
         )
 
 
+def _first_batch(train, resumed_step: int | None = None):
+    """The first training batch, or a ``preflight.ConfigError`` that says why there is none
+    (a finite ``data.num_epochs``; ``resumed_step``: the checkpoint the input resumed from)."""
+    try:
+        return next(train)
+    except StopIteration:
+        if resumed_step is None:
+            why = "the corpus does not fill one batch within data.num_epochs"
+            fix = "raise data.num_epochs, lower batch_size or leave data.num_epochs unset"
+        else:
+            why = (
+                f"the checkpoint at step {resumed_step} has read all of data.num_epochs "
+                "(the run ended when its data ran out)"
+            )
+            fix = "start a new work directory to train again"
+        raise preflight.ConfigError(f"No training batch: {why}; {fix}.") from None
+
+
 def _check_batch_rows(batch, global_batch: int) -> None:
     rows = {name: np.shape(value)[0] for name, value in batch.items()}
     expected = global_batch // jax.process_count()
@@ -162,7 +180,7 @@ def run(
     ``initial_params``: ``(params, random_features)`` host trees for a fresh start (ignored
     when a checkpoint exists). ``evaluators`` and ``best``: see ``loop.run_steps``.
     """
-    first_host_batch = next(inputs.train)
+    first_host_batch = _first_batch(inputs.train)
     _check_batch_rows(first_host_batch, config.batch_size)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     base_key = jax.random.key(config.seed)
@@ -205,7 +223,7 @@ def run(
                         err,
                     )
                 else:
-                    first_host_batch = next(inputs.train)
+                    first_host_batch = _first_batch(inputs.train, latest)
             # The run's key comes from the checkpoint (the seed is part of the experiment).
             base_key = jax.random.wrap_key_data(np.asarray(jax.device_get(state.rng)))
             logging.info(

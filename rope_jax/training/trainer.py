@@ -67,6 +67,20 @@ def build_model(config: ml_collections.ConfigDict):
         ) from err
 
 
+def _check_epochs_on_processes(config: ml_collections.ConfigDict, process_count: int) -> None:
+    """A finite ``data.num_epochs`` is for one process only: each process's rows run out
+    at their own step (their documents' lengths differ), and a process that stopped would
+    leave the others waiting in the next step's collectives."""
+    num_epochs = config.data.get("num_epochs")
+    if num_epochs is not None and process_count > 1:
+        raise preflight.ConfigError(
+            f"data.num_epochs={num_epochs} with {process_count} processes: the processes' "
+            "rows would run out at different steps and the others would wait for the first "
+            "one forever. Leave data.num_epochs unset (the input repeats) and bound the run "
+            "with num_train_steps, or train on one process."
+        )
+
+
 def data_settings(config: ml_collections.ConfigDict) -> DataConfig:
     """``config.data`` as a ``DataConfig`` (batch size and seed from the top level)."""
     return config_boundary.data_section(config)
@@ -270,6 +284,7 @@ def train_and_evaluate(
     with preflight.config_errors():
         set_prng_impl(config.prng_impl)
     sharding.maybe_initialize_distributed(config)
+    _check_epochs_on_processes(config, jax.process_count())
     if model is None:
         with preflight.config_errors():
             model, model_cfg = build_model(config)
